@@ -1,0 +1,380 @@
+"""The PyTorch reference: the exact semantics of every moespec op (DESIGN §3).
+
+Runs on any device and for fp32, bf16 and fp16 inputs. `moespec.ops` validates inputs and then
+calls either these functions or the CUDA kernels, which must agree with them (bitwise for
+routing decisions, to dtype tolerance for the expert math).
+
+Conventions:
+- routing math is done in fp32 (router logits of any float dtype are upcast first);
+- top-k follows ``torch.topk`` on the fp32 probabilities, exactly as transformers' routers do;
+- the kept set is chosen among the experts of the union (those in at least one token's top-k),
+  ranked by score, ties to the lower expert id;
+- expert math accumulates in fp32; the SwiGLU intermediate is rounded to the activation dtype
+  (as a fused kernel that stores it in bf16 does); slots are combined in slot order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .types import BudgetedRouting, ExpertLayout, ExpertUnion
+
+__all__ = [
+    "route_topk_softmax",
+    "expert_union",
+    "score_experts",
+    "select_experts",
+    "effective_budget",
+    "reroute",
+    "budget_routing",
+    "moe_experts",
+    "budgeted_moe",
+]
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def route_topk_softmax(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unbudgeted softmax top-k routing, as transformers' Mixtral/Qwen/OLMoE routers compute it.
+
+    Args:
+        router_logits: ``[T, E]`` any float dtype.
+        top_k: experts per token.
+        renormalize: divide the k weights by their sum (Mixtral; Qwen/OLMoE with ``norm_topk_prob``).
+
+    Returns:
+        ``(probs [T, E] fp32, topk_ids [T, k] int64, topk_weights [T, k] fp32)``.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, ids, weights
+
+
+def expert_union(topk_ids: torch.Tensor, num_experts: int) -> ExpertUnion:
+    """Group the (token, slot) pairs of a routing by expert.
+
+    Args:
+        topk_ids: ``[T, k]`` int32/int64 expert ids in ``[0, num_experts)``.
+        num_experts: E (only used for the result's meaning; ids are not re-validated here).
+
+    Returns:
+        `ExpertUnion` with sorted unique experts, CSR offsets ``[U+1]``, per-pair token and slot
+        (grouped by expert, then by token, then slot) and the inverse map ``pair_position [T, k]``.
+    """
+    T, k = topk_ids.shape
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    # A stable sort keeps pairs of one expert in flat (token-major, then slot) order.
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    offsets = torch.zeros(experts.numel() + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    pair_position = torch.empty(T * k, dtype=torch.int32, device=device)
+    pair_position[order] = torch.arange(T * k, dtype=torch.int32, device=device)
+    return ExpertUnion(
+        experts=experts.to(torch.int32),
+        offsets=offsets,
+        pair_token=(order // max(k, 1)).to(torch.int32),
+        pair_slot=(order % max(k, 1)).to(torch.int32),
+        pair_position=pair_position.reshape(T, k),
+    )
+
+
+def score_experts(
+    router_logits: Optional[torch.Tensor] = None,
+    mode: str = "prob",
+    topk_ids: Optional[torch.Tensor] = None,
+    topk_weights: Optional[torch.Tensor] = None,
+    num_experts: Optional[int] = None,
+) -> torch.Tensor:
+    """Aggregate per-expert score over all tokens of one forward call.
+
+    ``mode="prob"``: ``score[e] = sum_t softmax(z_t)[e]`` (full-softmax probability mass).
+    ``mode="topk"``: ``score[e] = sum of topk_weights[t, s] over pairs with topk_ids[t, s] == e``.
+
+    Args:
+        router_logits: ``[T, E]`` (needed for ``"prob"``; gives E for ``"topk"``).
+        topk_ids, topk_weights: ``[T, k]`` (needed for ``"topk"``).
+        num_experts: E when ``router_logits`` is not given.
+
+    Returns:
+        ``[E]`` fp32.
+    """
+    if mode == "prob":
+        return torch.softmax(router_logits.float(), dim=-1).sum(dim=0)
+    if mode == "topk":
+        E = router_logits.shape[-1] if router_logits is not None else int(num_experts)
+        scores = torch.zeros(E, dtype=torch.float32, device=topk_ids.device)
+        return scores.index_add_(0, topk_ids.reshape(-1).long(), topk_weights.reshape(-1).float())
+    raise ValueError(f"unknown score mode {mode!r}")
+
+
+def effective_budget(
+    sorted_scores: torch.Tensor,
+    budget: Optional[int],
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+) -> int:
+    """Number of experts to keep given candidate scores sorted in descending order.
+
+    Without ``coverage`` this is ``budget`` (or all candidates when ``budget`` is None). With
+    ``coverage=tau`` it is the smallest n whose leading score mass reaches ``tau`` of the
+    candidates' total (fp32, summed in sorted order), clamped to ``[min_budget, budget]``.
+    """
+    U = int(sorted_scores.numel())
+    upper = U if budget is None else int(budget)
+    if coverage is None:
+        return upper
+    lower = 1 if min_budget is None else int(min_budget)
+    csum = torch.cumsum(sorted_scores.float(), dim=0)
+    if U == 0:
+        return lower
+    target = float(coverage) * csum[-1]
+    n = int((csum < target).sum().item()) + 1  # first index reaching the target, 1-based
+    n = min(n, U)
+    return max(lower, min(n, upper))
+
+
+def select_experts(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    budget: Optional[int],
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+) -> torch.Tensor:
+    """Choose the kept experts among ``candidates`` (a budget is a cap, never a perturbation).
+
+    Args:
+        scores: ``[E]`` fp32 per-expert scores.
+        candidates: ``[U]`` int sorted unique expert ids (the union).
+        budget: maximum number kept (None: no cap besides coverage).
+        coverage: optional share of candidate score mass to reach (adaptive budget).
+        min_budget: lower clamp of the adaptive budget.
+
+    Returns:
+        ``[C']`` int32 sorted kept ids: the ``C'`` highest-scoring candidates, ties to the lower
+        id; all candidates when ``U <= C'``.
+    """
+    cand = candidates.long()
+    cand_scores = scores.float()[cand]
+    # Stable descending sort on ascending ids puts the lower id first among equal scores.
+    sorted_scores, order = torch.sort(cand_scores, descending=True, stable=True)
+    C = effective_budget(sorted_scores, budget, coverage, min_budget)
+    if cand.numel() <= C:
+        return candidates.to(torch.int32)
+    kept = cand[order[:C]]
+    return torch.sort(kept).values.to(torch.int32)
+
+
+def reroute(
+    selection_scores: torch.Tensor,
+    topk_ids: torch.Tensor,
+    kept_experts: torch.Tensor,
+    policy: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-route pairs whose expert was dropped.
+
+    Args:
+        selection_scores: ``[T, E]`` the scores the router ranks by (probabilities or logits).
+        topk_ids: ``[T, k]`` unbudgeted ids.
+        kept_experts: ``[C]`` kept ids.
+        policy: ``"substitute"``: top-k of ``selection_scores`` restricted to the kept set;
+            ``"truncate"``: keep ``topk_ids``, mark pairs outside the kept set dead.
+
+    Returns:
+        ``(ids [T, k] int64, alive [T, k] bool)``; the caller recomputes the weights of ``ids``
+        with the model's own normalisation and zeroes dead pairs.
+    """
+    E = selection_scores.shape[-1]
+    kept_mask = torch.zeros(E, dtype=torch.bool, device=selection_scores.device)
+    kept_mask[kept_experts.long()] = True
+    if policy == "substitute":
+        masked = selection_scores.float().masked_fill(~kept_mask, float("-inf"))
+        ids = torch.topk(masked, topk_ids.shape[-1], dim=-1).indices
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+    if policy == "truncate":
+        ids = topk_ids.long()
+        return ids, kept_mask[ids]
+    raise ValueError(f"unknown policy {policy!r}")
+
+
+def budget_routing(
+    router_logits: torch.Tensor,
+    top_k: int,
+    budget: Optional[int],
+    policy: str = "substitute",
+    renormalize: bool = False,
+    score: str = "prob",
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+) -> BudgetedRouting:
+    """Softmax top-k routing under a per-call expert budget (DESIGN §3).
+
+    Args:
+        router_logits: ``[T, E]`` any float dtype (math in fp32).
+        top_k: experts per token.
+        budget: maximum distinct experts for this call; None means no cap.
+        policy: ``"substitute"`` or ``"truncate"``.
+        renormalize: the model renormalises its k weights (Mixtral; ``norm_topk_prob``).
+        score: ``"prob"`` (full-softmax mass) or ``"topk"`` (summed top-k weights).
+        coverage: adaptive budget: smallest set reaching this share of the union's score mass.
+        min_budget: lower clamp for ``coverage`` (default ``top_k``).
+
+    Returns:
+        `BudgetedRouting`; when the union fits the effective budget, ids and weights are
+        bit-identical to the unbudgeted routing.
+    """
+    probs, ids, weights = route_topk_softmax(router_logits, top_k, renormalize)
+    union = torch.unique(ids)
+    U = int(union.numel())
+    if budget is None and coverage is None:
+        return BudgetedRouting(ids, weights, union.to(torch.int32), U, False)
+    scores = score_experts(router_logits, score, ids, weights) if score == "topk" else probs.sum(dim=0)
+    kept = select_experts(scores, union, budget, coverage, top_k if min_budget is None else min_budget)
+    if kept.numel() >= U:
+        return BudgetedRouting(ids, weights, kept, U, False)
+    new_ids, alive = reroute(probs, ids, kept, policy)
+    # Original full-softmax probabilities, then the model's own normalisation over survivors.
+    new_w = torch.where(alive, probs.gather(1, new_ids), torch.zeros((), dtype=probs.dtype, device=probs.device))
+    if renormalize:
+        denom = new_w.sum(dim=-1, keepdim=True)
+        new_w = torch.where(denom > 0, new_w / torch.where(denom > 0, denom, torch.ones_like(denom)), new_w)
+    return BudgetedRouting(new_ids, new_w, kept, U, True)
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def _gated_activation(gate_up: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """Split a ``[n, 2I]`` projection by ``layout.gate_up`` and apply the gated activation (fp32)."""
+    I = gate_up.shape[-1] // 2
+    if layout.gate_up == "gate_up":
+        gate, up = gate_up[..., :I], gate_up[..., I:]
+    elif layout.gate_up == "up_gate":
+        up, gate = gate_up[..., :I], gate_up[..., I:]
+    else:
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    if layout.activation == "silu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=layout.limit)
+    up = up.clamp(min=-layout.limit, max=layout.limit)
+    return gate * torch.sigmoid(gate * layout.alpha) * (up + 1)
+
+
+def _expert_forward(
+    xe: torch.Tensor,
+    e: int,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate_up: Optional[torch.Tensor],
+    b_down: Optional[torch.Tensor],
+    layout: ExpertLayout,
+    act_dtype: torch.dtype,
+) -> torch.Tensor:
+    """One expert on its tokens ``xe [n, H]`` (fp32) -> ``[n, H]`` fp32."""
+    wgu = w_gate_up[e].float()
+    gu = xe @ wgu if layout.transposed else xe @ wgu.t()
+    if b_gate_up is not None:
+        gu = gu + b_gate_up[e].float()
+    # The intermediate is stored in the activation dtype by the kernels; mirror that rounding.
+    h = _gated_activation(gu, layout).to(act_dtype).float()
+    wd = w_down[e].float()
+    y = h @ wd if layout.transposed else h @ wd.t()
+    if b_down is not None:
+        y = y + b_down[e].float()
+    return y
+
+
+def moe_experts(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    kept_experts: Optional[torch.Tensor] = None,
+    *,
+    b_gate_up: Optional[torch.Tensor] = None,
+    b_down: Optional[torch.Tensor] = None,
+    layout: ExpertLayout = ExpertLayout(),
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """Weighted sum of gated expert MLPs: ``y_t = sum_s w[t,s] * expert_{ids[t,s]}(x_t)``.
+
+    Pairs whose weight is 0, or whose expert is not in ``kept_experts`` (when given), contribute
+    nothing and their expert is never evaluated.
+
+    Args:
+        x: ``[T, H]`` fp32/bf16/fp16.
+        w_gate_up: ``[E, 2I, H]`` (``[E, H, 2I]`` when ``layout.transposed``), dtype of ``x``.
+        w_down: ``[E, H, I]`` (``[E, I, H]`` when transposed), dtype of ``x``.
+        topk_ids: ``[T, k]`` int32/int64.
+        topk_weights: ``[T, k]`` float.
+        kept_experts: optional ``[C]`` int ids allowed to run.
+        b_gate_up: optional ``[E, 2I]`` bias (in storage order), b_down: optional ``[E, H]``.
+        layout: `ExpertLayout`.
+        deterministic: accepted for API parity; the reference is always deterministic.
+
+    Returns:
+        ``[T, H]`` in ``x.dtype`` (accumulated in fp32, slots summed in slot order).
+    """
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E = w_gate_up.shape[0]
+    ids = topk_ids.long()
+    w = topk_weights.float()
+    active = w != 0
+    if kept_experts is not None:
+        kept_mask = torch.zeros(E, dtype=torch.bool, device=x.device)
+        kept_mask[kept_experts.long()] = True
+        active &= kept_mask[ids]
+    contrib = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)
+    if bool(active.any()):
+        flat_ids = torch.where(active, ids, torch.full_like(ids, -1)).reshape(-1)
+        xf = x.float()
+        for e in torch.unique(flat_ids[flat_ids >= 0]).tolist():
+            pairs = torch.nonzero(flat_ids == e).squeeze(1)
+            tok, slot = pairs // k, pairs % k
+            y = _expert_forward(xf[tok], e, w_gate_up, w_down, b_gate_up, b_down, layout, x.dtype)
+            contrib[tok, slot] = y * w[tok, slot].unsqueeze(1)
+    out = contrib[:, 0]
+    for s in range(1, k):
+        out = out + contrib[:, s]
+    return out.to(x.dtype)
+
+
+def budgeted_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    top_k: int,
+    budget: Optional[int],
+    policy: str = "substitute",
+    renormalize: bool = False,
+    score: str = "prob",
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+    *,
+    b_gate_up: Optional[torch.Tensor] = None,
+    b_down: Optional[torch.Tensor] = None,
+    layout: ExpertLayout = ExpertLayout(),
+    deterministic: bool = True,
+) -> tuple[torch.Tensor, BudgetedRouting]:
+    """`budget_routing` followed by `moe_experts` over the kept experts.
+
+    Returns:
+        ``(y [T, H] in x.dtype, BudgetedRouting)``.
+    """
+    routing = budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget)
+    y = moe_experts(
+        x, w_gate_up, w_down, routing.topk_ids, routing.topk_weights, routing.kept_experts,
+        b_gate_up=b_gate_up, b_down=b_down, layout=layout, deterministic=deterministic,
+    )
+    return y, routing
