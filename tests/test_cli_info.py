@@ -1,0 +1,61 @@
+"""The `moespec` command: info and the CPU demo."""
+import json
+import os
+import subprocess
+import sys
+
+import moespec
+from moespec import _cuda
+
+
+def run_cli(*args):
+    out = subprocess.run([sys.executable, "-m", "moespec", *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_info_json_reports_build_and_device():
+    info = json.loads(run_cli("info", "--json"))
+    assert info["moespec"] == moespec.__version__
+    assert info["cuda_kernels_compiled"] == _cuda.cuda_compiled()
+    assert info["cuda_archs"] == _cuda.compiled_archs()
+    assert isinstance(info["gpu_visible"], bool)
+    if not info["kernels_usable"]:
+        assert info["why_not"]
+
+
+def test_info_table():
+    out = run_cli("info")
+    assert "cuda_kernels_compiled" in out and "torch" in out
+
+
+def test_demo_writes_consistent_rows(tmp_path):
+    path = tmp_path / "demo.json"
+    out = run_cli("demo", "--tokens", "12", "--seed", "3", "--json", str(path))
+    assert "budget" in out
+    rows = json.loads(path.read_text())["rows"]
+    base = rows[0]
+    assert base["budget"] is None and base["output_rel_err"] == 0.0 and base["kept"] == base["union"]
+    for row in rows[1:]:
+        assert row["kept"] <= max(row["budget"], 0) and row["kept"] <= row["union"]
+        if row["budget"] >= row["union"]:
+            assert row["output_rel_err"] == 0.0
+        else:
+            assert row["output_rel_err"] > 0.0
+
+
+def test_bad_arguments_exit_nonzero():
+    out = subprocess.run([sys.executable, "-m", "moespec", "demo", "--tokens", "zero"], capture_output=True, text=True)
+    assert out.returncode != 0 and "invalid int value" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "moespec"], capture_output=True, text=True)
+    assert out.returncode != 0
+
+
+def test_ci_build_compiled_the_cuda_sources():
+    """CI builds with MOESPEC_CUDA=ON: the extension must then carry the kernels for sm_80 and sm_90a."""
+    if os.environ.get("MOESPEC_CUDA", "").upper() != "ON":
+        import pytest
+
+        pytest.skip("not a MOESPEC_CUDA=ON build")
+    assert _cuda.cuda_compiled()
+    assert _cuda.compiled_archs() == ["80", "90a"]
