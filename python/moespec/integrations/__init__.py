@@ -1,0 +1,35 @@
+"""Drop-in budgeted MoE for Hugging Face transformers (v5) models.
+
+    handle = moespec.patch(model, budget=16)          # auto: budget verification-shaped calls only
+    with moespec.expert_budget(model, 8, policy="truncate"):
+        model(input_ids, past_key_values=cache)       # explicit budget for every call inside
+    handle.stats.last().expert_bytes
+    handle.unpatch()
+
+Modules: `patching` (patch/unpatch, call scope), `architectures` (the supported transformers
+blocks), `routing` (per-router budget rules), `experts` (the ``"moespec"`` experts
+implementation), `config` (budget settings), `stats` (routing statistics), `tiny` (tiny random
+models), `calls` (call-shape detection).
+"""
+from __future__ import annotations
+
+from .architectures import SUPPORTED_BLOCKS, supported_architectures
+from .config import BudgetConfig, LayerBudgets
+from .patching import MoELayerInfo, PatchHandle, UnsupportedModelError, expert_budget, get_handle, patch
+from .stats import CallStats, LayerStats, RoutingStats
+
+__all__ = [
+    "patch",
+    "expert_budget",
+    "get_handle",
+    "PatchHandle",
+    "MoELayerInfo",
+    "UnsupportedModelError",
+    "BudgetConfig",
+    "LayerBudgets",
+    "RoutingStats",
+    "CallStats",
+    "LayerStats",
+    "SUPPORTED_BLOCKS",
+    "supported_architectures",
+]

@@ -1,0 +1,108 @@
+"""Budget settings of a patched model: one small config object instead of flags per call.
+
+`BudgetConfig` is what the user writes (a budget that may be per layer); `resolve` checks it
+against the model's MoE layers and gives a `LayerBudgets`, one cap per MoE layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+from .. import ops
+
+__all__ = ["BudgetConfig", "LayerBudgets", "BudgetSpec", "WHEN_MODES"]
+
+# int for all layers, one entry per MoE layer, or a function of the MoE layer ordinal.
+BudgetSpec = Union[None, int, Sequence[Optional[int]], Callable[[int], Optional[int]]]
+
+WHEN_MODES = ("auto", "always")
+
+
+@dataclass(frozen=True)
+class LayerBudgets:
+    """Validated budget settings for every MoE layer of one model.
+
+    Attributes:
+        caps: per MoE layer, the maximum number of experts kept (None: no cap).
+        policy: ``"substitute"`` or ``"truncate"`` (DESIGN §3).
+        score: ``"prob"`` or ``"topk"``.
+        coverage: adaptive budget share in ``(0, 1]`` (None: fixed caps).
+        min_budget: lower clamp of the adaptive budget (None: the layer's top_k).
+    """
+
+    caps: tuple[Optional[int], ...]
+    policy: str = "substitute"
+    score: str = "prob"
+    coverage: Optional[float] = None
+    min_budget: Optional[int] = None
+
+    def cap(self, layer: int) -> Optional[int]:
+        """The cap of MoE layer ``layer``."""
+        return self.caps[layer]
+
+    def applies(self, layer: int) -> bool:
+        """True when layer ``layer`` is budgeted at all (a cap or a coverage target)."""
+        return self.caps[layer] is not None or self.coverage is not None
+
+    @property
+    def active(self) -> bool:
+        """True when at least one layer is budgeted."""
+        return any(self.applies(i) for i in range(len(self.caps)))
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """User-facing budget settings (see `moespec.patch`).
+
+    Attributes:
+        budget: None, an int for every MoE layer, a list with one int-or-None per MoE layer,
+            or a callable ``f(layer_ordinal) -> int | None``.
+        policy, score, coverage, min_budget: as in `moespec.ops.budget_routing`.
+    """
+
+    budget: BudgetSpec = None
+    policy: str = "substitute"
+    score: str = "prob"
+    coverage: Optional[float] = None
+    min_budget: Optional[int] = None
+
+    def resolve(self, top_ks: Sequence[int]) -> LayerBudgets:
+        """Validate against MoE layers with the given top-k and return per-layer caps.
+
+        Raises:
+            ValueError: a malformed budget (wrong list length, non-int entries, below top-k),
+                an unknown policy or score mode, or a coverage outside ``(0, 1]``.
+        """
+        n = len(top_ks)
+        caps = self._caps(n)
+        for i, (cap, k) in enumerate(zip(caps, top_ks)):
+            try:
+                ops.validate_budget(cap, k, self.policy, self.score, self.coverage, self.min_budget)
+            except ValueError as err:
+                where = f"MoE layer {i}: " if n > 1 and not isinstance(self.budget, int) else ""
+                raise ValueError(f"moespec: invalid budget settings: {where}{err}") from None
+        return LayerBudgets(caps, self.policy, self.score,
+                            None if self.coverage is None else float(self.coverage), self.min_budget)
+
+    def _caps(self, n: int) -> tuple[Optional[int], ...]:
+        b = self.budget
+        if b is None or isinstance(b, int):
+            # bool is an int subclass; validate_budget rejects it with a clear message.
+            return (b,) * n
+        if callable(b):
+            caps = []
+            for i in range(n):
+                try:
+                    caps.append(b(i))
+                except Exception as err:  # surface the layer that failed, keep the cause
+                    raise ValueError(f"moespec: budget callable failed for MoE layer {i}: {err!r}") from err
+            return tuple(caps)
+        if isinstance(b, (list, tuple)):
+            if len(b) != n:
+                raise ValueError(
+                    f"moespec: a per-layer budget needs one entry per MoE layer: got {len(b)} entries "
+                    f"for {n} MoE layers")
+            return tuple(b)
+        raise ValueError(
+            "moespec: budget must be None, an int, a list/tuple with one int-or-None per MoE layer, "
+            f"or a callable(layer_ordinal) -> int | None; got {type(b).__name__}")

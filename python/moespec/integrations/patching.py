@@ -1,0 +1,497 @@
+"""`patch` / `expert_budget`: budgeted MoE inside an unmodified transformers model.
+
+How a patch works, without replacing any module (names, state-dict keys, TP plans and
+``output_router_logits`` hooks stay valid):
+
+- each supported block's router gets a forward hook that applies this call's budget to the
+  router's ``(logits, weights, ids)`` output and leaves the kept set for the experts; the full
+  logits pass through unchanged;
+- the experts run through transformers' experts registry under the name ``"moespec"``
+  (`moespec.ops.moe_experts`: kernels on CUDA, the reference elsewhere), reading only the kept
+  experts' weights;
+- forward hooks on the model open and close one "call" per top-level forward: they decide
+  whether a budget applies (explicit `expert_budget`, else the default in ``"auto"`` or
+  ``"always"`` mode) and collect one `CallStats`.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .architectures import (
+    BlockSpec,
+    bytes_per_expert,
+    describe_unsupported,
+    expert_layout,
+    find_moe_blocks,
+)
+from .calls import CallShape, call_shape
+from .config import WHEN_MODES, BudgetConfig, BudgetSpec, LayerBudgets
+from .experts import IMPLEMENTATION_NAME, ExpertsState, moespec_experts_forward, register
+from .routing import RouterSpec, budget_router_output
+from .stats import CallStats, LayerStats, RoutingStats
+
+__all__ = ["patch", "expert_budget", "get_handle", "PatchHandle", "MoELayerInfo", "UnsupportedModelError"]
+
+# model -> handle; weak so that a patched model can still be garbage-collected.
+_HANDLES: "weakref.WeakKeyDictionary[torch.nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no MoE block moespec can patch; the message lists what is supported."""
+
+
+@dataclass(frozen=True)
+class MoELayerInfo:
+    """A patched MoE layer.
+
+    Attributes:
+        ordinal: MoE layer index (0-based, MoE layers only; the key of per-layer budgets).
+        name: qualified module name of the block (e.g. ``model.layers.3.mlp``).
+        architecture: supported architecture name.
+        router: the router's top-k rule.
+        bytes_per_expert: bytes of one routed expert's weights in their dtype at patch time.
+    """
+
+    ordinal: int
+    name: str
+    architecture: str
+    router: RouterSpec
+    bytes_per_expert: int
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+
+class _OpenCall:
+    """The forward call in progress: its budget settings and its statistics."""
+
+    __slots__ = ("settings", "stats")
+
+    def __init__(self, settings: Optional[LayerBudgets], stats: CallStats) -> None:
+        self.settings = settings
+        self.stats = stats
+
+
+class _PatchedLayer:
+    """Runtime glue of one MoE block: wraps its router and feeds its experts."""
+
+    def __init__(self, handle: "PatchHandle", info: MoELayerInfo, block: torch.nn.Module, spec: BlockSpec) -> None:
+        self.handle = handle
+        self.info = info
+        self.spec = spec
+        self.router = getattr(block, spec.router_attr)
+        self.experts = block.experts
+        self.state = ExpertsState(expert_layout(self.experts))
+        self._router_hook = None
+        self._saved_experts_forward = self.experts.__dict__.get("forward")
+        self._experts_forward_overridden = False
+
+    # -- install / remove
+
+    def install(self, use_registry: bool) -> None:
+        # A forward hook (not a replaced forward) keeps the router's own code and any other
+        # hooks (transformers' router-logits recorder) untouched.
+        self._router_hook = self.router.register_forward_hook(_router_hook_for(self))
+        self.experts._moespec_state = self.state
+        if not use_registry:
+            # The experts module does not dispatch through transformers' registry (or its
+            # config could not be switched): call the same function directly.
+            self.experts.forward = moespec_experts_forward.__get__(self.experts)
+            self._experts_forward_overridden = True
+
+    def remove(self) -> None:
+        if self._router_hook is not None:
+            self._router_hook.remove()
+            self._router_hook = None
+        if self._experts_forward_overridden:
+            _restore_attr(self.experts, "forward", self._saved_experts_forward)
+        self.experts.__dict__.pop("_moespec_state", None)
+        self.state.pending_kept = None
+
+    # -- per call
+
+    def route(self, logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        """Apply this call's budget to the router output; record statistics."""
+        handle = self.handle
+        call = handle._call
+        settings = call.settings if call is not None else handle._settings_for(None)
+        i = self.info.ordinal
+        record = call is not None and handle.stats.enabled
+        if settings is None or not settings.applies(i):
+            self.state.pending_kept = None
+            if record:
+                union = torch.unique(ids)
+                self._record(call, ids.shape[0], int(union.numel()), union, None, False)
+            return logits, weights, ids
+        cap = settings.cap(i)
+        r = budget_router_output(self.info.router, logits, weights, ids, cap, settings,
+                                 self.spec.correction_bias(self.router))
+        self.state.pending_kept = r.kept_experts if r.budgeted else None
+        if record:
+            self._record(call, ids.shape[0], r.union_size, r.kept_experts, cap, True)
+        return logits, r.topk_weights, r.topk_ids
+
+    def _record(self, call: _OpenCall, tokens: int, union_size: int, kept: torch.Tensor,
+                cap: Optional[int], budgeted: bool) -> None:
+        kept_ids = tuple(int(e) for e in kept.tolist())
+        # Read the weights' current dtype: the model may have been cast after patching.
+        call.stats.layers.append(LayerStats(
+            layer=self.info.ordinal, tokens=int(tokens), union_size=union_size, kept_size=len(kept_ids),
+            kept_experts=kept_ids, expert_bytes=len(kept_ids) * bytes_per_expert(self.experts),
+            budget=cap, budgeted=budgeted))
+
+
+def _router_hook_for(layer: _PatchedLayer):
+    # A closure, not a bound method: deepcopy shares functions but copies bound methods'
+    # owners, so a deep copy of a patched model gets a hook that recognises it is not ours.
+    def hook(module, args, output):
+        if module is not layer.router:
+            return None
+        logits, weights, ids = output
+        return layer.route(logits, weights, ids)
+
+    return hook
+
+
+def _restore_attr(module: torch.nn.Module, name: str, saved) -> None:
+    if saved is None:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = saved
+
+
+class PatchHandle:
+    """A patched model: its budget settings, its routing statistics, and the way back.
+
+    Attributes:
+        stats: `RoutingStats`, one `CallStats` per top-level forward that reached an MoE layer.
+        layers: `MoELayerInfo` per MoE layer, in order.
+        default: the default `LayerBudgets` (``None`` caps when no budget was given).
+        when: ``"auto"`` (default budget only for verification-shaped calls) or ``"always"``.
+    """
+
+    def __init__(self, model: torch.nn.Module, blocks, default: BudgetConfig, when: str) -> None:
+        self._model_ref = weakref.ref(model)
+        self.stats = RoutingStats()
+        self.layers: tuple[MoELayerInfo, ...] = ()
+        self._patched: list[_PatchedLayer] = []
+        for ordinal, (name, block, spec) in enumerate(blocks):
+            router = getattr(block, spec.router_attr)
+            info = MoELayerInfo(ordinal, name, spec.name, spec.router_spec(router), bytes_per_expert(block.experts))
+            self._patched.append(_PatchedLayer(self, info, block, spec))
+        self.layers = tuple(p.info for p in self._patched)
+        self.default: LayerBudgets = self.resolve(default)
+        self.when = _check_when(when)
+        self._overrides: list[LayerBudgets] = []
+        self._call: Optional[_OpenCall] = None
+        self._depth = 0
+        self._hooks: list = []
+        self._saved_impl: list[tuple[object, object]] = []
+        self._active = False
+
+    # -- public
+
+    @property
+    def model(self) -> Optional[torch.nn.Module]:
+        """The patched model (None once it has been garbage-collected)."""
+        return self._model_ref()
+
+    @property
+    def patched(self) -> bool:
+        """True until `unpatch` is called."""
+        return self._active
+
+    def resolve(self, config: BudgetConfig) -> LayerBudgets:
+        """Validate ``config`` against this model's MoE layers."""
+        return config.resolve([info.top_k for info in self.layers])
+
+    def set_budget(self, budget: BudgetSpec = None, policy: str = "substitute", score: str = "prob",
+                   coverage: Optional[float] = None, min_budget: Optional[int] = None,
+                   when: Optional[str] = None) -> None:
+        """Replace the default budget (and optionally the mode) of the patched model."""
+        self.default = self.resolve(BudgetConfig(budget, policy, score, coverage, min_budget))
+        if when is not None:
+            self.when = _check_when(when)
+
+    @contextlib.contextmanager
+    def budget(self, budget: BudgetSpec, policy: str = "substitute", score: Optional[str] = None,
+               coverage: Optional[float] = None, min_budget: Optional[int] = None) -> Iterator["PatchHandle"]:
+        """Context manager: every forward inside uses this budget (see `expert_budget`)."""
+        settings = self.resolve(BudgetConfig(budget, policy, self.default.score if score is None else score,
+                                             coverage, min_budget))
+        self._overrides.append(settings)
+        try:
+            yield self
+        finally:
+            # Remove this entry even if inner contexts were exited out of order.
+            for j in range(len(self._overrides) - 1, -1, -1):
+                if self._overrides[j] is settings:
+                    del self._overrides[j]
+                    break
+
+    def unpatch(self) -> None:
+        """Restore the model exactly as it was before `patch` (idempotent)."""
+        if not self._active:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for p in self._patched:
+            p.remove()
+        model = self.model
+        if model is not None:
+            _restore_experts_implementation(model, self._saved_impl)
+            if _HANDLES.get(model) is self:
+                del _HANDLES[model]
+        self._saved_impl = []
+        self._call = None
+        self._depth = 0
+        self._active = False
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        caps = self.default.caps
+        cap = caps[0] if len(set(caps)) == 1 and caps else list(caps)
+        return (f"PatchHandle(layers={len(self.layers)}, budget={cap}, policy={self.default.policy!r}, "
+                f"when={self.when!r}, patched={self._active})")
+
+    # -- internals
+
+    def _settings_for(self, shape: Optional[CallShape]) -> Optional[LayerBudgets]:
+        """Budget settings of a call of this shape (None shape: a block called outside a model forward)."""
+        if self._overrides:
+            return self._overrides[-1]
+        if not self.default.active:
+            return None
+        if self.when == "always" or (shape is not None and shape.is_verification):
+            return self.default
+        return None
+
+    def _install(self, model: torch.nn.Module) -> None:
+        register()
+        use_registry = _switch_experts_implementation(model, [p.experts for p in self._patched], self._saved_impl)
+        for p in self._patched:
+            p.install(use_registry)
+        for module in _entry_modules(model, [p.info.name for p in self._patched]):
+            try:
+                sig = inspect.signature(module.forward)
+            except (TypeError, ValueError):
+                sig = None
+            self._hooks.append(module.register_forward_pre_hook(self._make_pre_hook(sig, module), with_kwargs=True))
+            self._hooks.append(module.register_forward_hook(self._make_post_hook(module), with_kwargs=True,
+                                                            always_call=True))
+        self._active = True
+
+    def _make_pre_hook(self, sig, target: torch.nn.Module):
+        def pre_hook(module, args, kwargs):
+            if module is not target:  # carried along by a deep copy of the model
+                return None
+            self._depth += 1
+            if self._depth == 1:
+                try:
+                    shape = call_shape(sig, args, kwargs)
+                except Exception:  # an input layout we cannot read: treat as not verification
+                    shape = CallShape(0, 0, 0)
+                settings = self._settings_for(shape)
+                budgeted = settings is not None and settings.active
+                self._call = _OpenCall(settings, CallStats(tokens=shape.tokens, budgeted=budgeted,
+                                                           past_length=shape.past_length))
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, target: torch.nn.Module):
+        def post_hook(module, args, kwargs, output):
+            if module is not target:
+                return None
+            self._depth = max(self._depth - 1, 0)
+            if self._depth == 0 and self._call is not None:
+                call, self._call = self._call, None
+                if self.stats.enabled and call.stats.layers:
+                    self.stats.calls.append(call.stats)
+            return None
+
+        return post_hook
+
+
+def _check_when(when: str) -> str:
+    if when not in WHEN_MODES:
+        raise ValueError(f"moespec: when must be one of {WHEN_MODES}, got {when!r}")
+    return when
+
+
+def _entry_modules(model: torch.nn.Module, block_names: list[str]) -> list[torch.nn.Module]:
+    """The model and every transformers model module between it and the MoE blocks.
+
+    Hooking the inner base model too makes a direct ``model.model(...)`` call count as one
+    call; the depth counter keeps a nested call from opening a second one.
+    """
+    from transformers import PreTrainedModel
+
+    modules = [model]
+    prefixes = set()
+    for name in block_names:
+        parts = name.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    for name in sorted(prefixes, key=len):
+        sub = model.get_submodule(name)
+        if sub is not model and isinstance(sub, PreTrainedModel):
+            modules.append(sub)
+    return modules
+
+
+def _switch_experts_implementation(model: torch.nn.Module, experts: list, saved: list) -> bool:
+    """Point transformers' experts dispatch at ``"moespec"``; False if that is not possible.
+
+    Records each experts config's previous implementation in ``saved`` for the restore.
+    """
+    configs = []
+    for e in experts:
+        cfg = getattr(e, "config", None)
+        if cfg is None or not hasattr(cfg, "_experts_implementation") or not hasattr(e, "is_transposed"):
+            return False
+        if all(c is not cfg for c in configs):
+            configs.append(cfg)
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None:
+        return False
+    for cfg in configs:
+        saved.append((cfg, cfg._experts_implementation))
+    try:
+        setter(IMPLEMENTATION_NAME)
+    except (ValueError, KeyError, RuntimeError):
+        _restore_experts_implementation(model, saved)
+        saved.clear()
+        return False
+    if any(cfg._experts_implementation != IMPLEMENTATION_NAME for cfg in configs):
+        _restore_experts_implementation(model, saved)
+        saved.clear()
+        return False
+    return True
+
+
+def _restore_experts_implementation(model: torch.nn.Module, saved: list) -> None:
+    if not saved:
+        return
+    setter = getattr(model, "set_experts_implementation", None)
+    first = saved[0][1]
+    if setter is not None and isinstance(first, str):
+        try:
+            setter(first)
+        except (ValueError, KeyError, RuntimeError):
+            pass
+    for cfg, prev in saved:
+        if cfg._experts_implementation != prev:
+            # Set the stored value directly: the public setter would re-validate a value
+            # that was valid when it was first set.
+            cfg._experts_implementation_internal = prev
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def patch(
+    model: torch.nn.Module,
+    budget: BudgetSpec = None,
+    policy: str = "substitute",
+    score: str = "prob",
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+    when: str = "auto",
+) -> PatchHandle:
+    """Make a loaded transformers MoE model run budgeted MoE layers (DESIGN §3).
+
+    Args:
+        model: a transformers v5 model (``from_pretrained`` or ``from_config``) with supported
+            MoE blocks: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss.
+        budget: default cap on distinct experts per MoE layer and forward call: None (no cap),
+            an int, a list with one int-or-None per MoE layer, or ``f(moe_layer_ordinal)``.
+        policy: ``"substitute"`` (re-route dropped tokens within the kept set) or ``"truncate"``.
+        score: ``"prob"`` (router probability mass) or ``"topk"`` (summed top-k weights).
+        coverage: adaptive budget: keep the fewest experts reaching this share of the score
+            mass, between ``min_budget`` (default top-k) and ``budget``.
+        min_budget: lower clamp for ``coverage``.
+        when: ``"auto"``: the default budget applies only to verification-shaped calls (more
+            than one new token per sequence with a non-empty KV cache), so transformers'
+            ``generate(assistant_model=...)`` / ``prompt_lookup_num_tokens`` get budgeted
+            verification; ``"always"``: every forward. `expert_budget` overrides both.
+
+    Returns:
+        `PatchHandle` (``.stats``, ``.unpatch()``, usable as a context manager).
+
+    Raises:
+        UnsupportedModelError: no supported MoE block (the model is left untouched).
+        ValueError: invalid budget, policy, score, coverage or mode.
+        RuntimeError: the model is already patched (use `get_handle`).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"moespec.patch expects a torch.nn.Module, got {type(model).__name__}")
+    if get_handle(model) is not None:
+        raise RuntimeError("moespec.patch: this model is already patched; use moespec.integrations.get_handle(model) "
+                           "or unpatch it first")
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise UnsupportedModelError(describe_unsupported(model))
+    handle = PatchHandle(model, blocks, BudgetConfig(budget, policy, score, coverage, min_budget), when)
+    handle._install(model)
+    _HANDLES[model] = handle
+    return handle
+
+
+def get_handle(model: torch.nn.Module) -> Optional[PatchHandle]:
+    """The live `PatchHandle` of ``model``, or None if it is not patched."""
+    try:
+        handle = _HANDLES.get(model)
+    except TypeError:
+        return None
+    return handle if handle is not None and handle.patched else None
+
+
+@contextlib.contextmanager
+def expert_budget(
+    model: torch.nn.Module,
+    budget: BudgetSpec,
+    policy: str = "substitute",
+    score: Optional[str] = None,
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+) -> Iterator[PatchHandle]:
+    """Context manager: every forward of ``model`` inside uses this budget.
+
+    Explicit control for a speculative-decoding loop: it overrides the default budget and the
+    automatic mode, for every call shape (``budget=None`` without coverage runs unbudgeted).
+    An unpatched model is patched on entry and restored on exit.
+
+    Args:
+        budget, policy, coverage, min_budget: as in `patch`.
+        score: as in `patch`; None keeps the patch's score mode.
+
+    Yields:
+        The model's `PatchHandle` (for ``.stats``).
+    """
+    handle = get_handle(model)
+    created = handle is None
+    if created:
+        handle = patch(model)
+    try:
+        with handle.budget(budget, policy, score, coverage, min_budget):
+            yield handle
+    finally:
+        if created:
+            handle.unpatch()

@@ -1,0 +1,196 @@
+"""Budgeted routing for each family of router found in transformers' MoE models (DESIGN §3).
+
+Torch only; `architectures` says which rule a given transformers router follows. Every rule
+takes the router's own unbudgeted output ``(logits, weights, ids)`` and returns a
+`BudgetedRouting`: when nothing is dropped it returns that output unchanged (bitwise), so a
+budget is a cap and never a perturbation.
+
+Rules:
+- ``softmax_topk`` (Mixtral, Qwen2/3-MoE, OLMoE): `moespec.ops.budget_routing`.
+- ``sigmoid_group_topk`` (DeepSeek-V3): score = the biased selection score ``sigmoid(z) + b``
+  (clamped at 0) normalised per token; substitute re-runs the model's group-limited top-k over
+  the kept experts; weights are the unbiased sigmoid scores, renormalised if the model does,
+  times the routed scaling factor.
+- ``topk_logits_softmax`` (gpt-oss): score = full-softmax probability of the logits;
+  substitute takes the top-k logits among the kept experts; weights are the softmax over the
+  chosen (surviving) logits, as the model computes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import ops, reference
+from ..types import BudgetedRouting
+from .config import LayerBudgets
+
+__all__ = ["RouterSpec", "ROUTER_KINDS", "budget_router_output"]
+
+ROUTER_KINDS = ("softmax_topk", "sigmoid_group_topk", "topk_logits_softmax")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """The numbers that define a router's top-k rule (read once from the model).
+
+    Attributes:
+        kind: one of `ROUTER_KINDS`.
+        num_experts: E.
+        top_k: k.
+        renormalize: the model renormalises its k weights (Mixtral; ``norm_topk_prob``).
+        n_group, topk_group: group-limited selection (DeepSeek-V3).
+        routed_scaling_factor: multiplies the routed weights (DeepSeek-V3).
+    """
+
+    kind: str
+    num_experts: int
+    top_k: int
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTER_KINDS:
+            raise ValueError(f"RouterSpec.kind must be one of {ROUTER_KINDS}, got {self.kind!r}")
+
+
+def budget_router_output(
+    spec: RouterSpec,
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    cap: Optional[int],
+    settings: LayerBudgets,
+    correction_bias: Optional[torch.Tensor] = None,
+) -> BudgetedRouting:
+    """Apply one layer's budget to one call's router output.
+
+    Args:
+        spec: the router's rule.
+        logits: ``[T, E]`` router logits as the model returns them.
+        weights, ids: ``[T, k]`` the model's unbudgeted top-k weights and ids.
+        cap: this layer's cap (None: coverage only).
+        settings: policy, score mode, coverage, min_budget.
+        correction_bias: ``[E]`` DeepSeek-V3's ``e_score_correction_bias``.
+
+    Returns:
+        `BudgetedRouting` whose weights have the dtype of ``weights``; the input ids and
+        weights themselves when the union fits the effective budget.
+    """
+    if spec.kind == "softmax_topk":
+        r = ops.budget_routing(logits, spec.top_k, cap, settings.policy, spec.renormalize, settings.score,
+                               settings.coverage, settings.min_budget)
+        if not r.budgeted:
+            return BudgetedRouting(ids, weights, r.kept_experts, r.union_size, False)
+        return BudgetedRouting(r.topk_ids, r.topk_weights.to(weights.dtype), r.kept_experts, r.union_size, True)
+
+    union = torch.unique(ids)
+    U = int(union.numel())
+    if settings.score == "topk":
+        scores = reference.score_experts(None, "topk", ids, weights, num_experts=spec.num_experts)
+    elif spec.kind == "sigmoid_group_topk":
+        scores = _sigmoid_selection_share(logits, correction_bias).sum(dim=0)
+    else:
+        scores = ops.score_experts(logits, "prob")
+    min_budget = spec.top_k if settings.min_budget is None else settings.min_budget
+    kept = reference.select_experts(scores, union, cap, settings.coverage, min_budget)
+    if kept.numel() >= U:
+        return BudgetedRouting(ids, weights, union.to(torch.int32), U, False)
+    if spec.kind == "sigmoid_group_topk":
+        new_ids, new_w = _reroute_sigmoid_group(spec, logits, ids, kept, settings.policy, correction_bias)
+    else:
+        new_ids, new_w = _reroute_topk_logits(spec, logits, ids, kept, settings.policy)
+    return BudgetedRouting(new_ids, new_w.to(weights.dtype), kept, U, True)
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V3
+
+
+def _selection_scores(logits: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmoid(z), sigmoid(z) + bias)`` in fp32, as the model computes them."""
+    probs = logits.float().sigmoid()
+    choice = probs if bias is None else probs + bias.float()
+    return probs, choice
+
+
+def _sigmoid_selection_share(logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-token share of each expert in the biased selection score: ``[T, E]`` rows summing to 1.
+
+    The correction bias can make a score negative; clamping at 0 keeps each row a
+    distribution, so one token cannot outweigh another in the per-call sum.
+    """
+    _, choice = _selection_scores(logits, bias)
+    choice = choice.clamp(min=0)
+    return choice / choice.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+
+
+def _reroute_sigmoid_group(
+    spec: RouterSpec,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    kept: torch.Tensor,
+    policy: str,
+    bias: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 ids and weights within the kept set.
+
+    Substitute: the model's group-limited top-k, run on the biased scores of the kept experts
+    only. A group is ranked by the sum of its (up to) two best kept experts; a group without
+    kept experts is never chosen. If the chosen groups hold fewer than k kept experts, the
+    remaining slots take the best kept experts of the other groups, so every token keeps k.
+    """
+    probs, choice = _selection_scores(logits, bias)
+    T, E = probs.shape
+    k = spec.top_k
+    kept_mask = torch.zeros(E, dtype=torch.bool, device=probs.device)
+    kept_mask[kept.long()] = True
+    if policy == "substitute":
+        masked = choice.masked_fill(~kept_mask, float("-inf"))
+        per_group = E // spec.n_group
+        best2 = masked.view(T, spec.n_group, per_group).topk(min(2, per_group), dim=-1).values
+        finite = torch.isfinite(best2)
+        group_scores = torch.where(finite, best2, torch.zeros_like(best2)).sum(dim=-1)
+        group_scores = group_scores.masked_fill(~finite.any(dim=-1), float("-inf"))
+        chosen = torch.topk(group_scores, spec.topk_group, dim=-1).indices
+        in_group = torch.zeros(T, spec.n_group, dtype=torch.bool, device=probs.device)
+        in_group.scatter_(1, chosen, True)
+        in_group = in_group.repeat_interleave(per_group, dim=1)
+        # Rank by tier (kept and in a chosen group > kept elsewhere > not kept), then score.
+        tier = kept_mask.long().unsqueeze(0) * (1 + in_group.long())
+        by_score = torch.sort(choice, dim=-1, descending=True, stable=True).indices
+        by_tier = torch.sort(tier.gather(1, by_score), dim=-1, descending=True, stable=True).indices
+        new_ids = by_score.gather(1, by_tier)[:, :k]
+        w = probs.gather(1, new_ids)
+    elif policy == "truncate":
+        new_ids, alive = reference.reroute(choice, ids, kept, "truncate")
+        w = probs.gather(1, new_ids) * alive
+    else:
+        raise ValueError(f"unknown policy {policy!r}")
+    if spec.renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return new_ids, w * spec.routed_scaling_factor
+
+
+# ----------------------------------------------------------------------------- gpt-oss
+
+
+def _reroute_topk_logits(
+    spec: RouterSpec,
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    kept: torch.Tensor,
+    policy: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpt-oss ids and weights: softmax over the chosen logits (in the logits' dtype, as the model).
+
+    Softmax over a subset of logits equals the full-softmax probabilities renormalised over
+    that subset, which is DESIGN §3's rule for a model that renormalises.
+    """
+    new_ids, alive = reference.reroute(logits, ids, kept, policy)
+    chosen = logits.gather(1, new_ids).masked_fill(~alive, float("-inf"))
+    w = torch.softmax(chosen, dim=1, dtype=logits.dtype)
+    # A token whose k experts were all dropped (truncate) gets zero routed output, not NaN.
+    return new_ids, torch.where(alive, w, torch.zeros_like(w))

@@ -1,0 +1,291 @@
+"""Budgeted MoE layers of patched transformers models against an independent implementation.
+
+For every supported architecture and both policies, a budgeted forward is run on a tiny
+random model; each MoE block's output is compared with DESIGN §3 written out below token by
+token in float64 (scores, top-C kept set, re-routing, the model's own normalisation, the
+expert MLPs and shared experts). Nothing here calls moespec.reference.
+"""
+import math
+
+import pytest
+import torch
+
+import moespec
+from moespec.integrations.tiny import TINY_ARCHITECTURES, tiny_model
+
+pytest.importorskip("transformers")
+
+SOFTMAX_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+# ----------------------------------------------------------------------------- independent semantics
+
+
+def _topk_desc(values, candidates, k):
+    """The k candidates with the largest values, ties to the lower id."""
+    return sorted(candidates, key=lambda e: (-values[e], e))[:k]
+
+
+def _summed_weights(E, routes):
+    """score "topk": per expert, the sum of the model's unbudgeted top-k weights."""
+    score = [0.0] * E
+    for route in routes:
+        for e, w in route:
+            score[e] += w
+    return score
+
+
+def _kept_set(score, union, cap, coverage=None, min_budget=None):
+    order = sorted(union, key=lambda e: (-score[e], e))
+    n = len(order) if cap is None else cap
+    if coverage is not None:
+        total = sum(score[e] for e in order)
+        acc, m = 0.0, len(order)
+        for i, e in enumerate(order):
+            acc += score[e]
+            if acc >= coverage * total:
+                m = i + 1
+                break
+        n = max(min_budget, min(m, n))
+    return set(order[:n]) if n < len(order) else set(union)
+
+
+def _softmax_router(block, x, cap, policy, score_mode, renorm, coverage=None, min_budget=None):
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: per-token ids and weights under the budget."""
+    k = block.gate.top_k
+    E = block.gate.num_experts
+    p = torch.softmax(x @ block.gate.weight.double().T, dim=-1)
+    T = x.shape[0]
+    orig = [_topk_desc(p[t].tolist(), range(E), k) for t in range(T)]
+
+    def weights_of(t, ids, alive):
+        w = [float(p[t, e]) if a else 0.0 for e, a in zip(ids, alive)]
+        s = sum(w)
+        return [v / s for v in w] if renorm and s > 0 else w
+
+    union = sorted({e for ids in orig for e in ids})
+    if score_mode == "prob":
+        score = p.sum(0).tolist()
+    else:
+        score = _summed_weights(E, [list(zip(ids, weights_of(t, ids, [True] * k))) for t, ids in enumerate(orig)])
+    kept = _kept_set(score, union, cap, coverage, k if min_budget is None else min_budget)
+    routes = []
+    for t in range(T):
+        if kept == set(union):
+            ids, alive = orig[t], [True] * k
+        elif policy == "substitute":
+            ids = _topk_desc(p[t].tolist(), sorted(kept), k)
+            alive = [True] * k
+        else:
+            ids, alive = orig[t], [e in kept for e in orig[t]]
+        routes.append(list(zip(ids, weights_of(t, ids, alive))))
+    return routes, kept
+
+
+def _deepseek_router(block, x, cap, policy, score_mode="prob"):
+    """DeepSeek-V3: sigmoid + correction bias, group-limited top-k, scaling (see routing.py)."""
+    g = block.gate
+    k, E, G, TG = g.top_k, g.num_experts, g.num_group, g.topk_group
+    per = E // G
+    s = torch.sigmoid(x @ g.weight.double().T)
+    c = s + g.e_score_correction_bias.double()
+    T = x.shape[0]
+
+    def group_limited(t, allowed):
+        vals = c[t].tolist()
+        gscore = []
+        for grp in range(G):
+            members = sorted((vals[e] for e in range(grp * per, (grp + 1) * per) if e in allowed), reverse=True)
+            gscore.append(sum(members[:2]) if members else float("-inf"))
+        chosen = sorted(range(G), key=lambda i: (-gscore[i], i))[:TG]
+        inside = [e for e in allowed if e // per in chosen]
+        outside = [e for e in allowed if e // per not in chosen]
+        ids = _topk_desc(vals, inside, k)
+        return ids + _topk_desc(vals, outside, k - len(ids))
+
+    def weights_of(t, ids, alive):
+        w = [float(s[t, e]) if a else 0.0 for e, a in zip(ids, alive)]
+        if g.norm_topk_prob:
+            d = sum(w) + 1e-20
+            w = [v / d for v in w]
+        return [v * g.routed_scaling_factor for v in w]
+
+    orig = [group_limited(t, set(range(E))) for t in range(T)]
+    union = sorted({e for ids in orig for e in ids})
+    if score_mode == "prob":
+        share = c.clamp(min=0)
+        score = (share / share.sum(-1, keepdim=True)).sum(0).tolist()
+    else:
+        score = _summed_weights(E, [list(zip(ids, weights_of(t, ids, [True] * k))) for t, ids in enumerate(orig)])
+    kept = _kept_set(score, union, cap)
+    routes = []
+    for t in range(T):
+        if kept == set(union):
+            ids, alive = orig[t], [True] * k
+        elif policy == "substitute":
+            ids, alive = group_limited(t, kept), [True] * k
+        else:
+            ids, alive = orig[t], [e in kept for e in orig[t]]
+        routes.append(list(zip(ids, weights_of(t, ids, alive))))
+    return routes, kept
+
+
+def _gpt_oss_router(block, x, cap, policy, score_mode="prob"):
+    """gpt-oss: top-k on the logits, softmax over the chosen logits."""
+    r = block.router
+    k, E = r.top_k, r.num_experts
+    z = x @ r.weight.double().T + r.bias.double()
+    p = torch.softmax(z, dim=-1)
+    T = x.shape[0]
+    orig = [_topk_desc(z[t].tolist(), range(E), k) for t in range(T)]
+    union = sorted({e for ids in orig for e in ids})
+
+    def softmax_of_chosen(t, ids, alive):
+        live = [float(z[t, e]) for e, a in zip(ids, alive) if a]
+        m = max(live) if live else 0.0
+        den = sum(math.exp(v - m) for v in live)
+        return [math.exp(float(z[t, e]) - m) / den if a else 0.0 for e, a in zip(ids, alive)]
+
+    if score_mode == "prob":
+        score = p.sum(0).tolist()
+    else:
+        score = _summed_weights(E, [list(zip(ids, softmax_of_chosen(t, ids, [True] * k)))
+                                    for t, ids in enumerate(orig)])
+    kept = _kept_set(score, union, cap)
+    routes = []
+    for t in range(T):
+        if kept == set(union):
+            ids, alive = orig[t], [True] * k
+        elif policy == "substitute":
+            ids, alive = _topk_desc(z[t].tolist(), sorted(kept), k), [True] * k
+        else:
+            ids, alive = orig[t], [e in kept for e in orig[t]]
+        routes.append(list(zip(ids, softmax_of_chosen(t, ids, alive))))
+    return routes, kept
+
+
+def _expert_silu(experts, e, xt):
+    W = experts.gate_up_proj[e].double()
+    I = W.shape[0] // 2
+    gate, up = W[:I] @ xt, W[I:] @ xt
+    h = gate * torch.sigmoid(gate) * up
+    return experts.down_proj[e].double() @ h
+
+
+def _expert_gpt_oss(experts, e, xt):
+    gu = xt @ experts.gate_up_proj[e].double() + experts.gate_up_proj_bias[e].double()
+    gate, up = gu[0::2].clamp(max=experts.limit), gu[1::2].clamp(-experts.limit, experts.limit)
+    h = (up + 1) * gate * torch.sigmoid(experts.alpha * gate)
+    return h @ experts.down_proj[e].double() + experts.down_proj_bias[e].double()
+
+
+@torch.no_grad()
+def expected_block(arch, block, x, cap, policy, score_mode="prob", coverage=None, min_budget=None):
+    """The block's output for tokens ``x [T, H]`` under the budget, and the kept set."""
+    xd = x.double()
+    if arch in SOFTMAX_ARCHS:
+        renorm = arch == "mixtral" or bool(block.gate.norm_topk_prob)
+        routes, kept = _softmax_router(block, xd, cap, policy, score_mode, renorm, coverage, min_budget)
+        expert = _expert_silu
+    elif arch == "deepseek_v3":
+        routes, kept = _deepseek_router(block, xd, cap, policy, score_mode)
+        expert = _expert_silu
+    else:
+        routes, kept = _gpt_oss_router(block, xd, cap, policy, score_mode)
+        expert = _expert_gpt_oss
+    out = torch.zeros_like(xd)
+    for t, route in enumerate(routes):
+        for e, w in route:
+            if w != 0.0:
+                out[t] += w * expert(block.experts, e, xd[t])
+    if arch == "qwen2_moe":
+        out += torch.sigmoid(block.shared_expert_gate(x)).double() * block.shared_expert(x).double()
+    elif arch == "deepseek_v3":
+        out += block.shared_experts(x).double()
+    return out, kept
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def run_budgeted(model, tokens, **budget_kwargs):
+    """Run one budgeted forward; return per MoE block ``(block, input [T,H], output [T,H])`` and stats."""
+    handle = moespec.patch(model)
+    captured = []
+
+    def hook(module, args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        captured.append((module, args[0].reshape(-1, args[0].shape[-1]).detach(), y.reshape(-1, y.shape[-1]).detach()))
+
+    hooks = [block.register_forward_hook(hook)
+             for block in (model.get_submodule(info.name) for info in handle.layers)]
+    try:
+        with torch.no_grad(), moespec.expert_budget(model, **budget_kwargs):
+            model(tokens)
+        return captured, handle.stats.last()
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.unpatch()
+
+
+def _tokens(seed, batch=2, length=6):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("extra", [0, 2], ids=["C=k", "C=k+2"])
+@pytest.mark.parametrize("policy", ["substitute", "truncate"])
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_budgeted_layers_match_independent_semantics(arch, policy, extra):
+    model = tiny_model(arch, seed=3)
+    # C = k drops the most experts; C > k leaves substitute a choice within the kept set.
+    cap = model.config.num_experts_per_tok + extra
+    captured, stats = run_budgeted(model, _tokens(11), budget=cap, policy=policy)
+    assert len(captured) == len(stats.layers) >= 2
+    assert stats.budgeted
+    dropped = 0
+    for (block, x, y), layer in zip(captured, stats.layers):
+        expect, kept = expected_block(arch, block, x, cap, policy)
+        torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-5)
+        assert set(layer.kept_experts) == kept
+        assert layer.kept_size <= cap and layer.budget == cap
+        dropped += layer.union_size - layer.kept_size
+    assert dropped > 0, "the test must exercise an actual budget"
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_topk_score_mode_matches_independent_semantics(arch):
+    model = tiny_model(arch, seed=4)
+    cap = model.config.num_experts_per_tok + 1
+    captured, stats = run_budgeted(model, _tokens(12), budget=cap, policy="substitute", score="topk")
+    for (block, x, y), layer in zip(captured, stats.layers):
+        expect, kept = expected_block(arch, block, x, cap, "substitute", score_mode="topk")
+        torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-5)
+        assert set(layer.kept_experts) == kept
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+def test_coverage_matches_independent_semantics(arch):
+    model = tiny_model(arch, seed=4)
+    k = model.config.num_experts_per_tok
+    captured, stats = run_budgeted(model, _tokens(13), budget=12, coverage=0.6, min_budget=k + 1)
+    for (block, x, y), layer in zip(captured, stats.layers):
+        expect, kept = expected_block(arch, block, x, 12, "substitute", coverage=0.6, min_budget=k + 1)
+        torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-5)
+        assert set(layer.kept_experts) == kept
+        assert k + 1 <= layer.kept_size <= 12
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_per_layer_budgets(arch):
+    model = tiny_model(arch, seed=5)
+    k = model.config.num_experts_per_tok
+    for budget, caps in (([None, k], [None, k]), (lambda i: k + i, [k, k + 1])):
+        captured, stats = run_budgeted(model, _tokens(14), budget=budget, policy="truncate")
+        assert [s.budget for s in stats.layers] == caps
+        for (block, x, y), layer, cap in zip(captured, stats.layers, caps):
+            expect, kept = expected_block(arch, block, x, cap, "truncate")
+            torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-5)
+            assert set(layer.kept_experts) == kept
+            if cap is None:
+                assert not layer.budgeted and layer.kept_size == layer.union_size
