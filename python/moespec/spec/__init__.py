@@ -1,0 +1,37 @@
+"""Speculative decoding for MoE targets (DESIGN §4).
+
+- `generate(model, input_ids, drafter=..., draft=..., budget=..., controller=...)` -> (tokens, stats)
+- draft shapes: `DraftConfig.chain(K)`, `DraftConfig.tree(depth, branching, nodes)`
+- drafters: the `Drafter` protocol, `DraftModelDrafter(small_model)`, `PromptLookupDrafter(...)`
+- controllers: `StaticController`, `CascadeController` (utility-driven K, optionally K and budget C)
+- verification pieces: `DraftTree`, `tree_forward`, `accept_greedy`, `accept_sampling`, `compact_cache`
+"""
+from __future__ import annotations
+
+from .cascade import CascadeController, Decision, StaticController, make_controller
+from .drafters import DraftModelDrafter, Drafter, PromptLookupDrafter
+from .engine import default_budget_choices, generate
+from .stats import IterationStats, SpecStats
+from .tree import DraftConfig, DraftTree
+from .verify import Acceptance, accept_greedy, accept_sampling, compact_cache, tree_forward
+
+__all__ = [
+    "generate",
+    "DraftConfig",
+    "DraftTree",
+    "Drafter",
+    "DraftModelDrafter",
+    "PromptLookupDrafter",
+    "StaticController",
+    "CascadeController",
+    "Decision",
+    "make_controller",
+    "default_budget_choices",
+    "SpecStats",
+    "IterationStats",
+    "Acceptance",
+    "accept_greedy",
+    "accept_sampling",
+    "compact_cache",
+    "tree_forward",
+]
