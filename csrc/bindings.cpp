@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "moespec/api.h"
@@ -48,4 +49,51 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Number of usable CUDA devices, runtime/driver versions and the error (if any) that hides them.");
+
+#ifdef MOESPEC_WITH_CUDA
+  // ---- kernels. Python (moespec/kernels.py) fills these argument structs with tensor
+  // addresses; launchers return "" or a message, which becomes a RuntimeError here.
+  py::class_<moespec::PlanArgs>(m, "PlanArgs")
+      .def(py::init<>())
+#define MOESPEC_RW(name) .def_readwrite(#name, &moespec::PlanArgs::name)
+      MOESPEC_RW(logits) MOESPEC_RW(logits_dtype) MOESPEC_RW(logits_stride) MOESPEC_RW(in_ids)
+      MOESPEC_RW(in_ids_type) MOESPEC_RW(in_weights) MOESPEC_RW(in_weights_dtype) MOESPEC_RW(in_kept)
+      MOESPEC_RW(in_kept_type) MOESPEC_RW(n_in_kept) MOESPEC_RW(T) MOESPEC_RW(E) MOESPEC_RW(k)
+      MOESPEC_RW(route) MOESPEC_RW(renormalize) MOESPEC_RW(score_mode) MOESPEC_RW(budget)
+      MOESPEC_RW(coverage) MOESPEC_RW(min_budget) MOESPEC_RW(policy) MOESPEC_RW(csr_mode) MOESPEC_RW(ids)
+      MOESPEC_RW(weights) MOESPEC_RW(row_max) MOESPEC_RW(row_sum) MOESPEC_RW(scores) MOESPEC_RW(meta)
+      MOESPEC_RW(union_experts) MOESPEC_RW(kept_experts) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets)
+      MOESPEC_RW(pair_token) MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position);
+#undef MOESPEC_RW
+  py::class_<moespec::ExpertsArgs>(m, "ExpertsArgs")
+      .def(py::init<>())
+#define MOESPEC_RW(name) .def_readwrite(#name, &moespec::ExpertsArgs::name)
+      MOESPEC_RW(dtype) MOESPEC_RW(transposed) MOESPEC_RW(x) MOESPEC_RW(x_stride) MOESPEC_RW(w_gu)
+      MOESPEC_RW(w_down) MOESPEC_RW(b_gu) MOESPEC_RW(b_down) MOESPEC_RW(T) MOESPEC_RW(k) MOESPEC_RW(H)
+      MOESPEC_RW(I) MOESPEC_RW(order) MOESPEC_RW(activation) MOESPEC_RW(alpha) MOESPEC_RW(limit)
+      MOESPEC_RW(meta) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token)
+      MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(hbuf) MOESPEC_RW(ybuf)
+      MOESPEC_RW(out) MOESPEC_RW(atomic) MOESPEC_RW(max_experts) MOESPEC_RW(ksplit)
+      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf);
+#undef MOESPEC_RW
+  m.attr("plan_max_experts") = moespec::plan_max_experts();
+  m.attr("plan_max_topk") = moespec::plan_max_topk();
+
+  auto plan = [](const moespec::PlanArgs& a, int64_t stream) {
+    std::string err = moespec::launch_routing_plan(a, stream);
+    if (!err.empty()) throw std::runtime_error("moespec: " + err);
+  };
+  auto experts = [](const moespec::ExpertsArgs& a, int64_t stream) {
+    std::string err = moespec::launch_moe_experts(a, stream);
+    if (!err.empty()) throw std::runtime_error("moespec: " + err);
+  };
+  m.def("routing_plan", plan, py::arg("args"), py::arg("stream"),
+        "Launch the single-CTA routing plan (union, scores, kept set, re-routing, CSR).");
+  m.def("moe_experts", experts, py::arg("args"), py::arg("stream"),
+        "Launch GEMM1+SwiGLU, GEMM2+weights and the combine over a routing plan.");
+  // moespec._cuda.has_kernel(op) looks for these op names; the three routing ops share the plan.
+  m.attr("expert_union") = m.attr("routing_plan");
+  m.attr("score_experts") = m.attr("routing_plan");
+  m.attr("budget_routing") = m.attr("routing_plan");
+#endif
 }

@@ -19,4 +19,67 @@ struct DeviceStatus {
 // Never throws and never aborts, also on machines without a driver.
 DeviceStatus query_devices();
 
+// ---------------------------------------------------------------------------- routing plan
+// Mirrors moespec::routing::PlanParams (csrc/include/moespec/routing.cuh) with addresses as
+// integers. Codes: dtypes 0 fp32, 1 bf16, 2 fp16; id types 0 int32, 1 int64; score_mode 0 none,
+// 1 prob, 2 topk; policy 0 substitute, 1 truncate; csr_mode 0 none, 1 all pairs, 2 active pairs.
+struct PlanArgs {
+  uintptr_t logits = 0;
+  int logits_dtype = 0;
+  int64_t logits_stride = 0;
+  uintptr_t in_ids = 0;
+  int in_ids_type = 0;
+  uintptr_t in_weights = 0;
+  int in_weights_dtype = 0;
+  uintptr_t in_kept = 0;
+  int in_kept_type = 0;
+  int n_in_kept = 0;
+  int T = 0, E = 0, k = 0;
+  int route = 0;
+  int renormalize = 0;
+  int score_mode = 0;
+  int budget = -1;
+  double coverage = -1.0;
+  int min_budget = 0;
+  int policy = 0;
+  int csr_mode = 0;
+  uintptr_t ids = 0, weights = 0, row_max = 0, row_sum = 0, scores = 0, meta = 0;
+  uintptr_t union_experts = 0, kept_experts = 0, act_experts = 0, act_offsets = 0;
+  uintptr_t pair_token = 0, pair_slot = 0, pair_position = 0;
+};
+
+// Largest E and k the single-CTA routing plan supports.
+int plan_max_experts();
+int plan_max_topk();
+
+// One launch on `stream` (a cudaStream_t as an integer). Returns "" or an error message.
+std::string launch_routing_plan(const PlanArgs& a, int64_t stream);
+
+// ---------------------------------------------------------------------------- experts
+// Mirrors moespec::experts::ExpertsParams; the plan pointers come from a PlanArgs launch with
+// csr_mode 2 over the same routing. dtype: 1 bf16, 2 fp16. order: 0 gate_up, 1 up_gate,
+// 2 interleaved; activation: 0 silu, 1 clamped_swiglu. max_experts bounds the grid (>= the
+// number of active experts).
+struct ExpertsArgs {
+  int dtype = 1;
+  int transposed = 0;
+  uintptr_t x = 0;
+  int64_t x_stride = 0;
+  uintptr_t w_gu = 0, w_down = 0, b_gu = 0, b_down = 0;
+  int T = 0, k = 0, H = 0, I = 0;
+  int order = 0, activation = 0;
+  double alpha = 1.702, limit = 7.0;
+  uintptr_t meta = 0, act_experts = 0, act_offsets = 0, pair_token = 0, pair_slot = 0, pair_position = 0;
+  uintptr_t weights = 0;
+  uintptr_t hbuf = 0, ybuf = 0, out = 0;
+  int atomic = 0;
+  int max_experts = 0;
+  int ksplit = 1;  // GEMM2 K splits asked for (deterministic mode needs ksplit*T*k*H floats of ybuf)
+  int ksplit1 = 1;    // GEMM1 K splits asked for; used only with gubuf
+  uintptr_t gubuf = 0;  // fp32 [ksplit1, T*k, I, 2] partials of a split GEMM1, or 0
+};
+
+// GEMM1+SwiGLU, GEMM2+weights, combine (plus a memset in atomic mode) on `stream`.
+std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream);
+
 }  // namespace moespec

@@ -1,0 +1,127 @@
+// Host launcher of the budgeted grouped SwiGLU experts (device code: csrc/include/moespec/experts.cuh).
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "moespec/api.h"
+#include "moespec/experts.cuh"
+
+namespace moespec {
+namespace {
+
+using experts::ExpertsParams;
+
+// Opt in to more than 48 KiB of dynamic shared memory, once per kernel and device.
+template <class Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes) {
+  static unsigned done_mask = 0;  // bit d: done on device d (host-side, a benign race at worst)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const unsigned bit = dev < 32 ? (1u << dev) : 0u;
+  if (bit != 0 && (done_mask & bit)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done_mask |= bit;
+  return err;
+}
+
+template <bool BF16, bool TRANS>
+std::string launch_typed(const ExpertsParams& p, int max_experts, cudaStream_t stream) {
+  constexpr int smem = experts::smem_bytes<TRANS>();
+  auto k1 = experts::gemm1_swiglu_kernel<BF16, TRANS>;
+  auto k2 = experts::gemm2_combine_kernel<BF16, TRANS>;
+  cudaError_t err = allow_smem(k1, smem);
+  if (err == cudaSuccess) err = allow_smem(k2, smem);
+  if (err != cudaSuccess) return std::string("moe_experts: cannot reserve shared memory: ") + cudaGetErrorString(err);
+
+  const dim3 grid1((p.I + experts::kGateUpTile - 1) / experts::kGateUpTile, max_experts, p.ksplit1);
+  k1<<<grid1, experts::kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return std::string("moe_experts: GEMM1 launch failed: ") + cudaGetErrorString(err);
+  if (p.ksplit1 > 1) {
+    const dim3 grid_act((p.I + 127) / 128, max_experts);
+    experts::swiglu_kernel<BF16><<<grid_act, 128, 0, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return std::string("moe_experts: SwiGLU launch failed: ") + cudaGetErrorString(err);
+  }
+
+  if (p.atomic) {
+    err = cudaMemsetAsync(p.ybuf, 0, sizeof(float) * static_cast<size_t>(p.T) * p.H, stream);
+    if (err != cudaSuccess) return std::string("moe_experts: memset failed: ") + cudaGetErrorString(err);
+  }
+  const dim3 grid2((p.H + experts::kBM - 1) / experts::kBM, max_experts, p.ksplit);
+  k2<<<grid2, experts::kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return std::string("moe_experts: GEMM2 launch failed: ") + cudaGetErrorString(err);
+
+  const long long total = static_cast<long long>(p.T) * p.H;
+  long long blocks = (total + 255) / 256;
+  if (blocks > 4096) blocks = 4096;
+  experts::combine_kernel<BF16><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return std::string("moe_experts: combine launch failed: ") + cudaGetErrorString(err);
+  return "";
+}
+
+void split_k(int K, int asked, int* splits, int* chunk) {
+  const int ktiles = (K + experts::kBK - 1) / experts::kBK;
+  const int want = asked < 1 ? 1 : (asked > ktiles ? ktiles : asked);
+  const int tiles_per = (ktiles + want - 1) / want;
+  *chunk = tiles_per * experts::kBK;
+  *splits = (ktiles + tiles_per - 1) / tiles_per;
+}
+
+}  // namespace
+
+std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
+  if (a.dtype != 1 && a.dtype != 2) return "moe_experts: only bf16 (1) and fp16 (2) activations have kernels";
+  if (a.T < 1 || a.k < 1 || a.H < 8 || a.I < 8) return "moe_experts: T, k must be >= 1 and H, I >= 8";
+  if (a.H % 8 != 0 || a.I % 8 != 0)
+    return "moe_experts: H and I must be multiples of 8, got H=" + std::to_string(a.H) + " I=" + std::to_string(a.I);
+  if (a.x_stride % 8 != 0) return "moe_experts: x row stride must be a multiple of 8 elements";
+  const uintptr_t aligned = a.x | a.w_gu | a.w_down | a.hbuf;
+  if (aligned % 16 != 0) return "moe_experts: x, weights and workspace must be 16-byte aligned";
+  if (a.order < 0 || a.order > 2 || a.activation < 0 || a.activation > 1) return "moe_experts: bad layout codes";
+  if (a.max_experts < 1 || a.max_experts > 65535) return "moe_experts: max_experts must be in [1, 65535]";
+  if (a.x == 0 || a.w_gu == 0 || a.w_down == 0 || a.meta == 0 || a.act_experts == 0 || a.act_offsets == 0 ||
+      a.pair_token == 0 || a.pair_slot == 0 || a.pair_position == 0 || a.weights == 0 || a.hbuf == 0 ||
+      a.ybuf == 0 || a.out == 0)
+    return "moe_experts: a buffer is missing";
+  ExpertsParams p{};
+  p.x = reinterpret_cast<const uint16_t*>(a.x);
+  p.x_stride = a.x_stride;
+  p.w_gu = reinterpret_cast<const uint16_t*>(a.w_gu);
+  p.w_down = reinterpret_cast<const uint16_t*>(a.w_down);
+  p.b_gu = reinterpret_cast<const float*>(a.b_gu);
+  p.b_down = reinterpret_cast<const float*>(a.b_down);
+  p.T = a.T;
+  p.k = a.k;
+  p.H = a.H;
+  p.I = a.I;
+  p.order = a.order;
+  p.activation = a.activation;
+  p.alpha = static_cast<float>(a.alpha);
+  p.limit = static_cast<float>(a.limit);
+  p.meta = reinterpret_cast<const int*>(a.meta);
+  p.act_experts = reinterpret_cast<const int*>(a.act_experts);
+  p.act_offsets = reinterpret_cast<const int*>(a.act_offsets);
+  p.pair_token = reinterpret_cast<const int*>(a.pair_token);
+  p.pair_slot = reinterpret_cast<const int*>(a.pair_slot);
+  p.pair_position = reinterpret_cast<const int*>(a.pair_position);
+  p.weights = reinterpret_cast<const float*>(a.weights);
+  p.hbuf = reinterpret_cast<uint16_t*>(a.hbuf);
+  p.ybuf = reinterpret_cast<float*>(a.ybuf);
+  p.out = reinterpret_cast<uint16_t*>(a.out);
+  p.atomic = a.atomic;
+  // Split K into chunks of whole pipeline stages; the effective count can be smaller than asked
+  // (never larger, so buffers sized for the request suffice), and every split has work.
+  split_k(a.I, a.ksplit, &p.ksplit, &p.kchunk);
+  split_k(a.H, a.gubuf != 0 ? a.ksplit1 : 1, &p.ksplit1, &p.kchunk1);
+  p.gubuf = reinterpret_cast<float*>(a.gubuf);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const bool bf16 = a.dtype == 1;
+  if (bf16) return a.transposed ? launch_typed<true, true>(p, a.max_experts, s) : launch_typed<true, false>(p, a.max_experts, s);
+  return a.transposed ? launch_typed<false, true>(p, a.max_experts, s) : launch_typed<false, false>(p, a.max_experts, s);
+}
+
+}  // namespace moespec

@@ -1,0 +1,472 @@
+"""Thin wrappers around the CUDA kernels in ``moespec._C`` (DESIGN §3).
+
+`moespec.ops` validates inputs and then calls the four op-level functions here for CUDA
+tensors: `expert_union`, `score_experts`, `budget_routing`, `moe_experts`. They return
+exact-length results, which for the routing ops needs one host synchronisation (to read the
+device-side counts).
+
+For CUDA graphs and the lowest overhead use the planned API instead, which never synchronises:
+
+- `plan_routing` (from router logits) or `plan_from_routing` (from given ids/weights) fill a
+  `RoutingPlan`: worst-case-sized device buffers plus device-side counts (``plan.meta``);
+- `moe_experts_planned` runs the budgeted grouped SwiGLU experts over a plan;
+- `budgeted_moe_planned` does both for a whole layer (4 launches).
+
+Fallbacks (explicit, never silent about semantics): fp32 activations, more than
+``_C.plan_max_experts`` experts or ``_C.plan_max_topk`` slots, H or I not a multiple of 8, or
+tensors not 16-byte aligned run `moespec.reference` instead of the kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _cuda, reference
+from .types import BudgetedRouting, ExpertLayout, ExpertUnion
+
+__all__ = [
+    "RoutingPlan",
+    "plan_routing",
+    "plan_from_routing",
+    "moe_experts_planned",
+    "budgeted_moe_planned",
+    "experts_fallback_reason",
+    "plan_supported",
+    "expert_union",
+    "score_experts",
+    "budget_routing",
+    "moe_experts",
+]
+
+_FLOAT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ID_CODE = {torch.int32: 0, torch.int64: 1}
+_SCORE_CODE = {None: 0, "prob": 1, "topk": 2}
+_POLICY_CODE = {"substitute": 0, "truncate": 1}
+_ORDER_CODE = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
+_ACT_CODE = {"silu": 0, "clamped_swiglu": 1}
+_CSR_NONE, _CSR_ALL, _CSR_ACTIVE = 0, 1, 2
+
+# Indices into RoutingPlan.meta (mirrors routing.cuh).
+META_UNION, META_KEPT, META_BUDGETED, META_ACTIVE, META_PAIRS = 0, 1, 2, 3, 4
+_META_SIZE = 8
+
+
+def _ext():
+    _cuda.require("the moespec CUDA kernels")
+    return _cuda._C
+
+
+def _plan_limits() -> tuple[int, int]:
+    C = _cuda._C
+    if C is None or not hasattr(C, "plan_max_experts"):
+        return 0, 0
+    return int(C.plan_max_experts), int(C.plan_max_topk)
+
+
+def plan_supported(num_experts: int, top_k: int) -> bool:
+    """True when the single-CTA routing plan handles ``num_experts`` experts and ``top_k`` slots."""
+    max_e, max_k = _plan_limits()
+    return 1 <= num_experts <= max_e and 1 <= top_k <= min(max_k, num_experts)
+
+
+def _stream(device: torch.device) -> int:
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+@dataclass
+class RoutingPlan:
+    """Worst-case-sized device buffers of one routing plan; counts live on the device.
+
+    All tensors are int32 unless noted, on one CUDA device:
+
+    - ``ids [T, k]``: final expert ids (-1 for ids that were out of range); ``weights [T, k]`` fp32.
+    - ``row_max, row_sum [T]`` fp32: softmax statistics; ``scores [E]`` fp32.
+    - ``meta [8]``: ``[union size U, kept count C', budgeted flag, active experts A, CSR pairs P, ...]``.
+    - ``union_experts [E]``, ``kept_experts [E]``: sorted; valid prefixes of length U and C'.
+    - ``act_experts [E]``, ``act_offsets [E+1]``: experts that have CSR pairs (prefix A) and their
+      CSR offsets (prefix A+1); ``pair_token, pair_slot [T*k]`` (prefix P), grouped by expert,
+      then token, then slot; ``pair_position [T, k]``: CSR position of each pair, -1 if inactive.
+
+    ``max_active`` is a host-side upper bound on A, used to size the expert kernels' grid.
+    """
+
+    T: int
+    E: int
+    k: int
+    ids: torch.Tensor
+    weights: torch.Tensor
+    row_max: torch.Tensor
+    row_sum: torch.Tensor
+    scores: torch.Tensor
+    meta: torch.Tensor
+    union_experts: torch.Tensor
+    kept_experts: torch.Tensor
+    act_experts: torch.Tensor
+    act_offsets: torch.Tensor
+    pair_token: torch.Tensor
+    pair_slot: torch.Tensor
+    pair_position: torch.Tensor
+    max_active: int = 1
+
+    @classmethod
+    def empty(cls, T: int, E: int, k: int, device) -> "RoutingPlan":
+        """Allocate (uninitialised) buffers for ``T`` tokens, ``E`` experts and top-``k``."""
+        dev = torch.device(device)
+        i32 = dict(dtype=torch.int32, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        P = max(T * k, 1)
+        return cls(
+            T=T, E=E, k=k,
+            ids=torch.empty(T, k, **i32), weights=torch.empty(T, k, **f32),
+            row_max=torch.empty(max(T, 1), **f32), row_sum=torch.empty(max(T, 1), **f32),
+            scores=torch.empty(E, **f32), meta=torch.zeros(_META_SIZE, **i32),
+            union_experts=torch.empty(E, **i32), kept_experts=torch.empty(E, **i32),
+            act_experts=torch.empty(E, **i32), act_offsets=torch.empty(E + 1, **i32),
+            pair_token=torch.empty(P, **i32), pair_slot=torch.empty(P, **i32),
+            pair_position=torch.empty(T, k, **i32),
+            max_active=max(1, min(E, T * k)),
+        )
+
+    def matches(self, T: int, E: int, k: int, device) -> bool:
+        return (self.T, self.E, self.k) == (T, E, k) and self.ids.device == torch.device(device)
+
+    def counts(self) -> dict:
+        """Read the device-side counts (synchronises)."""
+        m = self.meta.tolist()
+        return {"union": m[META_UNION], "kept": m[META_KEPT], "budgeted": bool(m[META_BUDGETED]),
+                "active": m[META_ACTIVE], "pairs": m[META_PAIRS]}
+
+
+def _plan_args(plan: RoutingPlan):
+    a = _ext().PlanArgs()
+    a.T, a.E, a.k = plan.T, plan.E, plan.k
+    a.ids, a.weights = plan.ids.data_ptr(), plan.weights.data_ptr()
+    a.row_max, a.row_sum = plan.row_max.data_ptr(), plan.row_sum.data_ptr()
+    a.scores, a.meta = plan.scores.data_ptr(), plan.meta.data_ptr()
+    a.union_experts, a.kept_experts = plan.union_experts.data_ptr(), plan.kept_experts.data_ptr()
+    a.act_experts, a.act_offsets = plan.act_experts.data_ptr(), plan.act_offsets.data_ptr()
+    a.pair_token, a.pair_slot = plan.pair_token.data_ptr(), plan.pair_slot.data_ptr()
+    a.pair_position = plan.pair_position.data_ptr()
+    return a
+
+
+def _prep_logits(router_logits: torch.Tensor) -> torch.Tensor:
+    z = router_logits
+    if z.dtype not in _FLOAT_CODE:  # e.g. fp64: the math is fp32 anyway
+        z = z.float()
+    if z.stride(1) != 1:
+        z = z.contiguous()
+    return z
+
+
+def _get_plan(plan: Optional[RoutingPlan], T: int, E: int, k: int, device) -> RoutingPlan:
+    if plan is None:
+        return RoutingPlan.empty(T, E, k, device)
+    if not plan.matches(T, E, k, device):
+        raise ValueError(f"RoutingPlan is sized for (T, E, k) = {(plan.T, plan.E, plan.k)} on {plan.ids.device}, "
+                         f"need {(T, E, k)} on {device}")
+    return plan
+
+
+def plan_routing(
+    router_logits: torch.Tensor,
+    top_k: int,
+    budget: Optional[int] = None,
+    policy: str = "substitute",
+    renormalize: bool = False,
+    score: str = "prob",
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+    *,
+    plan: Optional[RoutingPlan] = None,
+    csr: bool = True,
+) -> RoutingPlan:
+    """Softmax top-k routing under a budget, as one graph-capturable launch (no host sync).
+
+    Semantics are those of `moespec.reference.budget_routing`; inputs are not validated here
+    (use `moespec.ops.validate_budget` once, outside the hot loop).
+
+    Args:
+        router_logits: ``[T, E]`` CUDA float tensor (fp32/bf16/fp16 read directly).
+        top_k, budget, policy, renormalize, score, coverage, min_budget: as in `budget_routing`.
+        plan: buffers to reuse (must match ``(T, E, top_k)``); allocated when None.
+        csr: also build the CSR of active pairs needed by `moe_experts_planned`.
+
+    Returns:
+        The filled `RoutingPlan`.
+    """
+    T, E = router_logits.shape
+    if not plan_supported(E, top_k):
+        raise ValueError(f"the routing plan supports E <= {_plan_limits()[0]} and top_k <= {_plan_limits()[1]}")
+    plan = _get_plan(plan, T, E, top_k, router_logits.device)
+    z = _prep_logits(router_logits)
+    budgeted = budget is not None or coverage is not None
+    a = _plan_args(plan)
+    a.logits, a.logits_dtype, a.logits_stride = z.data_ptr(), _FLOAT_CODE[z.dtype], z.stride(0)
+    a.route = 1
+    a.renormalize = int(bool(renormalize))
+    a.score_mode = _SCORE_CODE[score] if budgeted else 0
+    a.budget = -1 if budget is None else int(budget)
+    a.coverage = -1.0 if coverage is None else float(coverage)
+    a.min_budget = int(top_k if min_budget is None else min_budget)
+    a.policy = _POLICY_CODE[policy]
+    a.csr_mode = _CSR_ACTIVE if csr else _CSR_NONE
+    bound = min(E, T * top_k)
+    if budget is not None:
+        bound = min(bound, max(int(budget), a.min_budget))
+    plan.max_active = max(1, bound)
+    with torch.cuda.device(z.device):
+        _ext().routing_plan(a, _stream(z.device))
+    return plan
+
+
+def plan_from_routing(
+    topk_ids: torch.Tensor,
+    topk_weights: Optional[torch.Tensor],
+    num_experts: int,
+    kept_experts: Optional[torch.Tensor] = None,
+    *,
+    plan: Optional[RoutingPlan] = None,
+    all_pairs: bool = False,
+) -> RoutingPlan:
+    """Build the CSR plan of a given routing (graph-capturable, no host sync).
+
+    Args:
+        topk_ids: ``[T, k]`` int32/int64; ids outside ``[0, E)`` are ignored.
+        topk_weights: ``[T, k]`` fp32/bf16/fp16, or None (weights 1).
+        num_experts: E.
+        kept_experts: optional ``[C]`` int ids allowed to run.
+        all_pairs: CSR of every in-range pair (expert union) instead of the active ones
+            (kept and non-zero weight).
+    """
+    T, k = topk_ids.shape
+    if not plan_supported(num_experts, k):
+        raise ValueError(f"the routing plan supports E <= {_plan_limits()[0]} and top_k <= {_plan_limits()[1]}")
+    plan = _get_plan(plan, T, num_experts, k, topk_ids.device)
+    ids = topk_ids.contiguous()
+    a = _plan_args(plan)
+    a.in_ids, a.in_ids_type = ids.data_ptr(), _ID_CODE[ids.dtype]
+    w = None
+    if topk_weights is not None:
+        w = topk_weights.contiguous()
+        if w.dtype not in _FLOAT_CODE:
+            w = w.float()
+        a.in_weights, a.in_weights_dtype = w.data_ptr(), _FLOAT_CODE[w.dtype]
+    kept = None
+    bound = min(num_experts, T * k)
+    if kept_experts is not None:
+        kept = kept_experts.contiguous()
+        if kept.numel() == 0:  # "keep nothing" (a null pointer would mean "keep all"): one ignored id
+            kept = torch.full((1,), -1, dtype=torch.int32, device=kept.device)
+        a.in_kept, a.in_kept_type, a.n_in_kept = kept.data_ptr(), _ID_CODE[kept.dtype], int(kept.numel())
+        bound = min(bound, int(kept_experts.numel()))
+    a.route = 0
+    a.csr_mode = _CSR_ALL if all_pairs else _CSR_ACTIVE
+    plan.max_active = max(1, bound)
+    with torch.cuda.device(ids.device):
+        _ext().routing_plan(a, _stream(ids.device))
+    return plan
+
+
+def experts_fallback_reason(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                            topk_ids: torch.Tensor, layout: ExpertLayout = ExpertLayout()) -> Optional[str]:
+    """Why `moe_experts` would run the reference instead of the kernels, or None."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"no kernel for {x.dtype} activations (bf16/fp16 only)"
+    E, H, I = layout.dims(w_gate_up, w_down)
+    T, k = topk_ids.shape
+    if T == 0:
+        return "no tokens"
+    if not plan_supported(E, k):
+        return f"E={E}, k={k} outside the routing plan's limits {_plan_limits()}"
+    if H % 8 or I % 8:
+        return f"H={H} and I={I} must be multiples of 8"
+    if x.stride(0) % 8 or any(t.data_ptr() % 16 for t in (x, w_gate_up, w_down)):
+        return "x rows and weights must be 16-byte aligned"
+    return None
+
+
+_SM_COUNT: dict = {}
+
+
+def _k_splits(row_tiles: int, K: int, max_experts: int, device: torch.device) -> int:
+    """K splits so that few kept experts still give about 2 CTAs per SM, each split keeping at
+    least 4 pipeline stages of 64 (the kernels stream each expert's weights exactly once either way)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    ctas = row_tiles * max_experts
+    want = -(-2 * _SM_COUNT[idx] // ctas)
+    return max(1, min(want, (-(-K // 64)) // 4))
+
+
+def moe_experts_planned(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    plan: RoutingPlan,
+    layout: ExpertLayout = ExpertLayout(),
+    b_gate_up: Optional[torch.Tensor] = None,
+    b_down: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Budgeted grouped SwiGLU experts over a plan built with the CSR of active pairs.
+
+    Graph-capturable (no host sync). Only experts with active pairs have their weights read.
+
+    Args:
+        x: ``[T, H]`` bf16/fp16, rows contiguous and 16-byte aligned.
+        w_gate_up, w_down: contiguous weights in ``layout`` (see `moespec.ExpertLayout`).
+        plan: from `plan_routing` or `plan_from_routing` (not ``all_pairs``) for the same T.
+        b_gate_up: optional ``[E, 2I]``; b_down: optional ``[E, H]`` (any float dtype).
+        deterministic: fixed slot-order combine (default); False uses fp32 atomics.
+        out: optional ``[T, H]`` output in ``x.dtype``.
+
+    Returns:
+        ``[T, H]`` in ``x.dtype``.
+    """
+    T, H = x.shape
+    E, _, I = layout.dims(w_gate_up, w_down)
+    k = plan.k
+    dev = x.device
+    if out is None:
+        out = torch.empty(T, H, dtype=x.dtype, device=dev)
+    max_experts = max(1, min(plan.max_active, E))
+    ksplit = _k_splits(-(-H // 128), I, max_experts, dev)  # GEMM2: 128 rows of H per CTA, K = I
+    ksplit1 = _k_splits(-(-I // 64), H, max_experts, dev)  # GEMM1: 64 columns of I per CTA, K = H
+    hbuf = torch.empty(max(T * k, 1), I, dtype=x.dtype, device=dev)
+    ybuf = torch.empty((ksplit * T * k if deterministic else T), H, dtype=torch.float32, device=dev)
+    gubuf = torch.empty(ksplit1 * T * k, I, 2, dtype=torch.float32, device=dev) if ksplit1 > 1 else None
+    bgu = None if b_gate_up is None else b_gate_up.float().contiguous()
+    bdn = None if b_down is None else b_down.float().contiguous()
+    a = _ext().ExpertsArgs()
+    a.dtype = _FLOAT_CODE[x.dtype]
+    a.transposed = int(bool(layout.transposed))
+    a.x, a.x_stride = x.data_ptr(), x.stride(0)
+    a.w_gu, a.w_down = w_gate_up.data_ptr(), w_down.data_ptr()
+    a.b_gu = 0 if bgu is None else bgu.data_ptr()
+    a.b_down = 0 if bdn is None else bdn.data_ptr()
+    a.T, a.k, a.H, a.I = T, k, H, I
+    a.order, a.activation = _ORDER_CODE[layout.gate_up], _ACT_CODE[layout.activation]
+    a.alpha, a.limit = float(layout.alpha), float(layout.limit)
+    a.meta, a.act_experts, a.act_offsets = plan.meta.data_ptr(), plan.act_experts.data_ptr(), plan.act_offsets.data_ptr()
+    a.pair_token, a.pair_slot = plan.pair_token.data_ptr(), plan.pair_slot.data_ptr()
+    a.pair_position, a.weights = plan.pair_position.data_ptr(), plan.weights.data_ptr()
+    a.hbuf, a.ybuf, a.out = hbuf.data_ptr(), ybuf.data_ptr(), out.data_ptr()
+    a.atomic = 0 if deterministic else 1
+    a.max_experts = max_experts
+    a.ksplit = ksplit
+    a.ksplit1 = ksplit1
+    a.gubuf = 0 if gubuf is None else gubuf.data_ptr()
+    with torch.cuda.device(dev):
+        _ext().moe_experts(a, _stream(dev))
+    return out
+
+
+def budgeted_moe_planned(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    top_k: int,
+    budget: Optional[int],
+    policy: str = "substitute",
+    renormalize: bool = False,
+    score: str = "prob",
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+    deterministic: bool = True,
+    layout: ExpertLayout = ExpertLayout(),
+    *,
+    b_gate_up: Optional[torch.Tensor] = None,
+    b_down: Optional[torch.Tensor] = None,
+    plan: Optional[RoutingPlan] = None,
+    out: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, RoutingPlan]:
+    """A whole budgeted MoE layer in 4 launches, graph-capturable: returns ``(y [T, H], plan)``."""
+    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, plan=plan)
+    y = moe_experts_planned(x, w_gate_up, w_down, plan, layout, b_gate_up, b_down, deterministic, out)
+    return y, plan
+
+
+# ----------------------------------------------------------------------------- op-level API
+
+
+def expert_union(topk_ids: torch.Tensor, num_experts: int) -> ExpertUnion:
+    """`moespec.reference.expert_union` on the GPU (one launch plus one sync for the lengths)."""
+    T, k = topk_ids.shape
+    if T == 0 or not plan_supported(num_experts, k):
+        return reference.expert_union(topk_ids, num_experts)
+    plan = plan_from_routing(topk_ids, None, num_experts, all_pairs=True)
+    c = plan.counts()
+    U, P = c["active"], c["pairs"]
+    return ExpertUnion(
+        experts=plan.act_experts[:U].clone(),
+        offsets=plan.act_offsets[:U + 1].clone(),
+        pair_token=plan.pair_token[:P].clone(),
+        pair_slot=plan.pair_slot[:P].clone(),
+        pair_position=plan.pair_position.clone(),
+    )
+
+
+def score_experts(router_logits: torch.Tensor, mode: str, topk_ids: Optional[torch.Tensor],
+                  topk_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """`moespec.reference.score_experts` on the GPU: ``[E]`` fp32 (no host sync)."""
+    T, E = router_logits.shape
+    k = 1 if mode == "prob" else topk_ids.shape[1]
+    if T == 0 or not plan_supported(E, k):
+        return reference.score_experts(router_logits, mode, topk_ids, topk_weights)
+    plan = RoutingPlan.empty(T, E, k, router_logits.device)
+    a = _plan_args(plan)
+    keep = []
+    if mode == "prob":
+        z = _prep_logits(router_logits)
+        keep.append(z)
+        a.logits, a.logits_dtype, a.logits_stride = z.data_ptr(), _FLOAT_CODE[z.dtype], z.stride(0)
+    else:
+        ids, w = topk_ids.contiguous(), topk_weights.contiguous()
+        keep += [ids, w]
+        a.in_ids, a.in_ids_type = ids.data_ptr(), _ID_CODE[ids.dtype]
+        a.in_weights, a.in_weights_dtype = w.data_ptr(), _FLOAT_CODE[w.dtype]
+    a.score_mode = _SCORE_CODE[mode]
+    with torch.cuda.device(router_logits.device):
+        _ext().routing_plan(a, _stream(router_logits.device))
+    return plan.scores
+
+
+def budget_routing(router_logits: torch.Tensor, top_k: int, budget: Optional[int], policy: str,
+                   renormalize: bool, score: str, coverage: Optional[float],
+                   min_budget: Optional[int]) -> BudgetedRouting:
+    """`moespec.reference.budget_routing` on the GPU (one launch plus one sync for the lengths)."""
+    T, E = router_logits.shape
+    if T == 0 or not plan_supported(E, top_k):
+        return reference.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage,
+                                        min_budget)
+    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, csr=False)
+    c = plan.counts()
+    return BudgetedRouting(
+        topk_ids=plan.ids.long(),
+        topk_weights=plan.weights,
+        kept_experts=plan.kept_experts[:c["kept"]].clone(),
+        union_size=c["union"],
+        budgeted=c["budgeted"],
+    )
+
+
+def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, kept_experts: Optional[torch.Tensor], deterministic: bool,
+                layout: ExpertLayout, b_gate_up: Optional[torch.Tensor],
+                b_down: Optional[torch.Tensor]) -> torch.Tensor:
+    """`moespec.reference.moe_experts` on the GPU (no host sync; graph-capturable).
+
+    Falls back to the reference for the cases listed by `experts_fallback_reason` (fp32 above all).
+    """
+    if experts_fallback_reason(x, w_gate_up, w_down, topk_ids, layout) is not None:
+        return reference.moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights, kept_experts,
+                                     b_gate_up=b_gate_up, b_down=b_down, layout=layout, deterministic=deterministic)
+    E = w_gate_up.shape[0]
+    plan = plan_from_routing(topk_ids, topk_weights, E, kept_experts)
+    return moe_experts_planned(x, w_gate_up, w_down, plan, layout, b_gate_up, b_down, deterministic)
