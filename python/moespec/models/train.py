@@ -1,0 +1,228 @@
+"""Train the shipped demo models: a small Qwen3-MoE target and a dense Qwen3 draft model.
+
+    python -m moespec.models.train                # reproduces python/moespec/models/assets
+    python -m moespec.models.train --quick --out /tmp/m   # a seconds-long smoke run
+
+Corpus: the running interpreter's standard library sources (`moespec.models.corpus`), one file
+in ten held out. Tokenizer: byte-level BPE trained with `tokenizers` on the training files.
+Everything is seeded; the run writes ``training.json`` (command, hardware, wall time, losses,
+held-out perplexities) next to the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import corpus
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class TrainConfig:
+    vocab_size: int = 4096
+    seq_len: int = 256
+    batch: int = 16
+    target_steps: int = 1500
+    draft_steps: int = 1000
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    router_aux_loss_coef: float = 0.001  # light balancing: keep the realistic skew of a trained router
+    eval_windows: int = 96
+    seed: int = 0
+    threads: int = 1  # one thread: on a shared 2-core machine OpenMP spin-waiting wastes the rest
+
+
+def target_config(vocab_size: int):
+    """Qwen3-MoE, 4 layers, 32 experts top-4 with renormalisation (about 7 M parameters)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, router_aux_loss_coef=0.001,
+    )
+
+
+def draft_config(vocab_size: int):
+    """Dense Qwen3, 2 layers (about 0.9 M parameters), same tokenizer as the target."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+
+
+def train_tokenizer(files: list[Path], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((corpus.read_text(f) for f in files), trainer=trainer)
+    return tok
+
+
+def encode(tok, files: list[Path]) -> torch.Tensor:
+    """One int32 stream: every file's tokens followed by EOS."""
+    eos = tok.token_to_id(EOS)
+    ids: list[int] = []
+    for enc in tok.encode_batch([corpus.read_text(f) for f in files]):
+        ids.extend(enc.ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def _batches(data: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    n = data.numel() - cfg.seq_len - 1
+    while True:
+        starts = torch.randint(0, n, (cfg.batch,), generator=gen)
+        yield torch.stack([data[s:s + cfg.seq_len] for s in starts.tolist()]).long()
+
+
+def train_lm(model, data: torch.Tensor, steps: int, cfg: TrainConfig, name: str, log=print) -> list[dict]:
+    """AdamW with linear warm-up and cosine decay to 10 %; returns the loss history."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    model.train()
+    history, t0, it = [], time.time(), _batches(data, cfg, gen)
+    is_moe = hasattr(model.config, "num_experts")
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        x = next(it)
+        out = model(input_ids=x, labels=x, output_router_logits=is_moe) if is_moe else model(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            rec = {"step": step, "loss": round(float(out.loss.detach()), 4), "lr": lr_at(step),
+                   "elapsed_s": round(time.time() - t0, 1)}
+            if is_moe and getattr(out, "aux_loss", None) is not None:
+                rec["aux_loss"] = round(float(out.aux_loss.detach()), 4)
+            history.append(rec)
+            log(f"[{name}] " + " ".join(f"{k}={v}" for k, v in rec.items()))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def perplexity(model, data: torch.Tensor, seq_len: int, windows: int) -> float:
+    """Mean next-token perplexity over the first ``windows`` non-overlapping windows of ``data``."""
+    model.eval()
+    total, count = 0.0, 0
+    n = min(windows, (data.numel() - 1) // seq_len)
+    for w in range(n):
+        x = data[w * seq_len:(w + 1) * seq_len + 1].long().unsqueeze(0)
+        logits = model(input_ids=x[:, :-1]).logits.float()
+        total += float(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum"))
+        count += seq_len
+    return math.exp(total / count)
+
+
+def save(model, tok, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=None, model_max_length=2048)
+    fast.save_pretrained(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ASSETS, help="output folder (default: the shipped assets)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (a few steps, a few files)")
+    for f, v in asdict(TrainConfig()).items():
+        p.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
+    args = p.parse_args(argv)
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig()) if getattr(args, f) is not None})
+    if args.quick:
+        cfg.target_steps, cfg.draft_steps, cfg.eval_windows, cfg.batch, cfg.seq_len = 3, 3, 2, 2, 64
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+    t_start = time.time()
+    train_files, test_files = corpus.split_corpus()
+    if args.quick:
+        train_files, test_files = train_files[:20], test_files[:5]
+    tok = train_tokenizer(train_files, cfg.vocab_size)
+    train_ids, test_ids = encode(tok, train_files), encode(tok, test_files)
+    print(f"corpus: {len(train_files)} train files ({train_ids.numel()} tokens), "
+          f"{len(test_files)} held-out files ({test_ids.numel()} tokens)")
+
+    report = {"command": "python -m moespec.models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "hardware": {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "device": "cpu"},
+              "software": {"python": platform.python_version(), "torch": torch.__version__},
+              "config": asdict(cfg),
+              "corpus": {"root": "<python stdlib>", "python": platform.python_version(),
+                         "train_files": len(train_files), "heldout_files": len(test_files),
+                         "train_tokens": int(train_ids.numel()), "heldout_tokens": int(test_ids.numel())}}
+
+    results = {}
+    for name, make, steps in (("target", lambda: Qwen3MoeForCausalLM(target_config(cfg.vocab_size)), cfg.target_steps),
+                              ("draft", lambda: Qwen3ForCausalLM(draft_config(cfg.vocab_size)), cfg.draft_steps)):
+        torch.manual_seed(cfg.seed)
+        model = make()
+        if name == "target":
+            model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
+            model.set_experts_implementation("eager")  # fastest on the CPU for training
+        ppl_init = perplexity(model, test_ids, cfg.seq_len, cfg.eval_windows)
+        t0 = time.time()
+        history = train_lm(model, train_ids, steps, cfg, name)
+        train_s = time.time() - t0
+        save(model, tok, args.out / name)
+        shipped = (Qwen3MoeForCausalLM if name == "target" else Qwen3ForCausalLM).from_pretrained(
+            args.out / name, dtype=torch.float32, local_files_only=True)
+        results[name] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "steps": steps, "train_tokens_seen": steps * cfg.batch * cfg.seq_len, "train_seconds": round(train_s, 1),
+            "heldout_ppl_random_init": round(ppl_init, 2),
+            "heldout_ppl": round(perplexity(shipped, test_ids, cfg.seq_len, cfg.eval_windows), 3),
+            "history": history,
+        }
+        print(f"{name}: held-out perplexity {results[name]['heldout_ppl']} (random init {ppl_init:.0f}), "
+              f"{train_s:.0f} s")
+    report["models"] = results
+    report["total_seconds"] = round(time.time() - t_start, 1)
+    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} in {report['total_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
