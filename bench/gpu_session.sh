@@ -7,11 +7,12 @@
 #     bash bench/gpu_session.sh bench      # build + benchmark only
 # Needs: python with torch (CUDA), nvcc, scikit-build-core, pybind11, cmake, ninja; the
 # nvidia-cutlass wheel carried in .whl/ (optional: the build works without it).
-# Writes into $OUT (default ./gpu_out): session.log, build.log, pytest.txt, bench/bench_layer.{json,md}.
+# Writes into $OUT (default ./gpu_out): session.log, build.log, pytest.txt and bench_results.tgz (bench/bench_layer_<model>.{json,md,png}).
 # The device tool allows 600 s per command: the defaults (build ~1 min + 220 s + 280 s) fit one call; on a
 # warm machine, `test` and `bench` can also run as two calls with larger limits (the build is incremental).
-# Tunables (env): TEST_TIMEOUT (s, default 220), BENCH_TIMEOUT (s, default 280), BENCH_ARGS (extra args
-# for bench/bench_layer.py, e.g. "--models qwen3-30b-a3b --tokens 1,8,64").
+# Tunables (env): TEST_TIMEOUT (s, default 220), BENCH_TIMEOUT (s, default 280, split over the models),
+# BENCH_MODELS (space-separated presets), BENCH_ARGS (extra `moespec bench layer` args, e.g. "--tokens 1,8,64").
+# The device copy of the tree has no .git: pass MOESPEC_GIT_COMMIT=<sha> so results name their commit.
 set -uo pipefail
 
 STAGE="${1:-all}"
@@ -54,11 +55,22 @@ if [[ "$STAGE" == all || "$STAGE" == test ]]; then
 fi
 if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
   echo "== benchmark"
-  # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-280}" python bench/bench_layer.py --out "$OUT/bench" ${BENCH_ARGS:-}
-  brc=$?
-  echo "benchmark exit code $brc (124 = time limit; partial results are kept)"
-  [[ -f "$OUT/bench/bench_layer.md" ]] && cat "$OUT/bench/bench_layer.md"
+  # One run per model, each writing its own files, so a time limit keeps the models already done.
+  budget_s="${BENCH_TIMEOUT:-280}"
+  models="${BENCH_MODELS:-qwen3-30b-a3b mixtral-8x7b olmoe-1b-7b gpt-oss-120b deepseek-v3}"
+  per_model=$(( budget_s / $(echo $models | wc -w) ))
+  for m in $models; do
+    # shellcheck disable=SC2086
+    timeout "$per_model" python bench/bench_layer.py --models "$m" --name "bench_layer_$m" --quiet \
+      --out "$OUT/bench" ${BENCH_ARGS:-}
+    brc=$?
+    echo "benchmark $m: exit code $brc (124 = its $per_model s share of the time limit ran out)"
+    [[ -f "$OUT/bench/bench_layer_$m.md" ]] && cat "$OUT/bench/bench_layer_$m.md"
+  done
 fi
-echo "== done $(date -u +%FT%TZ); copy \$OUT/bench/* into bench/results/<device>/ to record the results"
+# The device tool returns at most 8 files from $OUT: pack the per-model results into one archive.
+if compgen -G "$OUT/bench/*" >/dev/null; then
+  tar -czf "$OUT/bench_results.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+fi
+echo "== done $(date -u +%FT%TZ); unpack \$OUT/bench_results.tgz into bench/results/<device>/ to record the results"
 exit $rc
