@@ -437,13 +437,4 @@ def plot_generate(result: dict, path: Path) -> Optional[Path]:
 
 def write_generate_outputs(result: dict, out_dir: Path, stem: str = "bench_generate", png: bool = True) -> dict:
     """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png``; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": report.write_json(out_dir / f"{stem}.json", result)}
-    (out_dir / f"{stem}.md").write_text(generate_markdown(result))
-    paths["markdown"] = out_dir / f"{stem}.md"
-    if png:
-        p = plot_generate(result, out_dir / f"{stem}.png")
-        if p is not None:
-            paths["png"] = p
-    return paths
+    return report.write_outputs(result, out_dir, stem, generate_markdown, plot_generate, png)

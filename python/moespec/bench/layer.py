@@ -316,16 +316,7 @@ def layer_markdown(result: dict) -> str:
 
 def write_layer_outputs(result: dict, out_dir: Path, stem: str = "bench_layer", png: bool = True) -> dict:
     """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png``; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": report.write_json(out_dir / f"{stem}.json", result)}
-    (out_dir / f"{stem}.md").write_text(layer_markdown(result))
-    paths["markdown"] = out_dir / f"{stem}.md"
-    if png:
-        p = plot_layer(result, out_dir / f"{stem}.png")
-        if p is not None:
-            paths["png"] = p
-    return paths
+    return report.write_outputs(result, out_dir, stem, layer_markdown, plot_layer, png)
 
 
 __all__ = ["LayerBenchConfig", "run_layer_bench", "pivot", "wide_rows", "write_layer_outputs", "plot_layer",

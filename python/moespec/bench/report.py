@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -113,6 +113,21 @@ def write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_finite(data), indent=1) + "\n")
     return path
+
+
+def write_outputs(result: dict, out_dir: Path, stem: str, markdown: Callable[[dict], str],
+                  plot: Optional[Callable[[dict, Path], Optional[Path]]] = None, png: bool = True) -> dict:
+    """Write ``<stem>.json``, ``<stem>.md`` and (with ``plot`` and matplotlib) ``<stem>.png``; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": write_json(out_dir / f"{stem}.json", result)}
+    paths["markdown"] = out_dir / f"{stem}.md"
+    paths["markdown"].write_text(markdown(result))
+    if png and plot is not None:
+        p = plot(result, out_dir / f"{stem}.png")
+        if p is not None:
+            paths["png"] = p
+    return paths
 
 
 def _finite(v):
