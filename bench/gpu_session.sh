@@ -6,7 +6,7 @@
 #     bash bench/gpu_session.sh test       # build + pytest -m cuda only
 #     bash bench/gpu_session.sh bench      # build + benchmark only
 # Needs: python with torch (CUDA), nvcc, scikit-build-core, pybind11, cmake, ninja; the
-# nvidia-cutlass wheel carried in .whl/ (optional: the build works without it).
+# wheels carried in .whl/ (optional): nvidia-cutlass 4.2.0.0 and transformers 5.23.0.
 # Writes into $OUT (default ./gpu_out): session.log, build.log, pytest.txt and bench_results.tgz (bench/bench_layer_<model>.{json,md,png}).
 # The device tool allows 600 s per command: the defaults (build ~1 min + 220 s + 280 s) fit one call; on a
 # warm machine, `test` and `bench` can also run as two calls with larger limits (the build is incremental).
@@ -33,8 +33,9 @@ case "$cap" in
   100|103) ARCHS="80-real;90a-real" ;;  # no tuned path yet; sm_80 SASS does not run there, see report
   *) ARCHS="80-real;90a-real" ;;
 esac
-if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1 && ! python -c 'import cutlass_library' 2>/dev/null; then
-  pip install --no-deps --no-index .whl/nvidia_cutlass-*.whl >>"$OUT/build.log" 2>&1 || echo "cutlass wheel install failed (continuing without CUTLASS)"
+# Carried wheels (no network there): nvidia-cutlass (CUTLASS headers) and transformers 5.23 (the box has 5.17).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  pip install --no-deps --no-index .whl/*.whl >>"$OUT/build.log" 2>&1 || echo "installing carried wheels failed (continuing)"
 fi
 echo "== build (MOESPEC_CUDA_ARCHS=$ARCHS)"
 start=$(date +%s)
