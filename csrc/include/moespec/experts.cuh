@@ -237,6 +237,15 @@ __device__ __forceinline__ void gemm_mainloop(float (&acc)[2][kNF][4], const uin
   __syncthreads();  // smem may be refilled by the caller's next pass
 }
 
+__device__ __forceinline__ void zero_acc(float (&acc)[2][kNF][4]) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < kNF; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+}
+
 __device__ __forceinline__ float gated_activation(float gate, float up, int activation, float alpha, float limit) {
   if (activation == kClampedSwiglu) {
     gate = fminf(gate, limit);
@@ -277,12 +286,7 @@ __global__ void __launch_bounds__(kThreads) gemm1_swiglu_kernel(const ExpertsPar
       s_brow[n] = n < nrows ? p.x + (int64_t)p.pair_token[p0 + nb + n] * p.x_stride : nullptr;
     __syncthreads();
     float acc[2][kNF][4];
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int b = 0; b < kNF; ++b)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+    zero_acc(acc);
     const int nf_active = (nrows + 7) / 8;
     gemm_mainloop<BF16, TRANS>(acc, W, ld, k_begin, k_end, map, s_brow, sA, sB, nf_active);
 
@@ -387,12 +391,7 @@ __global__ void __launch_bounds__(kThreads) gemm2_combine_kernel(const ExpertsPa
       s_brow[n] = n < nrows ? p.hbuf + (int64_t)(p0 + nb + n) * I : nullptr;
     __syncthreads();
     float acc[2][kNF][4];
-#pragma unroll
-    for (int a = 0; a < 2; ++a)
-#pragma unroll
-      for (int b = 0; b < kNF; ++b)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+    zero_acc(acc);
     const int nf_active = (nrows + 7) / 8;
     gemm_mainloop<BF16, TRANS>(acc, W, ld, k_begin, k_end, map, s_brow, sA, sB, nf_active);
 

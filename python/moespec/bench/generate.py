@@ -427,12 +427,7 @@ def plot_generate(result: dict, path: Path) -> Optional[Path]:
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"moespec bench generate — {result['config'].get('target')} — {result['meta']['device']} "
                  "(labels: token match vs autoregressive)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))  # leave room for the title
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def write_generate_outputs(result: dict, out_dir: Path, stem: str = "bench_generate", png: bool = True) -> dict:

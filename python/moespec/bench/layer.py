@@ -290,12 +290,7 @@ def plot_layer(result: dict, path: Path) -> Optional[Path]:
     meta = result["meta"]
     fig.suptitle(f"moespec bench layer — {meta['device']}"
                  + (" — reduced CPU shapes" if meta.get("cpu_reduced") else ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))  # leave room for the title
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def layer_markdown(result: dict) -> str:

@@ -147,6 +147,18 @@ def meta_markdown(meta: dict, extra: Sequence[str] = ()) -> list[str]:
     return lines + [f"- {e}" for e in extra]
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig`` under its title, write it as PNG to ``path`` and close it."""
+    fig.tight_layout(rect=(0, 0, 1, 0.96))  # leave room for the title
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
 def matplotlib_pyplot():
     """``matplotlib.pyplot`` with a file-only backend, or None when matplotlib is missing."""
     try:
