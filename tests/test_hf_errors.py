@@ -104,3 +104,22 @@ def test_unfused_v4_style_block_is_reported_as_a_version_problem():
     model = torch.nn.Sequential(MixtralSparseMoeBlock())
     with pytest.raises(UnsupportedModelError, match=r"without transformers v5 fused experts .* transformers>=5"):
         moespec.patch(model)
+
+
+def test_patching_a_parent_or_child_of_a_patched_model_is_refused():
+    model = tiny_model("qwen3_moe", seed=0)
+    with moespec.patch(model.model, budget=4):
+        with pytest.raises(RuntimeError, match="already patched through Qwen3MoeModel .a submodule of this model"):
+            moespec.patch(model)
+        assert get_handle(model) is None
+    with moespec.patch(model, budget=4) as handle:
+        with pytest.raises(RuntimeError, match="already patched through Qwen3MoeForCausalLM .a module that contains"):
+            moespec.patch(model.model)
+        with pytest.raises(RuntimeError, match="already patched"):
+            moespec.patch(model)
+        assert get_handle(model) is handle
+    # Once unpatched, either may be patched again, and hooks do not stack.
+    with moespec.patch(model.model, budget=4) as inner:
+        model(torch.tensor([[1, 2, 3]]))
+        assert len(inner.stats.calls) == 1
+    assert not model.model.layers[0].mlp.gate._forward_hooks

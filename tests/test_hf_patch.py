@@ -7,6 +7,7 @@ import torch
 
 import moespec
 from moespec.integrations import get_handle
+from moespec.integrations.hf_compat import forward_kwargs, output_cache
 from moespec.integrations.tiny import TINY_ARCHITECTURES, tiny_model
 
 pytest.importorskip("transformers")
@@ -100,7 +101,8 @@ def test_output_router_logits_still_work(pair):
 
 @torch.no_grad()
 def test_budget_scope_in_auto_mode(pair):
-    """Prefill and one-token decode run unbudgeted; a multi-token call on a cache is budgeted."""
+    """Auto mode budgets verification forwards only: prefill, one-token decode and a multi-token
+    call on a cache outside a verification scope (e.g. a prompt chunk) run unbudgeted."""
     arch, model, ref = pair
     k = model.config.num_experts_per_tok
     prompt = _ids(3, batch=2, length=10)
@@ -109,13 +111,14 @@ def test_budget_scope_in_auto_mode(pair):
         pre = model(prompt[:, :6], use_cache=True)
         prefill = handle.stats.last()
         assert not prefill.budgeted and prefill.past_length == 0 and prefill.tokens == 12
-        torch.testing.assert_close(pre.logits, ref(prompt[:, :6]).logits, rtol=0, atol=1e-5)
-        cache = pre.past_key_values
-        model(prompt[:, 6:7], past_key_values=cache, use_cache=True)
+        assert torch.equal(pre.logits, ref(prompt[:, :6]).logits)
+        cache = output_cache(pre)
+        model(prompt[:, 6:7], **forward_kwargs(model, cache, use_cache=True))
         decode = handle.stats.last()
         assert not decode.budgeted and decode.tokens == 2 and decode.past_length == 6
         assert all(s.kept_size == s.union_size and s.budget is None for s in decode.layers)
-        model(prompt[:, 7:], past_key_values=cache, use_cache=True)
+        with moespec.verification():
+            model(prompt[:, 7:], **forward_kwargs(model, cache, use_cache=True))
         verify = handle.stats.last()
         assert verify.budgeted and verify.tokens == 6 and verify.past_length == 7
         assert all(s.kept_size <= k and s.budget == k and s.budgeted for s in verify.layers)
@@ -125,14 +128,84 @@ def test_budget_scope_in_auto_mode(pair):
         with moespec.expert_budget(model, k):
             model(prompt)
         assert handle.stats.last().budgeted
-        with moespec.expert_budget(model, None):
-            out = model(prompt[:, 7:], past_key_values=pre.past_key_values)
+        with moespec.expert_budget(model, None), moespec.verification():
+            model(prompt[:, 7:], **forward_kwargs(model, output_cache(pre)))
         assert not handle.stats.last().budgeted
         handle.set_budget(k, when="always")
         model(prompt)
         assert handle.stats.last().budgeted
     finally:
         handle.unpatch()
+
+
+@torch.no_grad()
+def test_chunked_prefill_is_not_budgeted(pair):
+    """A prompt fed in chunks (later chunks: many new tokens on a non-empty cache) stays exact."""
+    arch, model, ref = pair
+    k = model.config.num_experts_per_tok
+    prompt = _ids(11, length=24)
+    want = ref(prompt).logits
+    with moespec.patch(model, budget=k) as handle:
+        cache = None
+        chunks = []
+        for s in range(0, 24, 8):
+            out = model(prompt[:, s:s + 8], **forward_kwargs(model, cache, use_cache=True))
+            cache = output_cache(out)
+            chunks.append(out.logits)
+        assert [c.past_length for c in handle.stats.calls] == [0, 8, 16]
+        assert not any(c.budgeted for c in handle.stats.calls)
+        assert all(s.kept_size == s.union_size for c in handle.stats.calls for s in c.layers)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), want, rtol=1e-4, atol=1e-4)
+    # The same chunks on the unpatched model give bitwise the same logits as patched.
+    cache, plain = None, []
+    for s in range(0, 24, 8):
+        out = ref(prompt[:, s:s + 8], **forward_kwargs(ref, cache, use_cache=True))
+        cache = output_cache(out)
+        plain.append(out.logits)
+    assert torch.equal(torch.cat(chunks, dim=1), torch.cat(plain, dim=1))
+
+
+@torch.no_grad()
+def test_padding_counts_neither_as_tokens_nor_in_the_union(pair):
+    """Left padding (attention_mask zeros) is left out of token counts, union and scores."""
+    arch, model, _ = pair
+    if arch == "gpt_oss":
+        pytest.skip("gpt-oss sliding-window attention with a padded 2-row batch is not what this checks")
+    k = model.config.num_experts_per_tok
+    E = _num_experts(model)
+    ids = _ids(5, batch=2, length=9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # row 1 is left-padded by 4
+    pre_ids, new_ids = ids[:, :6], ids[:, 6:]
+    with moespec.patch(model, budget=E) as handle:
+        pre = model(pre_ids, attention_mask=mask[:, :6], use_cache=True)
+        assert handle.stats.last().tokens == 12 - 4
+        with moespec.expert_budget(model, k):
+            model(new_ids, **forward_kwargs(model, output_cache(pre), attention_mask=mask))
+        verify = handle.stats.last()
+        assert verify.tokens == 6 and verify.past_length == 6
+    # The union of the real tokens only: recompute each layer's routing on real rows.
+    with moespec.patch(model, budget=None) as handle:
+        pre = model(pre_ids, attention_mask=mask[:, :6], use_cache=True)
+        model(new_ids, **forward_kwargs(model, output_cache(pre), attention_mask=mask))
+        unbudgeted = handle.stats.last()
+    # The first MoE layer sees the same hidden states in both runs: same union of real tokens.
+    assert verify.layers[0].union_size == unbudgeted.layers[0].union_size
+    assert all(s.kept_size <= k for s in verify.layers)
+    # A row whose new tokens are all padding adds nothing to the union.
+    mask2 = mask.clone()
+    mask2[1, :] = 0
+    mask2[1, 0] = 1
+    with moespec.patch(model, budget=None) as handle:
+        pre = model(pre_ids, attention_mask=mask2[:, :6], use_cache=True)
+        model(new_ids, **forward_kwargs(model, output_cache(pre), attention_mask=mask2))
+        half = handle.stats.last()
+    assert half.tokens == 3
+    with moespec.patch(model, budget=None) as handle:
+        pre = model(pre_ids[:1], attention_mask=mask2[:1, :6], use_cache=True)
+        model(new_ids[:1], **forward_kwargs(model, output_cache(pre), attention_mask=mask2[:1]))
+        single = handle.stats.last()
+    assert [s.union_size for s in half.layers] == [s.union_size for s in single.layers]
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ __all__ = ["ops", "reference", "ExpertLayout", "ExpertUnion", "BudgetedRouting",
 _LAZY = {
     "patch": "moespec.integrations",
     "expert_budget": "moespec.integrations",
+    "verification": "moespec.integrations",
     "get_handle": "moespec.integrations",
     "integrations": "moespec.integrations",
     "spec": "moespec.spec",

@@ -37,6 +37,7 @@ __all__ = [
     "expert_union",
     "score_experts",
     "budget_routing",
+    "budget_routing_masked",
     "moe_experts",
 ]
 
@@ -454,6 +455,23 @@ def budget_routing(router_logits: torch.Tensor, top_k: int, budget: Optional[int
         union_size=c["union"],
         budgeted=c["budgeted"],
     )
+
+
+def budget_routing_masked(router_logits: torch.Tensor, top_k: int, budget: Optional[int], policy: str,
+                          renormalize: bool, score: str, coverage: Optional[float], min_budget: Optional[int]):
+    """`moespec.reference.budget_routing_masked` on the GPU: one plan launch, no host sync.
+
+    Returns ``(ids [T,k] int64, weights [T,k] fp32, kept_mask [E] bool, union_size 0-d int64,
+    budgeted 0-d bool)``, read from the plan's worst-case buffers and device-side counts.
+    """
+    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, csr=False)
+    E = plan.E
+    ar = torch.arange(E, device=plan.meta.device)
+    # Only the first meta[KEPT] entries of kept_experts are written; the rest land in a spare slot.
+    idx = torch.where(ar < plan.meta[META_KEPT], plan.kept_experts.long(), torch.full_like(ar, E))
+    kept_mask = torch.zeros(E + 1, dtype=torch.bool, device=ar.device).index_fill(0, idx, True)[:E]
+    return (plan.ids.long(), plan.weights, kept_mask, plan.meta[META_UNION].long(),
+            plan.meta[META_BUDGETED] != 0)
 
 
 def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,

@@ -14,16 +14,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _cuda, reference
-from .types import POLICIES, SCORE_MODES, BudgetedRouting, ExpertLayout, ExpertUnion
+from . import _cuda, custom_ops, reference
+from .types import POLICIES, SCORE_MODES, BudgetedRouting, ExpertLayout, ExpertUnion, RoutingMasks
 
 __all__ = [
     "ExpertLayout",
     "ExpertUnion",
     "BudgetedRouting",
+    "RoutingMasks",
     "expert_union",
     "score_experts",
     "budget_routing",
+    "budget_routing_masked",
     "moe_experts",
     "budgeted_moe",
     "validate_budget",
@@ -32,6 +34,9 @@ __all__ = [
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ID_DTYPES = (torch.int32, torch.int64)
 _BACKENDS = ("auto", "reference", "cuda")
+# The compiled launcher behind each op (the routing ops share one plan kernel).
+_LAUNCHER = {"expert_union": "routing_plan", "score_experts": "routing_plan", "budget_routing": "routing_plan",
+             "moe_experts": "moe_experts"}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -66,10 +71,15 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _check_id_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
-    # A device-side range check needs a sync; skip it inside CUDA-graph capture, where the
-    # kernels ignore out-of-range ids instead of reading out of bounds.
-    if ids.numel() == 0 or _capturing(ids):
+    # A range check reads data (a host sync on GPU): skip it while torch.compile/export trace
+    # (the custom ops re-check at run time under MOESPEC_DEBUG=1) and inside CUDA-graph capture,
+    # where the kernels ignore out-of-range ids instead of reading out of bounds.
+    if ids.numel() == 0 or ids.dtype == torch.bool or _tracing() or _capturing(ids):
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= num_experts:
@@ -146,14 +156,34 @@ def _resolve_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> 
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return False
+    launcher = _LAUNCHER[kernel]
     if backend == "cuda":
         _cuda.require(kernel)
         if not device_tensor.is_cuda:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device_tensor.device}")
-        if not _cuda.has_kernel(kernel):
+        if not _cuda.has_kernel(launcher):
             raise RuntimeError(f"moespec: this build has no CUDA kernel for {kernel}")
         return True
-    return device_tensor.is_cuda and _cuda.has_kernel(kernel)
+    return device_tensor.is_cuda and _cuda.has_kernel(launcher)
+
+
+def _check_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> None:
+    """Validate ``backend`` for an op that resolves it at run time (inside a custom op)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "cuda" and not _tracing():
+        _resolve_backend(backend, device_tensor, kernel)
+
+
+def _check_token_mask(token_mask: Optional[torch.Tensor], router_logits: torch.Tensor) -> None:
+    if token_mask is None:
+        return
+    _tensor("token_mask", token_mask, 1)
+    _dtype("token_mask", token_mask, (torch.bool,))
+    if token_mask.shape[0] != router_logits.shape[0]:
+        raise ValueError(f"token_mask has {token_mask.shape[0]} entries but router_logits has "
+                         f"{router_logits.shape[0]} tokens")
+    _same_device("router_logits", router_logits, token_mask=token_mask)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -208,11 +238,8 @@ def score_experts(
             raise ValueError("mode='topk' needs topk_ids and topk_weights")
         _check_routing(topk_ids, topk_weights, T, E)
         _same_device("router_logits", router_logits, topk_ids=topk_ids)
-    if _resolve_backend(backend, router_logits, "score_experts"):
-        from . import kernels
-
-        return kernels.score_experts(router_logits, mode, topk_ids, topk_weights)
-    return reference.score_experts(router_logits, mode, topk_ids, topk_weights)
+    _check_backend(backend, router_logits, "score_experts")
+    return custom_ops.score_experts(router_logits, mode, topk_ids, topk_weights, backend)
 
 
 def budget_routing(
@@ -225,6 +252,7 @@ def budget_routing(
     coverage: Optional[float] = None,
     min_budget: Optional[int] = None,
     *,
+    token_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> BudgetedRouting:
     """Softmax top-k routing of one forward call under an expert budget (DESIGN §3).
@@ -245,21 +273,62 @@ def budget_routing(
     Args:
         router_logits: ``[T, E]`` float.
         top_k: experts per token, ``1 <= top_k <= E``.
+        token_mask: optional ``[T]`` bool, False for padding: padding tokens count neither
+            towards the union nor the scores and, under a budget, get zero weights.
 
     Returns:
         `BudgetedRouting` (``topk_ids [T,k]`` int64, ``topk_weights [T,k]`` fp32,
-        ``kept_experts`` int32 sorted, ``union_size``, ``budgeted``).
+        ``kept_experts`` int32 sorted, ``union_size``, ``budgeted``). Reading the kept set's
+        length synchronises with the device; `budget_routing_masked` does not.
     """
+    _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask)
+    # The CUDA plan has no token mask: masked routing runs the reference (on the same device).
+    if _resolve_backend(backend, router_logits, "budget_routing") and token_mask is None:
+        from . import kernels
+
+        return kernels.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget)
+    return reference.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget,
+                                    token_mask)
+
+
+def _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask) -> None:
     _check_logits(router_logits)
     validate_budget(budget, top_k, policy, score, coverage, min_budget)
     E = router_logits.shape[1]
     if top_k > E:
         raise ValueError(f"top_k ({top_k}) exceeds the number of experts ({E})")
-    if _resolve_backend(backend, router_logits, "budget_routing"):
-        from . import kernels
+    _check_token_mask(token_mask, router_logits)
 
-        return kernels.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget)
-    return reference.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget)
+
+def budget_routing_masked(
+    router_logits: torch.Tensor,
+    top_k: int,
+    budget: Optional[int],
+    policy: str = "substitute",
+    renormalize: bool = False,
+    score: str = "prob",
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+    *,
+    token_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> RoutingMasks:
+    """`budget_routing` with fixed output shapes and no host synchronisation.
+
+    The same routing decisions as `budget_routing`, for code that is compiled
+    (``torch.compile(fullgraph=True)``, ``torch.export``) or captured in a CUDA graph: one
+    ``torch.ops.moespec.budget_routing_masked`` node, the kept set as an ``[E]`` mask and the
+    counts as device tensors. Arguments as in `budget_routing`.
+
+    Returns:
+        `RoutingMasks` (``topk_ids [T,k]`` int64, ``topk_weights [T,k]`` fp32, ``kept_mask [E]``
+        bool, ``union_size`` 0-d int64, ``budgeted`` 0-d bool).
+    """
+    _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask)
+    _check_backend(backend, router_logits, "budget_routing")
+    return RoutingMasks(*custom_ops.budget_routing_masked(
+        router_logits, top_k, budget, policy, renormalize, score,
+        None if coverage is None else float(coverage), min_budget, token_mask, backend))
 
 
 def _check_experts(
@@ -306,7 +375,10 @@ def _check_experts(
     _check_routing(topk_ids, topk_weights, T, E)
     if kept_experts is not None:
         _tensor("kept_experts", kept_experts, 1)
-        _dtype("kept_experts", kept_experts, _ID_DTYPES)
+        _dtype("kept_experts", kept_experts, _ID_DTYPES + (torch.bool,))
+        if kept_experts.dtype == torch.bool and kept_experts.shape[0] != E:
+            raise ValueError(f"a boolean kept_experts mask needs one entry per expert ({E}), "
+                             f"got {kept_experts.shape[0]}")
         _check_id_range("kept_experts", kept_experts, E)
     _same_device("x", x, w_gate_up=w_gate_up, w_down=w_down, topk_ids=topk_ids, topk_weights=topk_weights,
                  kept_experts=kept_experts, b_gate_up=b_gate_up, b_down=b_down)
@@ -338,7 +410,7 @@ def moe_experts(
         w_down: ``[E, H, I]`` contiguous, dtype of ``x`` (``[E, I, H]`` if transposed).
         topk_ids: ``[T, k]`` int32/int64 in ``[0, E)``.
         topk_weights: ``[T, k]`` fp32 or activation dtype.
-        kept_experts: optional ``[C]`` int32/int64 ids allowed to run.
+        kept_experts: optional ``[C]`` int32/int64 ids allowed to run, or an ``[E]`` bool mask.
         deterministic: fixed summation order (default); False allows the atomic combine.
         layout: `ExpertLayout` (gate/up order, transposition, activation).
         b_gate_up: optional ``[E, 2I]`` bias; b_down: optional ``[E, H]`` bias (gpt-oss).
@@ -347,13 +419,10 @@ def moe_experts(
         ``[T, H]`` in ``x.dtype``, accumulated in fp32.
     """
     _check_experts(x, w_gate_up, w_down, topk_ids, topk_weights, kept_experts, b_gate_up, b_down, layout)
-    if _resolve_backend(backend, x, "moe_experts"):
-        from . import kernels
-
-        return kernels.moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights, kept_experts,
-                                   deterministic, layout, b_gate_up, b_down)
-    return reference.moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights, kept_experts,
-                                 b_gate_up=b_gate_up, b_down=b_down, layout=layout, deterministic=deterministic)
+    _check_backend(backend, x, "moe_experts")
+    return custom_ops.moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights, kept_experts, b_gate_up, b_down,
+                                  bool(deterministic), layout.gate_up, bool(layout.transposed), layout.activation,
+                                  float(layout.alpha), float(layout.limit), backend)
 
 
 def budgeted_moe(

@@ -26,9 +26,12 @@ __all__ = [
     "expert_union",
     "score_experts",
     "select_experts",
+    "select_kept_mask",
+    "union_mask",
     "effective_budget",
     "reroute",
     "budget_routing",
+    "budget_routing_masked",
     "moe_experts",
     "budgeted_moe",
 ]
@@ -129,17 +132,71 @@ def effective_budget(
     candidates' total (fp32, summed in sorted order), clamped to ``[min_budget, budget]``.
     """
     U = int(sorted_scores.numel())
-    upper = U if budget is None else int(budget)
-    if coverage is None:
-        return upper
-    lower = 1 if min_budget is None else int(min_budget)
-    csum = torch.cumsum(sorted_scores.float(), dim=0)
     if U == 0:
-        return lower
+        if coverage is None:
+            return 0 if budget is None else int(budget)
+        return 1 if min_budget is None else int(min_budget)
+    full = torch.ones(U, dtype=torch.bool, device=sorted_scores.device)
+    n = _kept_count(sorted_scores.float(), full, torch.tensor(U, device=sorted_scores.device), budget, coverage,
+                    1 if min_budget is None else min_budget)
+    return int(n)
+
+
+def _kept_count(
+    sorted_scores: torch.Tensor,
+    sorted_valid: torch.Tensor,
+    union_size: torch.Tensor,
+    budget: Optional[int],
+    coverage: Optional[float],
+    min_budget: int,
+) -> torch.Tensor:
+    """Effective budget as a 0-d device tensor (no host sync).
+
+    ``sorted_scores [E]`` are the candidates' scores in descending order with the ``union_size``
+    valid candidates first (``sorted_valid`` marks them).
+    """
+    if coverage is None:
+        return union_size if budget is None else torch.full_like(union_size, int(budget))
+    csum = torch.cumsum(torch.where(sorted_valid, sorted_scores, torch.zeros_like(sorted_scores)), dim=0)
     target = float(coverage) * csum[-1]
-    n = int((csum < target).sum().item()) + 1  # first index reaching the target, 1-based
-    n = min(n, U)
-    return max(lower, min(n, upper))
+    # First index reaching the target (1-based); entries past the union hold the total, which
+    # is >= target, so they are never counted.
+    n = (csum < target).sum() + 1
+    n = torch.minimum(n, union_size)
+    if budget is not None:
+        n = torch.clamp(n, max=int(budget))
+    return torch.clamp(n, min=int(min_budget))
+
+
+def select_kept_mask(
+    scores: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    budget: Optional[int],
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-shape form of `select_experts`: no host sync, no data-dependent shapes.
+
+    Args:
+        scores: ``[E]`` per-expert scores (>= 0).
+        candidate_mask: ``[E]`` bool, the experts that may be kept (the union).
+        budget, coverage, min_budget: as in `select_experts` (``min_budget`` default 1).
+
+    Returns:
+        ``(kept_mask [E] bool, kept_count 0-d int64)``: the ``C'`` highest-scoring candidates
+        (ties to the lower id), or every candidate when there are at most ``C'``.
+    """
+    E = scores.shape[0]
+    cand_scores = scores.float().masked_fill(~candidate_mask, float("-inf"))
+    # Stable descending sort over ascending ids puts the lower id first among equal scores.
+    sorted_scores, order = torch.sort(cand_scores, descending=True, stable=True)
+    sorted_valid = candidate_mask.gather(0, order)
+    union_size = candidate_mask.sum()
+    C = _kept_count(sorted_scores, sorted_valid, union_size, budget, coverage,
+                    1 if min_budget is None else min_budget)
+    rank_kept = (torch.arange(E, device=scores.device) < C) & sorted_valid
+    kept_mask = torch.zeros(E, dtype=torch.bool, device=scores.device).scatter(0, order, rank_kept)
+    return kept_mask, kept_mask.sum()
 
 
 def select_experts(
@@ -162,21 +219,16 @@ def select_experts(
         ``[C']`` int32 sorted kept ids: the ``C'`` highest-scoring candidates, ties to the lower
         id; all candidates when ``U <= C'``.
     """
-    cand = candidates.long()
-    cand_scores = scores.float()[cand]
-    # Stable descending sort on ascending ids puts the lower id first among equal scores.
-    sorted_scores, order = torch.sort(cand_scores, descending=True, stable=True)
-    C = effective_budget(sorted_scores, budget, coverage, min_budget)
-    if cand.numel() <= C:
-        return candidates.to(torch.int32)
-    kept = cand[order[:C]]
-    return torch.sort(kept).values.to(torch.int32)
+    mask = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    mask[candidates.long()] = True
+    kept_mask, _ = select_kept_mask(scores, mask, budget, coverage, min_budget)
+    return kept_mask.nonzero().reshape(-1).to(torch.int32)
 
 
 def reroute(
     selection_scores: torch.Tensor,
     topk_ids: torch.Tensor,
-    kept_experts: torch.Tensor,
+    kept: torch.Tensor,
     policy: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-route pairs whose expert was dropped.
@@ -184,7 +236,7 @@ def reroute(
     Args:
         selection_scores: ``[T, E]`` the scores the router ranks by (probabilities or logits).
         topk_ids: ``[T, k]`` unbudgeted ids.
-        kept_experts: ``[C]`` kept ids.
+        kept: ``[E]`` bool kept mask, or ``[C]`` kept ids.
         policy: ``"substitute"``: top-k of ``selection_scores`` restricted to the kept set;
             ``"truncate"``: keep ``topk_ids``, mark pairs outside the kept set dead.
 
@@ -192,9 +244,7 @@ def reroute(
         ``(ids [T, k] int64, alive [T, k] bool)``; the caller recomputes the weights of ``ids``
         with the model's own normalisation and zeroes dead pairs.
     """
-    E = selection_scores.shape[-1]
-    kept_mask = torch.zeros(E, dtype=torch.bool, device=selection_scores.device)
-    kept_mask[kept_experts.long()] = True
+    kept_mask = _as_mask(kept, selection_scores.shape[-1])
     if policy == "substitute":
         masked = selection_scores.float().masked_fill(~kept_mask, float("-inf"))
         ids = torch.topk(masked, topk_ids.shape[-1], dim=-1).indices
@@ -203,6 +253,72 @@ def reroute(
         ids = topk_ids.long()
         return ids, kept_mask[ids]
     raise ValueError(f"unknown policy {policy!r}")
+
+
+def _as_mask(kept: torch.Tensor, num_experts: int) -> torch.Tensor:
+    if kept.dtype == torch.bool:
+        return kept
+    mask = torch.zeros(num_experts, dtype=torch.bool, device=kept.device)
+    return mask.index_fill(0, kept.long(), True)
+
+
+def union_mask(topk_ids: torch.Tensor, num_experts: int, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[E]`` bool: experts in at least one (unmasked) token's top-k; no host sync."""
+    ids = topk_ids.long()
+    if token_mask is not None:
+        # Padding tokens scatter into a spare slot that is cut off below.
+        ids = torch.where(token_mask.reshape(-1, 1), ids, torch.full_like(ids, num_experts))
+    mask = torch.zeros(num_experts + 1, dtype=torch.bool, device=ids.device)
+    return mask.index_fill(0, ids.reshape(-1), True)[:num_experts]
+
+
+def budget_routing_masked(
+    router_logits: torch.Tensor,
+    top_k: int,
+    budget: Optional[int],
+    policy: str = "substitute",
+    renormalize: bool = False,
+    score: str = "prob",
+    coverage: Optional[float] = None,
+    min_budget: Optional[int] = None,
+    token_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Capture-safe form of `budget_routing`: fixed output shapes, no host sync, no data branch.
+
+    Same routing as `budget_routing`. ``token_mask [T]`` bool (True = real token) leaves
+    padding out of the union and the scores; when a budget is set, padding tokens get zero
+    weights so that they cannot widen the set of experts read.
+
+    Returns:
+        ``(topk_ids [T,k] int64, topk_weights [T,k] fp32, kept_mask [E] bool,
+        union_size 0-d int64, budgeted 0-d bool)``. When nothing is dropped, ids and weights
+        are bit-identical to unbudgeted routing and ``kept_mask`` is the union.
+    """
+    probs, ids, weights = route_topk_softmax(router_logits, top_k, renormalize)
+    E = probs.shape[-1]
+    umask = union_mask(ids, E, token_mask)
+    union_size = umask.sum()
+    if budget is None and coverage is None:
+        return ids, weights, umask, union_size, torch.zeros((), dtype=torch.bool, device=ids.device)
+    if score == "topk":
+        w_sc = weights if token_mask is None else weights * token_mask.reshape(-1, 1)
+        scores = score_experts(router_logits, "topk", ids, w_sc)
+    else:
+        scores = (probs if token_mask is None else probs * token_mask.reshape(-1, 1)).sum(dim=0)
+    kept_mask, kept_count = select_kept_mask(scores, umask, budget, coverage,
+                                             top_k if min_budget is None else min_budget)
+    budgeted = kept_count < union_size
+    new_ids, alive = reroute(probs, ids, kept_mask, policy)
+    # Original full-softmax probabilities, then the model's own normalisation over survivors.
+    new_w = torch.where(alive, probs.gather(1, new_ids), torch.zeros((), dtype=probs.dtype, device=probs.device))
+    if renormalize:
+        denom = new_w.sum(dim=-1, keepdim=True)
+        new_w = torch.where(denom > 0, new_w / torch.where(denom > 0, denom, torch.ones_like(denom)), new_w)
+    out_ids = torch.where(budgeted, new_ids, ids)
+    out_w = torch.where(budgeted, new_w, weights)
+    if token_mask is not None:
+        out_w = torch.where(token_mask.reshape(-1, 1), out_w, torch.zeros_like(out_w))
+    return out_ids, out_w, torch.where(budgeted, kept_mask, umask), union_size, budgeted
 
 
 def budget_routing(
@@ -214,6 +330,7 @@ def budget_routing(
     score: str = "prob",
     coverage: Optional[float] = None,
     min_budget: Optional[int] = None,
+    token_mask: Optional[torch.Tensor] = None,
 ) -> BudgetedRouting:
     """Softmax top-k routing under a per-call expert budget (DESIGN §3).
 
@@ -226,27 +343,17 @@ def budget_routing(
         score: ``"prob"`` (full-softmax mass) or ``"topk"`` (summed top-k weights).
         coverage: adaptive budget: smallest set reaching this share of the union's score mass.
         min_budget: lower clamp for ``coverage`` (default ``top_k``).
+        token_mask: optional ``[T]`` bool, False for padding (see `budget_routing_masked`).
 
     Returns:
         `BudgetedRouting`; when the union fits the effective budget, ids and weights are
-        bit-identical to the unbudgeted routing.
+        bit-identical to the unbudgeted routing. Reads the kept set back to the host (use
+        `budget_routing_masked` where that sync is not allowed).
     """
-    probs, ids, weights = route_topk_softmax(router_logits, top_k, renormalize)
-    union = torch.unique(ids)
-    U = int(union.numel())
-    if budget is None and coverage is None:
-        return BudgetedRouting(ids, weights, union.to(torch.int32), U, False)
-    scores = score_experts(router_logits, score, ids, weights) if score == "topk" else probs.sum(dim=0)
-    kept = select_experts(scores, union, budget, coverage, top_k if min_budget is None else min_budget)
-    if kept.numel() >= U:
-        return BudgetedRouting(ids, weights, kept, U, False)
-    new_ids, alive = reroute(probs, ids, kept, policy)
-    # Original full-softmax probabilities, then the model's own normalisation over survivors.
-    new_w = torch.where(alive, probs.gather(1, new_ids), torch.zeros((), dtype=probs.dtype, device=probs.device))
-    if renormalize:
-        denom = new_w.sum(dim=-1, keepdim=True)
-        new_w = torch.where(denom > 0, new_w / torch.where(denom > 0, denom, torch.ones_like(denom)), new_w)
-    return BudgetedRouting(new_ids, new_w, kept, U, True)
+    ids, w, kept_mask, union_size, budgeted = budget_routing_masked(
+        router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, token_mask)
+    kept = kept_mask.nonzero().reshape(-1).to(torch.int32)
+    return BudgetedRouting(ids, w, kept, int(union_size), bool(budgeted))
 
 
 # ----------------------------------------------------------------------------- experts
@@ -316,7 +423,7 @@ def moe_experts(
         w_down: ``[E, H, I]`` (``[E, I, H]`` when transposed), dtype of ``x``.
         topk_ids: ``[T, k]`` int32/int64.
         topk_weights: ``[T, k]`` float.
-        kept_experts: optional ``[C]`` int ids allowed to run.
+        kept_experts: optional ``[C]`` int ids allowed to run, or an ``[E]`` bool mask.
         b_gate_up: optional ``[E, 2I]`` bias (in storage order), b_down: optional ``[E, H]``.
         layout: `ExpertLayout`.
         deterministic: accepted for API parity; the reference is always deterministic.
@@ -331,9 +438,7 @@ def moe_experts(
     w = topk_weights.float()
     active = w != 0
     if kept_experts is not None:
-        kept_mask = torch.zeros(E, dtype=torch.bool, device=x.device)
-        kept_mask[kept_experts.long()] = True
-        active &= kept_mask[ids]
+        active &= _as_mask(kept_experts, E)[ids]
     contrib = torch.zeros(T, k, H, dtype=torch.float32, device=x.device)
     if bool(active.any()):
         flat_ids = torch.where(active, ids, torch.full_like(ids, -1)).reshape(-1)

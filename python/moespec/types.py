@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -102,3 +103,22 @@ class BudgetedRouting:
     @property
     def kept_size(self) -> int:
         return int(self.kept_experts.numel())
+
+
+class RoutingMasks(NamedTuple):
+    """Capture-safe budgeted routing (`moespec.ops.budget_routing_masked`): fixed shapes, on device.
+
+    Attributes:
+        topk_ids: ``[T, k]`` int64 expert ids per token.
+        topk_weights: ``[T, k]`` fp32 weights (0 for dropped pairs and, with a token mask and a
+            budget, for padding tokens).
+        kept_mask: ``[E]`` bool, the experts allowed to run (the union when nothing was dropped).
+        union_size: 0-d int64 tensor, distinct experts in the unbudgeted routing of real tokens.
+        budgeted: 0-d bool tensor, True when the budget dropped at least one expert.
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    kept_mask: torch.Tensor
+    union_size: torch.Tensor
+    budgeted: torch.Tensor

@@ -7,7 +7,6 @@ elsewhere) while module names, state-dict keys and hooks stay as they are.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
@@ -22,22 +21,23 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class ExpertsState:
-    """Per-experts-module state a patch attaches: the layout and the kept set of the current call.
+    """Per-experts-module state a patch attaches.
 
-    The block calls its router and then its experts; the patched router leaves the kept set
-    here and the experts forward consumes it, so no block code has to change.
+    Attributes:
+        layout: the weight layout read at patch time (None: moespec cannot run it).
+        original: the experts implementation the model used before the patch (``"eager"``,
+            ``"grouped_mm"``, ...); unbudgeted calls run it, so that they stay bitwise exact.
+        budgeted: set by the router hook for the current call: run moespec's experts. Dropped
+            pairs reach them with weight 0 (`budget_router_output`), so no kept set is needed:
+            zero-weight pairs are never computed and their weights never read.
     """
 
-    __slots__ = ("layout", "pending_kept")
+    __slots__ = ("layout", "original", "budgeted")
 
-    def __init__(self, layout) -> None:
+    def __init__(self, layout, original: str = "eager") -> None:
         self.layout = layout
-        self.pending_kept: Optional[torch.Tensor] = None
-
-    def take_kept(self) -> Optional[torch.Tensor]:
-        """Return and clear the kept set left by the router for this forward."""
-        kept, self.pending_kept = self.pending_kept, None
-        return kept
+        self.original = original
+        self.budgeted = False
 
 
 def register() -> None:
@@ -55,14 +55,14 @@ def moespec_experts_forward(
 ) -> torch.Tensor:
     """Experts forward for transformers' registry: ``[T, H]`` in, ``[T, H]`` out.
 
-    Runs only the experts the patched router kept for this call (all routed experts when no
-    budget applies). Layouts or settings moespec cannot run (another activation, expert
-    parallelism, mixed weight dtypes) fall back to the module's own eager loop, with the
-    weights of dropped pairs zeroed.
+    Runs only the experts of pairs with a non-zero weight: the patched router gives dropped
+    pairs weight 0. Layouts or settings moespec cannot run (another activation, expert
+    parallelism, mixed weight dtypes) fall back to the module's own eager loop.
     """
     state = getattr(self, "_moespec_state", None)
-    kept = state.take_kept() if state is not None else None
-    layout = state.layout if state is not None else expert_layout(self)
+    if state is None or not state.budgeted:
+        return _original_forward(self, state, hidden_states, top_k_index, top_k_weights)
+    layout = state.layout
     w_gate_up, w_down, b_gate_up, b_down = expert_weights(self)
     runnable = (
         layout is not None
@@ -73,19 +73,26 @@ def moespec_experts_forward(
         and w_down.is_contiguous()
     )
     if not runnable:
-        return _eager_forward(self, hidden_states, top_k_index, top_k_weights, kept)
+        return _eager_forward(self, hidden_states, top_k_index, top_k_weights)
     # Autocast can hand fp32 activations to half-precision experts; compute in the weights' dtype.
     x = hidden_states.to(w_gate_up.dtype).contiguous()
-    y = ops.moe_experts(x, w_gate_up, w_down, top_k_index, top_k_weights, kept, layout=layout,
+    y = ops.moe_experts(x, w_gate_up, w_down, top_k_index, top_k_weights, None, layout=layout,
                         b_gate_up=b_gate_up, b_down=b_down)
     return y.to(hidden_states.dtype)
 
 
-def _eager_forward(module, hidden_states, top_k_index, top_k_weights, kept):
+def _original_forward(module, state, hidden_states, top_k_index, top_k_weights):
+    """The implementation the model ran before the patch (transformers' registry or eager)."""
+    name = state.original if state is not None else "eager"
+    if name in (None, "eager", IMPLEMENTATION_NAME):
+        return _eager_forward(module, hidden_states, top_k_index, top_k_weights)
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    eager = getattr(type(module).forward, "__wrapped__", type(module).forward)
+    return ALL_EXPERTS_FUNCTIONS.get_interface(name, eager)(module, hidden_states, top_k_index, top_k_weights)
+
+
+def _eager_forward(module, hidden_states, top_k_index, top_k_weights):
     """The experts class's own loop (the function transformers' decorator wraps)."""
-    if kept is not None:
-        mask = torch.zeros(module.num_experts, dtype=torch.bool, device=top_k_index.device)
-        mask[kept.long()] = True
-        top_k_weights = top_k_weights * mask[top_k_index.clamp(max=module.num_experts - 1)]
     eager = getattr(type(module).forward, "__wrapped__", type(module).forward)
     return eager(module, hidden_states, top_k_index, top_k_weights)

@@ -16,7 +16,6 @@ How a patch works, without replacing any module (names, state-dict keys, TP plan
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -30,16 +29,47 @@ from .architectures import (
     expert_layout,
     find_moe_blocks,
 )
-from .calls import CallShape, call_shape
+from .calls import CallShape, call_shape, positional_names
 from .config import WHEN_MODES, BudgetConfig, BudgetSpec, LayerBudgets
 from .experts import IMPLEMENTATION_NAME, ExpertsState, moespec_experts_forward, register
+from .. import reference
 from .routing import RouterSpec, budget_router_output
 from .stats import CallStats, LayerStats, RoutingStats
 
-__all__ = ["patch", "expert_budget", "get_handle", "PatchHandle", "MoELayerInfo", "UnsupportedModelError"]
+__all__ = ["patch", "expert_budget", "verification", "get_handle", "PatchHandle", "MoELayerInfo",
+           "UnsupportedModelError"]
 
 # model -> handle; weak so that a patched model can still be garbage-collected.
 _HANDLES: "weakref.WeakKeyDictionary[torch.nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
+# router module -> handle that hooks it: refuses a second patch of the same blocks through a
+# parent or a child module.
+_ROUTERS: "weakref.WeakKeyDictionary[torch.nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
+
+
+class _VerificationScope:
+    """Process-wide depth of `verification` contexts (a plain object: torch.compile reads it)."""
+
+    depth = 0
+
+
+_SCOPE = _VerificationScope()
+
+
+@contextlib.contextmanager
+def verification() -> Iterator[None]:
+    """Mark every forward inside as a verification forward (for ``when="auto"`` patches).
+
+    ``when="auto"`` budgets only verification forwards: those inside this context (whatever
+    their shape), and verification-shaped calls (several new tokens on a non-empty cache) of
+    transformers' assisted and prompt-lookup generation, which a patch marks by itself. A long
+    prompt fed in chunks is never budgeted by its shape alone. `moespec.spec.generate` wraps
+    its verification forwards in this context.
+    """
+    _SCOPE.depth += 1
+    try:
+        yield
+    finally:
+        _SCOPE.depth -= 1
 
 
 class UnsupportedModelError(ValueError):
@@ -74,13 +104,14 @@ class MoELayerInfo:
 
 
 class _OpenCall:
-    """The forward call in progress: its budget settings and its statistics."""
+    """The forward call in progress: its budget settings, padding mask and statistics (None
+    while torch.compile / torch.export trace: traced forwards are not recorded)."""
 
-    __slots__ = ("settings", "stats")
-
-    def __init__(self, settings: Optional[LayerBudgets], stats: CallStats) -> None:
+    def __init__(self, settings: Optional[LayerBudgets], stats: Optional[CallStats],
+                 token_mask: Optional[torch.Tensor]) -> None:
         self.settings = settings
         self.stats = stats
+        self.token_mask = token_mask
 
 
 class _PatchedLayer:
@@ -92,7 +123,8 @@ class _PatchedLayer:
         self.spec = spec
         self.router = getattr(block, spec.router_attr)
         self.experts = block.experts
-        self.state = ExpertsState(expert_layout(self.experts))
+        cfg = getattr(self.experts, "config", None)
+        self.state = ExpertsState(expert_layout(self.experts), getattr(cfg, "_experts_implementation", None) or "eager")
         self._router_hook = None
         self._saved_experts_forward = self.experts.__dict__.get("forward")
         self._experts_forward_overridden = False
@@ -117,39 +149,41 @@ class _PatchedLayer:
         if self._experts_forward_overridden:
             _restore_attr(self.experts, "forward", self._saved_experts_forward)
         self.experts.__dict__.pop("_moespec_state", None)
-        self.state.pending_kept = None
 
     # -- per call
 
     def route(self, logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
-        """Apply this call's budget to the router output; record statistics."""
+        """Apply this call's budget to the router output; record statistics (on the device)."""
         handle = self.handle
         call = handle._call
         settings = call.settings if call is not None else handle._settings_for(None)
         i = self.info.ordinal
-        record = call is not None and handle.stats.enabled
-        if settings is None or not settings.applies(i):
-            self.state.pending_kept = None
-            if record:
-                union = torch.unique(ids)
-                self._record(call, ids.shape[0], int(union.numel()), union, None, False)
+        mask = call.token_mask if call is not None else None
+        if mask is not None and mask.shape[0] != ids.shape[0]:
+            mask = None  # the block routes another token set than the call's (B x new)
+        stats = call.stats if call is not None and handle.stats.enabled else None
+        applies = settings is not None and settings.applies(i)
+        cap = settings.cap(i) if applies else None
+        # A cap of E or more with no coverage can never bind: run exactly as unpatched.
+        if not applies or (settings.coverage is None and cap >= self.info.num_experts):
+            self.state.budgeted = False
+            if stats is not None:
+                union = reference.union_mask(ids, self.info.num_experts, mask)
+                self._record(stats, ids.shape[0] if mask is None else mask.sum(), union.sum(), union, cap, applies)
             return logits, weights, ids
-        cap = settings.cap(i)
+        self.state.budgeted = True
         r = budget_router_output(self.info.router, logits, weights, ids, cap, settings,
-                                 self.spec.correction_bias(self.router))
-        self.state.pending_kept = r.kept_experts if r.budgeted else None
-        if record:
-            self._record(call, ids.shape[0], r.union_size, r.kept_experts, cap, True)
+                                 self.spec.correction_bias(self.router), mask)
+        if stats is not None:
+            self._record(stats, ids.shape[0] if mask is None else mask.sum(), r.union_size, r.kept_mask, cap, True)
         return logits, r.topk_weights, r.topk_ids
 
-    def _record(self, call: _OpenCall, tokens: int, union_size: int, kept: torch.Tensor,
+    def _record(self, stats: CallStats, tokens, union_size, kept_mask: torch.Tensor,
                 cap: Optional[int], budgeted: bool) -> None:
-        kept_ids = tuple(int(e) for e in kept.tolist())
-        # Read the weights' current dtype: the model may have been cast after patching.
-        call.stats.layers.append(LayerStats(
-            layer=self.info.ordinal, tokens=int(tokens), union_size=union_size, kept_size=len(kept_ids),
-            kept_experts=kept_ids, expert_bytes=len(kept_ids) * bytes_per_expert(self.experts),
-            budget=cap, budgeted=budgeted))
+        # Device tensors, read when asked; bytes use the weights' current dtype (the model
+        # may have been cast after patching).
+        stats.layers.append(LayerStats(self.info.ordinal, tokens, union_size, kept_mask.clone(),
+                                       bytes_per_expert(self.experts), budget=cap, budgeted=budgeted))
 
 
 def _router_hook_for(layer: _PatchedLayer):
@@ -196,6 +230,8 @@ class PatchHandle:
         self._overrides: list[LayerBudgets] = []
         self._call: Optional[_OpenCall] = None
         self._depth = 0
+        self._assisted = 0  # depth of transformers' assisted / prompt-lookup generation
+        self._assisted_class: Optional[type] = None
         self._hooks: list = []
         self._saved_impl: list[tuple[object, object]] = []
         self._active = False
@@ -249,14 +285,19 @@ class PatchHandle:
         self._hooks.clear()
         for p in self._patched:
             p.remove()
+            if _ROUTERS.get(p.router) is self:
+                del _ROUTERS[p.router]
         model = self.model
         if model is not None:
             _restore_experts_implementation(model, self._saved_impl)
             if _HANDLES.get(model) is self:
                 del _HANDLES[model]
+        _unwrap_assisted_decoding(self._assisted_class)
+        self._assisted_class = None
         self._saved_impl = []
         self._call = None
         self._depth = 0
+        self._assisted = 0
         self._active = False
 
     def __enter__(self) -> "PatchHandle":
@@ -279,7 +320,9 @@ class PatchHandle:
             return self._overrides[-1]
         if not self.default.active:
             return None
-        if self.when == "always" or (shape is not None and shape.is_verification):
+        if self.when == "always" or _SCOPE.depth > 0:
+            return self.default
+        if self._assisted > 0 and shape is not None and shape.is_verification:
             return self.default
         return None
 
@@ -288,30 +331,32 @@ class PatchHandle:
         use_registry = _switch_experts_implementation(model, [p.experts for p in self._patched], self._saved_impl)
         for p in self._patched:
             p.install(use_registry)
+            _ROUTERS[p.router] = self
         for module in _entry_modules(model, [p.info.name for p in self._patched]):
-            try:
-                sig = inspect.signature(module.forward)
-            except (TypeError, ValueError):
-                sig = None
-            self._hooks.append(module.register_forward_pre_hook(self._make_pre_hook(sig, module), with_kwargs=True))
+            names = positional_names(module.forward)
+            self._hooks.append(module.register_forward_pre_hook(self._make_pre_hook(names, module), with_kwargs=True))
             self._hooks.append(module.register_forward_hook(self._make_post_hook(module), with_kwargs=True,
                                                             always_call=True))
+        self._assisted_class = _wrap_assisted_decoding(type(model))
         self._active = True
 
-    def _make_pre_hook(self, sig, target: torch.nn.Module):
+    def _make_pre_hook(self, names: tuple, target: torch.nn.Module):
         def pre_hook(module, args, kwargs):
             if module is not target:  # carried along by a deep copy of the model
                 return None
             self._depth += 1
             if self._depth == 1:
                 try:
-                    shape = call_shape(sig, args, kwargs)
+                    shape = call_shape(names, args, kwargs)
                 except Exception:  # an input layout we cannot read: treat as not verification
                     shape = CallShape(0, 0, 0)
                 settings = self._settings_for(shape)
                 budgeted = settings is not None and settings.active
-                self._call = _OpenCall(settings, CallStats(tokens=shape.tokens, budgeted=budgeted,
-                                                           past_length=shape.past_length))
+                stats = None
+                if not torch.compiler.is_compiling():
+                    tokens = shape.tokens if shape.token_mask is None else shape.token_mask.sum()
+                    stats = CallStats(tokens=tokens, budgeted=budgeted, past_length=shape.past_length)
+                self._call = _OpenCall(settings, stats, shape.token_mask)
             return None
 
         return pre_hook
@@ -323,11 +368,58 @@ class PatchHandle:
             self._depth = max(self._depth - 1, 0)
             if self._depth == 0 and self._call is not None:
                 call, self._call = self._call, None
-                if self.stats.enabled and call.stats.layers:
+                if self.stats.enabled and call.stats is not None and call.stats.layers:
                     self.stats.calls.append(call.stats)
             return None
 
         return post_hook
+
+
+# transformers' candidate-verification loop (assisted and prompt-lookup generation). generate()
+# looks it up on the class, so the model class gets a pass-through wrapper while at least one
+# of its instances is patched: calls of a patched instance are marked as verification scope.
+_ASSISTED_METHOD = "_assisted_decoding"
+_ASSISTED_WRAPPED: dict = {}  # class -> [wrapper, number of live patches, the class's own attribute]
+
+
+def _wrap_assisted_decoding(cls: type) -> Optional[type]:
+    entry = _ASSISTED_WRAPPED.get(cls)
+    if entry is not None:
+        entry[1] += 1
+        return cls
+    original = getattr(cls, _ASSISTED_METHOD, None)
+    if not callable(original):
+        return None
+
+    def _assisted_decoding(self, *args, **kwargs):
+        handle = get_handle(self)
+        if handle is None:
+            return original(self, *args, **kwargs)
+        handle._assisted += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            handle._assisted -= 1
+
+    _assisted_decoding.__wrapped__ = original
+    _assisted_decoding.__doc__ = original.__doc__
+    _ASSISTED_WRAPPED[cls] = [_assisted_decoding, 1, cls.__dict__.get(_ASSISTED_METHOD)]
+    setattr(cls, _ASSISTED_METHOD, _assisted_decoding)
+    return cls
+
+
+def _unwrap_assisted_decoding(cls: Optional[type]) -> None:
+    entry = _ASSISTED_WRAPPED.get(cls) if cls is not None else None
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _ASSISTED_WRAPPED[cls]
+        if cls.__dict__.get(_ASSISTED_METHOD) is entry[0]:
+            if entry[2] is not None:
+                setattr(cls, _ASSISTED_METHOD, entry[2])
+            else:
+                delattr(cls, _ASSISTED_METHOD)
 
 
 def _check_when(when: str) -> str:
@@ -448,6 +540,17 @@ def patch(
     blocks = find_moe_blocks(model)
     if not blocks:
         raise UnsupportedModelError(describe_unsupported(model))
+    for name, block, spec in blocks:
+        other = _ROUTERS.get(getattr(block, spec.router_attr))
+        if other is not None and other.patched:
+            owner = other.model
+            what = type(owner).__name__ if owner is not None else "another module"
+            relation = ("a submodule of this model" if owner is not None and any(m is owner for m in model.modules())
+                        else "a module that contains this one")
+            raise RuntimeError(
+                f"moespec.patch: the MoE block {name or type(block).__name__!r} is already patched through "
+                f"{what} ({relation}); unpatch that handle first (moespec.integrations.get_handle(...).unpatch()) "
+                "instead of stacking two patches on the same routers")
     handle = PatchHandle(model, blocks, BudgetConfig(budget, policy, score, coverage, min_budget), when)
     handle._install(model)
     _HANDLES[model] = handle

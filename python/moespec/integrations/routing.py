@@ -2,8 +2,9 @@
 
 Torch only; `architectures` says which rule a given transformers router follows. Every rule
 takes the router's own unbudgeted output ``(logits, weights, ids)`` and returns a
-`BudgetedRouting`: when nothing is dropped it returns that output unchanged (bitwise), so a
-budget is a cap and never a perturbation.
+`RoutingMasks` of fixed shapes, without host synchronisation (the drop-in compiles and exports):
+when nothing is dropped it returns that output unchanged (bitwise), so a budget is a cap and
+never a perturbation.
 
 Rules:
 - ``softmax_topk`` (Mixtral, Qwen2/3-MoE, OLMoE): `moespec.ops.budget_routing`.
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 
 from .. import ops, reference
-from ..types import BudgetedRouting
+from ..types import RoutingMasks
 from .config import LayerBudgets
 
 __all__ = ["RouterSpec", "ROUTER_KINDS", "budget_router_output"]
@@ -65,8 +66,9 @@ def budget_router_output(
     cap: Optional[int],
     settings: LayerBudgets,
     correction_bias: Optional[torch.Tensor] = None,
-) -> BudgetedRouting:
-    """Apply one layer's budget to one call's router output.
+    token_mask: Optional[torch.Tensor] = None,
+) -> RoutingMasks:
+    """Apply one layer's budget to one call's router output (fixed shapes, no host sync).
 
     Args:
         spec: the router's rule.
@@ -75,35 +77,43 @@ def budget_router_output(
         cap: this layer's cap (None: coverage only).
         settings: policy, score mode, coverage, min_budget.
         correction_bias: ``[E]`` DeepSeek-V3's ``e_score_correction_bias``.
+        token_mask: ``[T]`` bool, False for padding tokens: they count neither towards the
+            union nor the scores, and get zero weights.
 
     Returns:
-        `BudgetedRouting` whose weights have the dtype of ``weights``; the input ids and
-        weights themselves when the union fits the effective budget.
+        `RoutingMasks` whose weights have the dtype of ``weights``: the model's own ids and
+        weights (bitwise) where the union fits the effective budget; dropped pairs (truncate)
+        have weight 0, so the experts need no kept set to skip them.
     """
-    if spec.kind == "softmax_topk":
-        r = ops.budget_routing(logits, spec.top_k, cap, settings.policy, spec.renormalize, settings.score,
-                               settings.coverage, settings.min_budget)
-        if not r.budgeted:
-            return BudgetedRouting(ids, weights, r.kept_experts, r.union_size, False)
-        return BudgetedRouting(r.topk_ids, r.topk_weights.to(weights.dtype), r.kept_experts, r.union_size, True)
-
-    union = torch.unique(ids)
-    U = int(union.numel())
-    if settings.score == "topk":
-        scores = reference.score_experts(None, "topk", ids, weights, num_experts=spec.num_experts)
-    elif spec.kind == "sigmoid_group_topk":
-        scores = _sigmoid_selection_share(logits, correction_bias).sum(dim=0)
-    else:
-        scores = ops.score_experts(logits, "prob")
+    E = spec.num_experts
     min_budget = spec.top_k if settings.min_budget is None else settings.min_budget
-    kept = reference.select_experts(scores, union, cap, settings.coverage, min_budget)
-    if kept.numel() >= U:
-        return BudgetedRouting(ids, weights, union.to(torch.int32), U, False)
-    if spec.kind == "sigmoid_group_topk":
-        new_ids, new_w = _reroute_sigmoid_group(spec, logits, ids, kept, settings.policy, correction_bias)
+    if spec.kind == "softmax_topk":
+        r = ops.budget_routing_masked(logits, spec.top_k, cap, settings.policy, spec.renormalize, settings.score,
+                                      settings.coverage, settings.min_budget, token_mask=token_mask)
+        new_ids, new_w, kept, union, budgeted = r
     else:
-        new_ids, new_w = _reroute_topk_logits(spec, logits, ids, kept, settings.policy)
-    return BudgetedRouting(new_ids, new_w.to(weights.dtype), kept, U, True)
+        umask = reference.union_mask(ids, E, token_mask)
+        union = umask.sum()
+        rows = None if token_mask is None else token_mask.reshape(-1, 1)
+        if settings.score == "topk":
+            w = weights if rows is None else weights * rows
+            scores = reference.score_experts(None, "topk", ids, w, num_experts=E)
+        else:
+            share = (_sigmoid_selection_share(logits, correction_bias) if spec.kind == "sigmoid_group_topk"
+                     else torch.softmax(logits.float(), dim=-1))
+            scores = (share if rows is None else share * rows).sum(dim=0)
+        kept, kept_count = reference.select_kept_mask(scores, umask, cap, settings.coverage, min_budget)
+        budgeted = kept_count < union
+        if spec.kind == "sigmoid_group_topk":
+            new_ids, new_w = _reroute_sigmoid_group(spec, logits, ids, kept, settings.policy, correction_bias)
+        else:
+            new_ids, new_w = _reroute_topk_logits(spec, logits, ids, kept, settings.policy)
+        kept = torch.where(budgeted, kept, umask)
+    out_ids = torch.where(budgeted, new_ids, ids)
+    out_w = torch.where(budgeted, new_w.to(weights.dtype), weights)
+    if token_mask is not None:
+        out_w = torch.where(token_mask.reshape(-1, 1), out_w, torch.zeros_like(out_w))
+    return RoutingMasks(out_ids, out_w, kept, union, budgeted)
 
 
 # ----------------------------------------------------------------------------- DeepSeek-V3
@@ -131,7 +141,7 @@ def _reroute_sigmoid_group(
     spec: RouterSpec,
     logits: torch.Tensor,
     ids: torch.Tensor,
-    kept: torch.Tensor,
+    kept_mask: torch.Tensor,
     policy: str,
     bias: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +155,6 @@ def _reroute_sigmoid_group(
     probs, choice = _selection_scores(logits, bias)
     T, E = probs.shape
     k = spec.top_k
-    kept_mask = torch.zeros(E, dtype=torch.bool, device=probs.device)
-    kept_mask[kept.long()] = True
     if policy == "substitute":
         masked = choice.masked_fill(~kept_mask, float("-inf"))
         per_group = E // spec.n_group
@@ -165,7 +173,7 @@ def _reroute_sigmoid_group(
         new_ids = by_score.gather(1, by_tier)[:, :k]
         w = probs.gather(1, new_ids)
     elif policy == "truncate":
-        new_ids, alive = reference.reroute(choice, ids, kept, "truncate")
+        new_ids, alive = reference.reroute(choice, ids, kept_mask, "truncate")
         w = probs.gather(1, new_ids) * alive
     else:
         raise ValueError(f"unknown policy {policy!r}")

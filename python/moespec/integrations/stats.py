@@ -1,24 +1,33 @@
 """Routing statistics recorded by a patched model, per MoE layer and per forward call.
 
 Plain data (no transformers); the speculative engine and the benchmarks read them, and
-``to_dict()`` gives JSON-serialisable records.
+``to_dict()`` gives JSON-serialisable records. Values computed on the device stay there until
+read, so recording never synchronises a patched forward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
 
 __all__ = ["LayerStats", "CallStats", "RoutingStats"]
 
 
-@dataclass
+def _as_int(v) -> int:
+    return int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+
+
 class LayerStats:
     """What one MoE layer did in one forward call.
 
+    A patched forward records device tensors and never synchronises; each value is read back
+    (and cached) the first time it is asked for.
+
     Attributes:
         layer: MoE layer ordinal (0-based, counting MoE layers only).
-        tokens: tokens routed by the layer in this call (batch x new tokens).
-        union_size: distinct experts in the tokens' unbudgeted top-k routing.
+        tokens: tokens routed by the layer in this call (batch x new tokens, padding excluded
+            when the call had a 2-D attention mask).
+        union_size: distinct experts in the (real) tokens' unbudgeted top-k routing.
         kept_size: experts whose weights were read (``union_size`` when nothing was dropped).
         kept_experts: sorted ids of those experts.
         expert_bytes: ``kept_size`` x bytes of one routed expert's weights (and biases) in their
@@ -28,14 +37,43 @@ class LayerStats:
         budgeted: the budget (or coverage) was applied to this layer in this call.
     """
 
-    layer: int
-    tokens: int
-    union_size: int
-    kept_size: int
-    kept_experts: tuple[int, ...]
-    expert_bytes: int
-    budget: Optional[int] = None
-    budgeted: bool = False
+    def __init__(self, layer: int, tokens, union_size, kept_experts, bytes_per_expert: int,
+                 budget: Optional[int] = None, budgeted: bool = False) -> None:
+        """``tokens`` and ``union_size``: ints or 0-d tensors; ``kept_experts``: ids or an ``[E]`` bool mask."""
+        self.layer = layer
+        self.budget = budget
+        self.budgeted = budgeted
+        self.bytes_per_expert = int(bytes_per_expert)
+        self._tokens = tokens
+        self._union_size = union_size
+        self._kept = kept_experts
+
+    @property
+    def tokens(self) -> int:
+        self._tokens = _as_int(self._tokens)
+        return self._tokens
+
+    @property
+    def union_size(self) -> int:
+        self._union_size = _as_int(self._union_size)
+        return self._union_size
+
+    @property
+    def kept_experts(self) -> tuple[int, ...]:
+        kept = self._kept
+        if isinstance(kept, torch.Tensor):
+            ids = kept.nonzero().reshape(-1) if kept.dtype == torch.bool else kept
+            kept = tuple(int(e) for e in ids.tolist())
+            self._kept = kept
+        return tuple(kept)
+
+    @property
+    def kept_size(self) -> int:
+        return len(self.kept_experts)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.kept_size * self.bytes_per_expert
 
     @property
     def dropped(self) -> int:
@@ -55,22 +93,36 @@ class LayerStats:
             "budgeted": self.budgeted,
         }
 
+    def __repr__(self) -> str:
+        return (f"LayerStats(layer={self.layer}, tokens={self.tokens}, union_size={self.union_size}, "
+                f"kept_size={self.kept_size}, budget={self.budget}, budgeted={self.budgeted})")
 
-@dataclass
+
 class CallStats:
     """One top-level model forward that reached at least one MoE layer.
 
     Attributes:
         layers: one `LayerStats` per MoE layer reached, in execution order.
-        tokens: tokens in the call (batch x new tokens).
+        tokens: tokens in the call (batch x new tokens, padding excluded when the call had a
+            2-D attention mask; read from the device when first asked for).
         budgeted: a budget (or coverage) applied to this call.
         past_length: KV-cache length before the call (0 for prefill or no cache).
     """
 
-    layers: list[LayerStats] = field(default_factory=list)
-    tokens: int = 0
-    budgeted: bool = False
-    past_length: int = 0
+    def __init__(self, layers: Optional[list] = None, tokens=0, budgeted: bool = False, past_length: int = 0) -> None:
+        self.layers: list[LayerStats] = [] if layers is None else layers
+        self._tokens = tokens
+        self.budgeted = budgeted
+        self.past_length = past_length
+
+    @property
+    def tokens(self) -> int:
+        self._tokens = _as_int(self._tokens)
+        return self._tokens
+
+    def __repr__(self) -> str:
+        return (f"CallStats(tokens={self.tokens}, budgeted={self.budgeted}, past_length={self.past_length}, "
+                f"layers={len(self.layers)})")
 
     @property
     def expert_bytes(self) -> int:
@@ -101,8 +153,9 @@ class CallStats:
 class RoutingStats:
     """Per-call routing statistics of a patched model.
 
-    ``enabled`` (default True) can be turned off to skip the bookkeeping, which needs one
-    host-device synchronisation per layer on GPU to count the union.
+    ``enabled`` (default True) can be turned off to skip the bookkeeping (a few small device
+    ops per layer; nothing is read back until a value is asked for). Forwards traced by
+    torch.compile / torch.export are not recorded.
     """
 
     def __init__(self) -> None:

@@ -4,6 +4,7 @@ Contract assumed (integration side):
     moespec.integrations.patch(model, budget=None, policy=..., when=...) -> PatchHandle
     moespec.integrations.get_handle(model) -> PatchHandle | None
     moespec.integrations.expert_budget(model, budget, policy=...)  # context manager
+    moespec.integrations.verification()  # marks verification forwards for "auto" patches
     PatchHandle.unpatch(); PatchHandle.stats.calls -> list[CallStats]
     CallStats.layers[i]: .layer .tokens .union_size .kept_size .kept_experts .expert_bytes .budget
 """
@@ -20,7 +21,7 @@ def _integrations():
         from moespec import integrations
     except Exception:  # not built yet, or transformers missing
         return None
-    needed = ("patch", "get_handle", "expert_budget")
+    needed = ("patch", "get_handle", "expert_budget", "verification")
     return integrations if all(hasattr(integrations, n) for n in needed) else None
 
 
@@ -106,7 +107,8 @@ class BudgetSession:
         elif not verification:
             ctx = self._integ.expert_budget(self.model, None)
         else:
-            ctx = contextlib.nullcontext()
+            # The patch's own settings; in "auto" mode they apply inside a verification scope.
+            ctx = self._integ.verification()
         with ctx:
             yield info
         calls = self.handle.stats.calls[start:]
