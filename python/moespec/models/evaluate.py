@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..integrations.hf_compat import forward_kwargs
 from . import corpus, load_draft, load_target, load_tokenizer, training_report
 from .routing_stats import routing_skew
 
@@ -93,11 +94,11 @@ def chunked_perplexity(target, ids: torch.Tensor, chunk: int, budget, policy: st
         x = ids[w * seq_len:(w + 1) * seq_len + 1].unsqueeze(0)
         cache = DynamicCache(config=target.config)
         with moespec.expert_budget(target, None):
-            out = target(input_ids=x[:, :prefix], past_key_values=cache, use_cache=True)
+            out = target(input_ids=x[:, :prefix], **forward_kwargs(target, cache, use_cache=True))
         logits = [out.logits[:, -1:]]
         for s in range(prefix, seq_len, chunk):
             with moespec.expert_budget(target, budget, policy=policy):
-                out = target(input_ids=x[:, s:min(s + chunk, seq_len)], past_key_values=cache, use_cache=True)
+                out = target(input_ids=x[:, s:min(s + chunk, seq_len)], **forward_kwargs(target, cache, use_cache=True))
             logits.append(out.logits)
         lg = torch.cat(logits, dim=1)[0, :-1].float()  # predictions for tokens prefix .. seq_len-1
         tgt = x[0, prefix:seq_len]

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..integrations.hf_compat import forward_kwargs
 from .tree import DraftConfig, DraftTree
 from .verify import cache_length, check_cache_supported, compact_cache, crop_cache, tree_forward
 
@@ -168,8 +169,7 @@ class DraftModelDrafter:
             input_ids=ids,
             attention_mask=mask.view(1, 1, q, past + q).to(device),
             position_ids=torch.tensor(pos, dtype=torch.long, device=device).view(1, -1),
-            past_key_values=self.cache,
-            use_cache=True,
+            **forward_kwargs(self.model, self.cache, use_cache=True),
         )
         for r, f in enumerate(frontier):
             self._fed_rows[f] = past + r

@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..integrations.hf_compat import forward_kwargs
 from .budget import BudgetSession, num_experts
 from .cascade import CascadeController, make_controller
 from .drafters import DraftModelDrafter, Drafter, PromptLookupDrafter
@@ -153,7 +154,7 @@ def generate(
         _sync(device)
         t0 = clock()
         with session.forward(None, verification=False) as pinfo:
-            out = model(input_ids=prompt.to(device), past_key_values=cache, use_cache=True)
+            out = model(input_ids=prompt.to(device), **forward_kwargs(model, cache, use_cache=True))
         check_cache_supported(cache)
         first = pick(out.logits[0, -1])
         _sync(device)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..integrations.hf_compat import forward_kwargs
 from .tree import DraftTree
 
 __all__ = [
@@ -97,11 +98,12 @@ def tree_forward(model, cache, tree: DraftTree, root: int | None) -> torch.Tenso
     ids = tree.input_ids(root, device=device)
     if tree.is_chain():
         # A chain (or plain decode) is exactly the default causal case: skip building a mask.
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **forward_kwargs(model, cache, use_cache=True))
     else:
         mask = tree.attention_mask(past, _model_dtype(model), device=device, include_root=include_root)
         pos = tree.position_ids(past, device=device, include_root=include_root)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                    **forward_kwargs(model, cache, use_cache=True))
     logits = out.logits[0]
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
