@@ -5,6 +5,7 @@ import torch
 from test_spec_support import spec_single_thread  # noqa: F401  (autouse)
 from test_spec_support import DraftConfig, DraftTree, one_thread, tiny_dense, tiny_moe
 
+from moespec.integrations.hf_compat import forward_kwargs
 from moespec.spec.drafters import DraftModelDrafter, PromptLookupDrafter
 from moespec.spec.verify import accept_greedy, cache_length, compact_cache, tree_forward
 
@@ -74,7 +75,7 @@ def test_tree_forward_matches_sequential_paths_and_compaction(attn):
         tol = 1e-9 if attn == "sdpa" else 1e-6  # eager takes its softmax in fp32 even for fp64 models
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            model(input_ids=prompt, **forward_kwargs(model, cache, use_cache=True))
         logits = tree_forward(model, cache, tree, root=root)
         assert cache_length(cache) == 9 + 7
         for leaf in (2, 3, 5):
@@ -90,7 +91,7 @@ def test_tree_forward_matches_sequential_paths_and_compaction(attn):
         assert cache_length(cache) == 13
         nxt = torch.tensor([[3]])
         with torch.no_grad():
-            got = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+            got = model(input_ids=nxt, **forward_kwargs(model, cache, use_cache=True)).logits[0, -1]
             seq = torch.cat([prompt, torch.tensor([[root] + [tree.tokens[i] for i in path] + [3]])], dim=1)
             ref = model(input_ids=seq).logits[0, -1]
         torch.testing.assert_close(got, ref, rtol=0, atol=tol)
