@@ -9,6 +9,9 @@
 #include <string>
 
 #include "moespec/api.h"
+#ifdef MOESPEC_EMU_BUILD
+#include "moespec_emu/selftest.h"
+#endif
 
 namespace py = pybind11;
 
@@ -20,8 +23,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "moespec native extension (torch-free CUDA kernels)";
 #ifdef MOESPEC_WITH_CUDA
   m.attr("cuda_compiled") = true;
+  m.attr("backend") = "cuda";
+#elif defined(MOESPEC_EMU_BUILD)
+  m.attr("cuda_compiled") = false;
+  m.attr("backend") = "emu";  // the kernels run on the CPU emulator (csrc/emu), on CPU tensors
 #else
   m.attr("cuda_compiled") = false;
+  m.attr("backend") = "none";
 #endif
 #ifdef MOESPEC_HAVE_CUTLASS
   m.attr("cutlass") = true;
@@ -44,13 +52,17 @@ PYBIND11_MODULE(_C, m) {
         d["device_count"] = 0;
         d["runtime_version"] = 0;
         d["driver_version"] = 0;
+#ifdef MOESPEC_EMU_BUILD
+        d["error"] = std::string("moespec was built for the CPU emulator (MOESPEC_CUDA=EMU), not for a GPU");
+#else
         d["error"] = std::string("moespec was built without CUDA kernels (MOESPEC_CUDA=OFF or no nvcc)");
+#endif
 #endif
         return d;
       },
       "Number of usable CUDA devices, runtime/driver versions and the error (if any) that hides them.");
 
-#ifdef MOESPEC_WITH_CUDA
+#ifdef MOESPEC_WITH_KERNELS
   // ---- kernels. Python (moespec/kernels.py) fills these argument structs with tensor
   // addresses; launchers return "" or a message, which becomes a RuntimeError here.
   py::class_<moespec::PlanArgs>(m, "PlanArgs")
@@ -95,5 +107,35 @@ PYBIND11_MODULE(_C, m) {
   m.attr("expert_union") = m.attr("routing_plan");
   m.attr("score_experts") = m.attr("routing_plan");
   m.attr("budget_routing") = m.attr("routing_plan");
+#endif
+
+#ifdef MOESPEC_EMU_BUILD
+  // ---- the emulator's own controls and self-tests (tests/test_emu.py)
+  m.def("emu_set_seed", &moespec_emu::set_seed, py::arg("seed"),
+        "Seed the emulator's block and thread order (also MOESPEC_EMU_SEED).");
+  m.def("emu_seed", &moespec_emu::seed);
+  m.def("emu_selftest_names", &moespec_emu::selftest_names);
+  m.def(
+      "emu_selftest",
+      [](const std::string& name) {
+        std::vector<int64_t> out;
+        std::string err = moespec_emu::selftest(name, &out);
+        return py::make_tuple(err, out);
+      },
+      py::arg("name"), "Run an emulator self-test scenario: (error message or '', reported values).");
+  m.def(
+      "emu_selftest_mma",
+      [](bool bf16, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) {
+        std::string err = moespec_emu::selftest_mma(bf16, reinterpret_cast<const uint16_t*>(a),
+                                                    reinterpret_cast<const uint16_t*>(b),
+                                                    reinterpret_cast<const float*>(c), reinterpret_cast<float*>(d));
+        if (!err.empty()) throw std::runtime_error("moespec: " + err);
+      },
+      py::arg("bf16"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"),
+      "One emulated warp-wide mma.m16n8k16 over addresses of a [16,16], b [16,8] (16-bit) and c, d [16,8] fp32.");
+  m.def("emu_to_bf16", &moespec_emu::to_bf16);
+  m.def("emu_to_half", &moespec_emu::to_half);
+  m.def("emu_from_bf16", &moespec_emu::from_bf16);
+  m.def("emu_from_half", &moespec_emu::from_half);
 #endif
 }

@@ -11,16 +11,19 @@ namespace {
 
 using experts::ExpertsParams;
 
-// Opt in to more than 48 KiB of dynamic shared memory, once per kernel and device.
-template <class Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes) {
+// Opt in to more than 48 KiB of dynamic shared memory, once per kernel and device. The driver
+// keeps this attribute per kernel, so the "done" record must be per kernel too: the kernel is a
+// template argument (all GEMM kernels share one function type, so a static keyed by type would
+// let only the first kernel launched opt in).
+template <auto Kernel>
+cudaError_t allow_smem(int bytes) {
   static unsigned done_mask = 0;  // bit d: done on device d (host-side, a benign race at worst)
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   const unsigned bit = dev < 32 ? (1u << dev) : 0u;
   if (bit != 0 && (done_mask & bit)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err == cudaSuccess) done_mask |= bit;
   return err;
 }
@@ -28,20 +31,18 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 template <bool BF16, bool TRANS>
 std::string launch_typed(const ExpertsParams& p, int max_experts, cudaStream_t stream) {
   constexpr int smem = experts::smem_bytes<TRANS>();
-  auto k1 = experts::gemm1_swiglu_kernel<BF16, TRANS>;
-  auto k2 = experts::gemm2_combine_kernel<BF16, TRANS>;
-  cudaError_t err = allow_smem(k1, smem);
-  if (err == cudaSuccess) err = allow_smem(k2, smem);
+  constexpr auto k1 = experts::gemm1_swiglu_kernel<BF16, TRANS>;
+  constexpr auto k2 = experts::gemm2_combine_kernel<BF16, TRANS>;
+  cudaError_t err = allow_smem<k1>(smem);
+  if (err == cudaSuccess) err = allow_smem<k2>(smem);
   if (err != cudaSuccess) return std::string("moe_experts: cannot reserve shared memory: ") + cudaGetErrorString(err);
 
   const dim3 grid1((p.I + experts::kGateUpTile - 1) / experts::kGateUpTile, max_experts, p.ksplit1);
-  k1<<<grid1, experts::kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
+  err = launch_kernel("gemm1_swiglu_kernel", k1, grid1, dim3(experts::kThreads), smem, stream, p);
   if (err != cudaSuccess) return std::string("moe_experts: GEMM1 launch failed: ") + cudaGetErrorString(err);
   if (p.ksplit1 > 1) {
     const dim3 grid_act((p.I + 127) / 128, max_experts);
-    experts::swiglu_kernel<BF16><<<grid_act, 128, 0, stream>>>(p);
-    err = cudaGetLastError();
+    err = launch_kernel("swiglu_kernel", experts::swiglu_kernel<BF16>, grid_act, dim3(128), 0, stream, p);
     if (err != cudaSuccess) return std::string("moe_experts: SwiGLU launch failed: ") + cudaGetErrorString(err);
   }
 
@@ -50,15 +51,14 @@ std::string launch_typed(const ExpertsParams& p, int max_experts, cudaStream_t s
     if (err != cudaSuccess) return std::string("moe_experts: memset failed: ") + cudaGetErrorString(err);
   }
   const dim3 grid2((p.H + experts::kBM - 1) / experts::kBM, max_experts, p.ksplit);
-  k2<<<grid2, experts::kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
+  err = launch_kernel("gemm2_combine_kernel", k2, grid2, dim3(experts::kThreads), smem, stream, p);
   if (err != cudaSuccess) return std::string("moe_experts: GEMM2 launch failed: ") + cudaGetErrorString(err);
 
   const long long total = static_cast<long long>(p.T) * p.H;
   long long blocks = (total + 255) / 256;
   if (blocks > 4096) blocks = 4096;
-  experts::combine_kernel<BF16><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
-  err = cudaGetLastError();
+  err = launch_kernel("combine_kernel", experts::combine_kernel<BF16>, dim3(static_cast<unsigned>(blocks)), dim3(256), 0,
+                      stream, p);
   if (err != cudaSuccess) return std::string("moe_experts: combine launch failed: ") + cudaGetErrorString(err);
   return "";
 }

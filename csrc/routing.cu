@@ -61,8 +61,8 @@ std::string launch_routing_plan(const PlanArgs& a, int64_t stream) {
   p.pair_token = reinterpret_cast<int*>(a.pair_token);
   p.pair_slot = reinterpret_cast<int*>(a.pair_slot);
   p.pair_position = reinterpret_cast<int*>(a.pair_position);
-  routing_plan_kernel<<<1, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_kernel("routing_plan_kernel", routing_plan_kernel, dim3(1), dim3(kThreads), 0,
+                                       reinterpret_cast<cudaStream_t>(stream), p);
   if (err != cudaSuccess) return std::string("routing plan launch failed: ") + cudaGetErrorString(err);
   return "";
 }

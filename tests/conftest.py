@@ -25,6 +25,48 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class KernelDevice:
+    """Where a kernel test runs the compiled kernels: ``name`` "cuda" (a GPU) or "emu" (the CPU
+    emulator of an emulation build); ``device`` is the torch device of its tensors and
+    ``backend`` the `moespec.ops` backend that selects the kernels."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.backend = name
+        self.device = torch.device("cuda" if name == "cuda" else "cpu")
+        self.emulated = name == "emu"
+
+    def __repr__(self) -> str:
+        return f"KernelDevice({self.name})"
+
+
+KERNEL_DEVICES = [pytest.param("cuda", marks=pytest.mark.cuda, id="cuda"),
+                  pytest.param("emu", marks=pytest.mark.emu, id="emu")]
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def kdev(request):
+    """Each kernel test runs once per kernel device: the GPU when one is usable, the CPU emulator
+    when moespec is an emulation build (MOESPEC_CUDA=EMU); otherwise that variant skips.
+
+    On the emulator the block and thread order is seeded afresh for every test (set
+    MOESPEC_EMU_SEED to reproduce a failure; the seed is printed on failure)."""
+    from moespec import _cuda
+
+    if request.param == "cuda":
+        if not _cuda.available():
+            pytest.skip(f"no usable GPU: {_cuda.unavailable_reason()}")
+    elif not _cuda.emu_compiled():
+        pytest.skip(f"not an emulation build (moespec backend: {_cuda.backend()}; install with MOESPEC_CUDA=EMU)")
+    else:
+        env = os.environ.get("MOESPEC_EMU_SEED")
+        seed = int(env, 0) if env else int.from_bytes(os.urandom(4), "little")
+        _cuda._C.emu_set_seed(seed)
+        request.node.user_properties.append(("emu_seed", seed))
+        print(f"emu seed: MOESPEC_EMU_SEED={seed}")
+    return KernelDevice(request.param)
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the test id plus a per-run salt, so inputs are fresh every run

@@ -26,6 +26,19 @@ def cuda_compiled() -> bool:
     return bool(_C is not None and _C.cuda_compiled)
 
 
+def backend() -> str:
+    """Which kernels the extension holds: ``"cuda"`` (GPU), ``"emu"`` (the same kernel sources built
+    for the CPU emulator, MOESPEC_CUDA=EMU), ``"none"`` (reference only) or ``"missing"`` (no extension)."""
+    if _C is None:
+        return "missing"
+    return str(getattr(_C, "backend", "cuda" if _C.cuda_compiled else "none"))
+
+
+def emu_compiled() -> bool:
+    """True when the extension is an emulation build: `moespec.kernels` runs on CPU tensors."""
+    return backend() == "emu"
+
+
 def compiled_archs() -> list[str]:
     """Architectures the kernels were compiled for, e.g. ``["80", "90a"]``."""
     if _C is None or not _C.cuda_archs:
@@ -73,5 +86,17 @@ def require(op: str = "this op") -> None:
 
 
 def has_kernel(name: str) -> bool:
-    """True when the extension exports the launcher ``name`` (kernels land op by op)."""
+    """True when the extension exports the CUDA launcher ``name`` (kernels land op by op)."""
     return _C is not None and bool(_C.cuda_compiled) and hasattr(_C, name)
+
+
+def has_emu_kernel(name: str) -> bool:
+    """True when an emulation build exports the launcher ``name``."""
+    return emu_compiled() and hasattr(_C, name)
+
+
+def require_emu(op: str = "this op") -> None:
+    """Raise a `RuntimeError` unless the kernels can run on the CPU emulator here."""
+    if not emu_compiled():
+        raise RuntimeError(f"moespec: cannot run {op} on the emulator: this moespec was built with backend "
+                           f"'{backend()}'; reinstall with MOESPEC_CUDA=EMU to run the kernels on CPU tensors")

@@ -30,6 +30,10 @@ def debug_checks() -> bool:
 
 
 def _use_cuda(backend: str, t: torch.Tensor, kernel: str) -> bool:
+    """True when the compiled kernels run this op: CUDA tensors with a CUDA build, or CPU tensors
+    with ``backend="emu"`` in an emulation build (ops.py validated the choice)."""
+    if backend == "emu":
+        return t.device.type == "cpu" and _cuda.has_emu_kernel(kernel)
     if backend == "reference" or not t.is_cuda:
         return False
     return _cuda.has_kernel(kernel)

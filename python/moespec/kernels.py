@@ -12,12 +12,17 @@ For CUDA graphs and the lowest overhead use the planned API instead, which never
 - `moe_experts_planned` runs the budgeted grouped SwiGLU experts over a plan;
 - `budgeted_moe_planned` does both for a whole layer (4 launches).
 
+In an emulation build (``MOESPEC_CUDA=EMU``, `moespec._cuda.backend` == "emu") every function here
+takes CPU tensors instead and runs the same kernel sources on the CPU emulator (csrc/emu): slow,
+meant for testing the kernels without a GPU.
+
 Fallbacks (explicit, never silent about semantics): fp32 activations, more than
 ``_C.plan_max_experts`` experts or ``_C.plan_max_topk`` slots, H or I not a multiple of 8, or
 tensors not 16-byte aligned run `moespec.reference` instead of the kernels.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,9 +59,18 @@ META_UNION, META_KEPT, META_BUDGETED, META_ACTIVE, META_PAIRS = 0, 1, 2, 3, 4
 _META_SIZE = 8
 
 
-def _ext():
-    _cuda.require("the moespec CUDA kernels")
+def _ext(device: torch.device):
+    """The extension, after checking that its kernels can run on ``device``'s tensors."""
+    if device.type == "cpu":
+        _cuda.require_emu("the moespec kernels on CPU tensors")
+    else:
+        _cuda.require("the moespec CUDA kernels")
     return _cuda._C
+
+
+def _on(device: torch.device):
+    """Make ``device`` current for a launch (nothing to do for the emulator)."""
+    return contextlib.nullcontext() if device.type == "cpu" else torch.cuda.device(device)
 
 
 def _plan_limits() -> tuple[int, int]:
@@ -73,6 +87,8 @@ def plan_supported(num_experts: int, top_k: int) -> bool:
 
 
 def _stream(device: torch.device) -> int:
+    if device.type == "cpu":
+        return 0  # the emulator runs launches synchronously, in order
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
@@ -141,7 +157,7 @@ class RoutingPlan:
 
 
 def _plan_args(plan: RoutingPlan):
-    a = _ext().PlanArgs()
+    a = _ext(plan.ids.device).PlanArgs()
     a.T, a.E, a.k = plan.T, plan.E, plan.k
     a.ids, a.weights = plan.ids.data_ptr(), plan.weights.data_ptr()
     a.row_max, a.row_sum = plan.row_max.data_ptr(), plan.row_sum.data_ptr()
@@ -218,8 +234,8 @@ def plan_routing(
     if budget is not None:
         bound = min(bound, max(int(budget), a.min_budget))
     plan.max_active = max(1, bound)
-    with torch.cuda.device(z.device):
-        _ext().routing_plan(a, _stream(z.device))
+    with _on(z.device):
+        _ext(z.device).routing_plan(a, _stream(z.device))
     return plan
 
 
@@ -266,8 +282,8 @@ def plan_from_routing(
     a.route = 0
     a.csr_mode = _CSR_ALL if all_pairs else _CSR_ACTIVE
     plan.max_active = max(1, bound)
-    with torch.cuda.device(ids.device):
-        _ext().routing_plan(a, _stream(ids.device))
+    with _on(ids.device):
+        _ext(ids.device).routing_plan(a, _stream(ids.device))
     return plan
 
 
@@ -289,17 +305,20 @@ def experts_fallback_reason(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: to
     return None
 
 
-_SM_COUNT: dict = {}
+# Split-K is chosen for a nominal GPU of this many SMs (H100/H200), not the one present: the
+# summation order, and so the bits of a deterministic result, must not depend on the SM count.
+_NOMINAL_SMS = 132
 
 
-def _k_splits(row_tiles: int, K: int, max_experts: int, device: torch.device) -> int:
-    """K splits so that few kept experts still give about 2 CTAs per SM, each split keeping at
-    least 4 pipeline stages of 64 (the kernels stream each expert's weights exactly once either way)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    ctas = row_tiles * max_experts
-    want = -(-2 * _SM_COUNT[idx] // ctas)
+def _k_splits(row_tiles: int, K: int, experts: int) -> int:
+    """K splits so that few experts still give about 2 CTAs per (nominal) SM, each split keeping
+    at least 4 pipeline stages of 64 (the kernels stream each expert's weights exactly once either way).
+
+    ``experts`` is ``min(E, T * k)``, a function of the shapes only, never of the budget or the
+    plan API used, so that every API gives the same split and the same bits for the same routing.
+    """
+    ctas = row_tiles * max(1, experts)
+    want = -(-2 * _NOMINAL_SMS // ctas)
     return max(1, min(want, (-(-K // 64)) // 4))
 
 
@@ -333,17 +352,24 @@ def moe_experts_planned(
     E, _, I = layout.dims(w_gate_up, w_down)
     k = plan.k
     dev = x.device
+    if plan.T != T or plan.ids.device != dev:
+        raise ValueError(f"the plan is for T={plan.T} on {plan.ids.device}, x is [{T}, {H}] on {dev}")
     if out is None:
         out = torch.empty(T, H, dtype=x.dtype, device=dev)
+    elif out.shape != (T, H) or out.dtype != x.dtype or out.device != dev:
+        raise ValueError(f"out must be [{T}, {H}] {x.dtype} on {dev}, got {list(out.shape)} {out.dtype} on {out.device}")
+    elif not out.is_contiguous():
+        raise ValueError("out must be contiguous (the kernels write rows of H elements back to back)")
     max_experts = max(1, min(plan.max_active, E))
-    ksplit = _k_splits(-(-H // 128), I, max_experts, dev)  # GEMM2: 128 rows of H per CTA, K = I
-    ksplit1 = _k_splits(-(-I // 64), H, max_experts, dev)  # GEMM1: 64 columns of I per CTA, K = H
+    shape_experts = min(E, T * k)
+    ksplit = _k_splits(-(-H // 128), I, shape_experts)  # GEMM2: 128 rows of H per CTA, K = I
+    ksplit1 = _k_splits(-(-I // 64), H, shape_experts)  # GEMM1: 64 columns of I per CTA, K = H
     hbuf = torch.empty(max(T * k, 1), I, dtype=x.dtype, device=dev)
     ybuf = torch.empty((ksplit * T * k if deterministic else T), H, dtype=torch.float32, device=dev)
     gubuf = torch.empty(ksplit1 * T * k, I, 2, dtype=torch.float32, device=dev) if ksplit1 > 1 else None
     bgu = None if b_gate_up is None else b_gate_up.float().contiguous()
     bdn = None if b_down is None else b_down.float().contiguous()
-    a = _ext().ExpertsArgs()
+    a = _ext(dev).ExpertsArgs()
     a.dtype = _FLOAT_CODE[x.dtype]
     a.transposed = int(bool(layout.transposed))
     a.x, a.x_stride = x.data_ptr(), x.stride(0)
@@ -362,8 +388,8 @@ def moe_experts_planned(
     a.ksplit = ksplit
     a.ksplit1 = ksplit1
     a.gubuf = 0 if gubuf is None else gubuf.data_ptr()
-    with torch.cuda.device(dev):
-        _ext().moe_experts(a, _stream(dev))
+    with _on(dev):
+        _ext(dev).moe_experts(a, _stream(dev))
     return out
 
 
@@ -433,8 +459,8 @@ def score_experts(router_logits: torch.Tensor, mode: str, topk_ids: Optional[tor
         a.in_ids, a.in_ids_type = ids.data_ptr(), _ID_CODE[ids.dtype]
         a.in_weights, a.in_weights_dtype = w.data_ptr(), _FLOAT_CODE[w.dtype]
     a.score_mode = _SCORE_CODE[mode]
-    with torch.cuda.device(router_logits.device):
-        _ext().routing_plan(a, _stream(router_logits.device))
+    with _on(router_logits.device):
+        _ext(router_logits.device).routing_plan(a, _stream(router_logits.device))
     return plan.scores
 
 

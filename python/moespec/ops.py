@@ -6,7 +6,9 @@ in ``moespec._C`` where a kernel for the op exists; everything else runs ``moesp
 which defines the semantics.
 
 ``backend`` selects the implementation: ``"auto"`` (the default, as above), ``"reference"``
-(always the PyTorch reference), or ``"cuda"`` (the kernels or a `RuntimeError` saying why not).
+(always the PyTorch reference), ``"cuda"`` (the kernels or a `RuntimeError` saying why not), or
+``"emu"``: the same kernels on CPU tensors through the CPU emulator, in an emulation build
+(``MOESPEC_CUDA=EMU``; slow, for testing kernels without a GPU; never chosen by ``"auto"``).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ __all__ = [
 
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ID_DTYPES = (torch.int32, torch.int64)
-_BACKENDS = ("auto", "reference", "cuda")
+_BACKENDS = ("auto", "reference", "cuda", "emu")
 # The compiled launcher behind each op (the routing ops share one plan kernel).
 _LAUNCHER = {"expert_union": "routing_plan", "score_experts": "routing_plan", "budget_routing": "routing_plan",
              "moe_experts": "moe_experts"}
@@ -157,6 +159,13 @@ def _resolve_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> 
     if backend == "reference":
         return False
     launcher = _LAUNCHER[kernel]
+    if backend == "emu":
+        _cuda.require_emu(kernel)
+        if device_tensor.device.type != "cpu":
+            raise ValueError(f"backend='emu' needs CPU tensors, got tensors on {device_tensor.device}")
+        if not _cuda.has_emu_kernel(launcher):
+            raise RuntimeError(f"moespec: this emulation build has no kernel for {kernel}")
+        return True
     if backend == "cuda":
         _cuda.require(kernel)
         if not device_tensor.is_cuda:
@@ -171,7 +180,7 @@ def _check_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> No
     """Validate ``backend`` for an op that resolves it at run time (inside a custom op)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "cuda" and not _tracing():
+    if backend in ("cuda", "emu") and not _tracing():
         _resolve_backend(backend, device_tensor, kernel)
 
 

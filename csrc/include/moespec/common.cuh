@@ -1,4 +1,9 @@
 // Small torch-free device helpers shared by the routing and expert kernels.
+//
+// The same device code builds for the GPU (nvcc) and for the CPU emulator (MOESPEC_CUDA=EMU, the
+// host compiler with csrc/emu/include first on the include path, which defines MOESPEC_EMU). The
+// two builds differ only inside the wrapper functions marked "emulation seam": kernel launches,
+// dynamic shared memory here and the PTX wrappers (cp.async, mma.sync) in experts.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -6,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace moespec {
 
@@ -43,6 +49,30 @@ __device__ __forceinline__ float bits_to_float(uint16_t b) {
   } else {
     return __half2float(__ushort_as_half(b));
   }
+}
+
+// Emulation seam: the block's dynamic shared memory.
+template <class T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef MOESPEC_EMU
+  return static_cast<T*>(moespec_emu::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char moespec_dynamic_smem[];
+  return reinterpret_cast<T*>(moespec_dynamic_smem);
+#endif
+}
+
+// Emulation seam: launch `kernel` (for error messages: `name`) and return the launch error.
+template <class... Params, class... Args>
+inline cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, Args&&... args) {
+#ifdef MOESPEC_EMU
+  return moespec_emu::launch_kernel(name, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+#else
+  (void)name;
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+#endif
 }
 
 }  // namespace moespec

@@ -77,19 +77,37 @@ struct ExpertsParams {
 
 // ------------------------------------------------------------------------------------- PTX
 
+// Emulation seam: the PTX wrappers (cp.async with zero-fill, its groups, mma.sync).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = pred ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+#ifdef MOESPEC_EMU
+  moespec_emu::cp_async(smem, gmem, 16, n);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef MOESPEC_EMU
+  moespec_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef MOESPEC_EMU
+  moespec_emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef MOESPEC_EMU
+  moespec_emu::mma_m16n8k16(BF16, c, a, b0, b1);
+#else
   if constexpr (BF16) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -103,6 +121,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 __device__ __forceinline__ uint32_t ld_u32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
@@ -262,7 +281,7 @@ template <bool BF16, bool TRANS>
 __global__ void __launch_bounds__(kThreads) gemm1_swiglu_kernel(const ExpertsParams p) {
   const int u = blockIdx.y;
   if (u >= p.meta[3]) return;  // kMetaActive
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* smem = dynamic_smem<uint16_t>();
   __shared__ const uint16_t* s_brow[kBN];
   uint16_t* sA = smem;
   uint16_t* sB = smem + kStages * a_stage_elems<TRANS>();
@@ -368,7 +387,7 @@ template <bool BF16, bool TRANS>
 __global__ void __launch_bounds__(kThreads) gemm2_combine_kernel(const ExpertsParams p) {
   const int u = blockIdx.y;
   if (u >= p.meta[3]) return;  // kMetaActive
-  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* smem = dynamic_smem<uint16_t>();
   __shared__ const uint16_t* s_brow[kBN];
   uint16_t* sA = smem;
   uint16_t* sB = smem + kStages * a_stage_elems<TRANS>();

@@ -1,0 +1,254 @@
+// moespec's CUDA emulation layer (MOESPEC_CUDA=EMU): just enough of the CUDA language and runtime
+// for the device code in csrc/include/moespec/*.cuh and the launchers in csrc/*.cu to compile with
+// the host C++ compiler and run on the CPU, faithfully enough to catch kernel bugs.
+//
+// Model (csrc/emu/README.md has the full list):
+//  - every CUDA thread of a block is a fiber on the calling OS thread; blocks run one after
+//    another in a seeded random order, threads are scheduled in a seeded random order and switch
+//    only at barriers and warp collectives;
+//  - __syncthreads / __syncwarp / shuffles / votes / mma.sync are cooperative barriers: a barrier
+//    that cannot complete (exited or diverged threads, mismatched collectives, partial masks)
+//    aborts the launch with a message instead of hanging;
+//  - shared memory (static: the `moespec_emu_shared` section; dynamic: a per-launch arena) is
+//    poisoned with 0xFF bytes (NaN in every float type) before every block;
+//  - cp.async copies are deferred to the issuing thread's wait_group, their destination is
+//    poisoned when issued;
+//  - launches are checked like the driver does (grid/block limits, dynamic shared memory above
+//    48 KiB only after a per-kernel cudaFuncAttributeMaxDynamicSharedMemorySize opt-in).
+// Nothing here is used by the real CUDA build.
+#pragma once
+
+#include <math.h>  // expf, fmaxf, isnan, INFINITY in the global namespace, as in device code
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <utility>
+
+#define MOESPEC_EMU 1
+
+// ------------------------------------------------------------------------ language keywords
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Static shared variables become statics in one ELF section, so the emulator can poison them all
+// before every block (blocks run one at a time, so one copy per kernel suffices).
+#define __shared__ static __attribute__((section("moespec_emu_shared"), aligned(16)))
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
+// ------------------------------------------------------------------------ runtime API subset
+typedef struct moespec_emu_stream* cudaStream_t;
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorNoDevice = 100,
+  cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorIllegalAddress = 700,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9,
+};
+
+cudaError_t cudaGetDevice(int* dev);
+cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
+const char* cudaGetErrorString(cudaError_t err);
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream);
+cudaError_t cudaRuntimeGetVersion(int* v);
+cudaError_t cudaDriverGetVersion(int* v);
+cudaError_t cudaGetDeviceCount(int* n);
+
+namespace moespec_emu {
+cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
+}
+template <class F>
+cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  return moespec_emu::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+
+// ------------------------------------------------------------------------ 16-bit float types
+struct __nv_bfloat16 {
+  uint16_t __x;
+};
+struct __half {
+  uint16_t __x;
+};
+
+namespace moespec_emu {
+float bf16_to_float(uint16_t b);
+uint16_t float_to_bf16_rn(float f);
+float half_to_float(uint16_t b);
+uint16_t float_to_half_rn(float f);
+}  // namespace moespec_emu
+
+inline float __bfloat162float(__nv_bfloat16 h) { return moespec_emu::bf16_to_float(h.__x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{moespec_emu::float_to_bf16_rn(f)}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
+inline float __half2float(__half h) { return moespec_emu::half_to_float(h.__x); }
+inline __half __float2half_rn(float f) { return __half{moespec_emu::float_to_half_rn(f)}; }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+
+// ------------------------------------------------------------------------ per-thread state
+namespace moespec_emu {
+
+struct ThreadState {
+  uint3 thread_idx;
+  uint3 block_idx;
+  dim3 block_dim;
+  dim3 grid_dim;
+};
+// The running fiber's coordinates (one emulated launch at a time per process).
+extern ThreadState* g_thread;
+
+// Warp collectives. Every lane named in `mask` must arrive at the same kind of collective.
+enum Collective : int { kSyncWarp, kShflIdx, kShflUp, kShflDown, kShflXor, kVoteAll, kVoteAny, kVoteBallot, kMma };
+const char* collective_name(int kind);
+uint64_t warp_collective(int kind, unsigned mask, uint64_t value, int arg);
+void syncthreads();
+
+// PTX stand-ins used by the device code's wrapper functions (experts.cuh, common.cuh).
+void cp_async(void* smem_dst, const void* gmem_src, int cp_size, int src_size);
+void cp_async_commit();
+void cp_async_wait(int n);
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d = a * b + c for the whole warp.
+void mma_m16n8k16(bool bf16, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+void* dynamic_smem();
+
+// A kernel body, called once per emulated thread (a non-owning callable reference).
+struct Body {
+  void (*call)(void*);
+  void* ctx;
+};
+cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Body body);
+
+// Scheduling seed (also MOESPEC_EMU_SEED); the order of blocks and threads follows from it.
+void set_seed(uint64_t seed);
+uint64_t seed();
+
+template <class T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 64 bits");
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <class T>
+inline T from_bits(uint64_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+}  // namespace moespec_emu
+
+#define threadIdx (::moespec_emu::g_thread->thread_idx)
+#define blockIdx (::moespec_emu::g_thread->block_idx)
+#define blockDim (::moespec_emu::g_thread->block_dim)
+#define gridDim (::moespec_emu::g_thread->grid_dim)
+
+// ------------------------------------------------------------------------ device intrinsics
+inline void __syncthreads() { moespec_emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  moespec_emu::warp_collective(moespec_emu::kSyncWarp, mask, 0, 0);
+}
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  (void)width;
+  return moespec_emu::from_bits<T>(moespec_emu::warp_collective(moespec_emu::kShflIdx, mask, moespec_emu::to_bits(v), src));
+}
+template <class T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  (void)width;
+  return moespec_emu::from_bits<T>(
+      moespec_emu::warp_collective(moespec_emu::kShflUp, mask, moespec_emu::to_bits(v), static_cast<int>(delta)));
+}
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  (void)width;
+  return moespec_emu::from_bits<T>(
+      moespec_emu::warp_collective(moespec_emu::kShflDown, mask, moespec_emu::to_bits(v), static_cast<int>(delta)));
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  (void)width;
+  return moespec_emu::from_bits<T>(
+      moespec_emu::warp_collective(moespec_emu::kShflXor, mask, moespec_emu::to_bits(v), lane_mask));
+}
+inline int __all_sync(unsigned mask, int pred) {
+  return static_cast<int>(moespec_emu::warp_collective(moespec_emu::kVoteAll, mask, pred != 0, 0));
+}
+inline int __any_sync(unsigned mask, int pred) {
+  return static_cast<int>(moespec_emu::warp_collective(moespec_emu::kVoteAny, mask, pred != 0, 0));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  return static_cast<unsigned>(moespec_emu::warp_collective(moespec_emu::kVoteBallot, mask, pred != 0, 0));
+}
+
+// Fibers never interleave between two switch points, so read-modify-write is atomic here.
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+
+// ------------------------------------------------------------------------ kernel launch
+namespace moespec_emu {
+// Calls kernel(args...) in every emulated thread (each thread gets its own copy of the arguments).
+template <class... Params, class... Args>
+cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, Args&&... args) {
+  struct Ctx {
+    void (*kernel)(Params...);
+    std::tuple<Args&...> args;
+  };
+  (void)sizeof...(Params);
+  Ctx ctx{kernel, std::tuple<Args&...>(args...)};
+  Body body{[](void* c) {
+              Ctx& x = *static_cast<Ctx*>(c);
+              std::apply([&](auto&... a) { x.kernel(a...); }, x.args);
+            },
+            &ctx};
+  return launch(reinterpret_cast<const void*>(kernel), name, grid, block, smem, stream, body);
+}
+}  // namespace moespec_emu

@@ -1,0 +1,28 @@
+// Self-tests of the emulator itself (tests/test_emu.py calls them through moespec._C in an
+// emulation build). Plain C++ signatures: bindings.cpp includes this without the emulated CUDA.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moespec_emu {
+
+void set_seed(uint64_t seed);
+uint64_t seed();
+
+// One warp-wide mma.m16n8k16: a [16x16] row-major, b [16x8] (k, n) row-major, both as 16-bit
+// float bits (bf16 or fp16), c and d [16x8] fp32. Fragments are packed by this test's own code.
+std::string selftest_mma(bool bf16, const uint16_t* a, const uint16_t* b, const float* c, float* d);
+
+// Runs the named scenario; returns "" when the launch succeeded or the emulator's error message.
+// `out` receives whatever values the scenario reports (documented next to each in selftest.cpp).
+std::string selftest(const std::string& name, std::vector<int64_t>* out);
+std::vector<std::string> selftest_names();
+
+uint16_t to_bf16(float f);
+uint16_t to_half(float f);
+float from_bf16(uint16_t b);
+float from_half(uint16_t b);
+
+}  // namespace moespec_emu

@@ -1,0 +1,198 @@
+// Scenarios that check the emulator's semantics (run by tests/test_emu.py). Each is a tiny kernel
+// written in the CUDA dialect of csrc/include, so it exercises exactly what the kernels use.
+#include "moespec_emu/selftest.h"
+
+#include <functional>
+#include <map>
+
+#include "moespec_emu/emu.h"
+
+namespace moespec_emu {
+namespace {
+
+struct Out {
+  int64_t* v;  // per-scenario results
+  int* counter;
+};
+
+std::string error_text(cudaError_t err) { return err == cudaSuccess ? "" : cudaGetErrorString(err); }
+
+// ---- mma: fragments packed from the PTX ISA tables (written here independently of emu.cpp)
+struct MmaParams {
+  bool bf16;
+  const uint16_t* a;  // [16][16]
+  const uint16_t* b;  // [16][8]
+  const float* c;     // [16][8]
+  float* d;
+};
+__global__ void mma_kernel(MmaParams p) {
+  const int lane = threadIdx.x, gid = lane / 4, t = lane % 4;
+  auto pk = [](uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); };
+  // a0,a1: (gid, 2t..2t+1); a2,a3: (gid+8, ...); a4,a5: (gid, 2t+8..); a6,a7: (gid+8, 2t+8..)
+  const uint32_t a[4] = {pk(p.a[gid * 16 + 2 * t], p.a[gid * 16 + 2 * t + 1]),
+                         pk(p.a[(gid + 8) * 16 + 2 * t], p.a[(gid + 8) * 16 + 2 * t + 1]),
+                         pk(p.a[gid * 16 + 2 * t + 8], p.a[gid * 16 + 2 * t + 9]),
+                         pk(p.a[(gid + 8) * 16 + 2 * t + 8], p.a[(gid + 8) * 16 + 2 * t + 9])};
+  // b0,b1: (k = 2t..2t+1, n = gid); b2,b3: (k = 2t+8.., n = gid)
+  const uint32_t b0 = pk(p.b[(2 * t) * 8 + gid], p.b[(2 * t + 1) * 8 + gid]);
+  const uint32_t b1 = pk(p.b[(2 * t + 8) * 8 + gid], p.b[(2 * t + 9) * 8 + gid]);
+  // c0,c1: (gid, 2t..2t+1); c2,c3: (gid+8, 2t..2t+1)
+  float c[4] = {p.c[gid * 8 + 2 * t], p.c[gid * 8 + 2 * t + 1], p.c[(gid + 8) * 8 + 2 * t],
+                p.c[(gid + 8) * 8 + 2 * t + 1]};
+  mma_m16n8k16(p.bf16, c, a, b0, b1);
+  p.d[gid * 8 + 2 * t] = c[0];
+  p.d[gid * 8 + 2 * t + 1] = c[1];
+  p.d[(gid + 8) * 8 + 2 * t] = c[2];
+  p.d[(gid + 8) * 8 + 2 * t + 1] = c[3];
+}
+
+// ---- barriers and collectives
+__global__ void neighbour_kernel(Out o, int with_barrier) {
+  __shared__ int s[64];
+  const int t = threadIdx.x;
+  s[t] = t;
+  if (with_barrier) __syncthreads();
+  o.v[t] = s[(t + 1) % 64];  // without the barrier the neighbour may not have written yet
+}
+__global__ void early_exit_kernel(Out o) {
+  if (threadIdx.x == 5) return;
+  __syncthreads();
+  o.v[threadIdx.x] = 1;
+}
+__global__ void partial_mask_kernel(Out o) {
+  o.v[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 1);
+}
+__global__ void divergent_kernel(Out o) {
+  const int lane = threadIdx.x % 32;
+  if (lane < 16)
+    o.v[threadIdx.x] = __all_sync(0xffffffffu, 1);
+  else
+    o.v[threadIdx.x] = __shfl_xor_sync(0xffffffffu, lane, 1);
+}
+__global__ void warp_vs_block_kernel(Out o) {
+  if (threadIdx.x == 0)
+    __syncthreads();
+  else
+    __syncwarp();
+  o.v[threadIdx.x] = 1;
+}
+// Per thread (64 threads, 2 warps), 7 results: xor 5, up 3, down 7, idx 9, all(lane < 40),
+// any(lane == 31), ballot(lane % 3 == 0); the value shuffled is 10 * threadIdx.x.
+__global__ void shuffles_kernel(Out o) {
+  const int t = threadIdx.x, lane = t % 32;
+  const int v = 10 * t;
+  int64_t* r = o.v + 7 * t;
+  r[0] = __shfl_xor_sync(0xffffffffu, v, 5);
+  r[1] = __shfl_up_sync(0xffffffffu, v, 3);
+  r[2] = __shfl_down_sync(0xffffffffu, v, 7);
+  r[3] = __shfl_sync(0xffffffffu, v, 9);
+  r[4] = __all_sync(0xffffffffu, t < 40);
+  r[5] = __any_sync(0xffffffffu, lane == 31);
+  r[6] = static_cast<int64_t>(__ballot_sync(0xffffffffu, lane % 3 == 0));
+}
+// 32 threads: each copies 16 bytes (4 ints) src[4t..4t+3] -> smem; even threads with zero-fill.
+// out[3t + 0]: smem word read right after issue; [3t + 1]: after wait_group 0; [3t + 2]: a
+// neighbour's word after this thread's own wait (no barrier: may still be in flight).
+__global__ void cp_async_kernel(Out o, const int* src, int misalign) {
+  __shared__ __align__(16) int s[32 * 4];
+  const int t = threadIdx.x;
+  const char* from = reinterpret_cast<const char*>(src + 4 * t) + (misalign && t == 3 ? 4 : 0);
+  cp_async(&s[4 * t], from, 16, t % 2 == 0 ? 0 : 16);
+  o.v[3 * t] = s[4 * t];
+  cp_async_commit();
+  cp_async_wait(0);
+  o.v[3 * t + 1] = s[4 * t];
+  o.v[3 * t + 2] = s[4 * ((t + 1) % 32)];
+}
+// out[t] = a static shared word and out[64 + t] = a dynamic shared word, both read before any write.
+__global__ void poison_kernel(Out o) {
+  __shared__ int s[64];
+  const int* d = static_cast<const int*>(dynamic_smem());
+  o.v[threadIdx.x] = s[threadIdx.x];
+  o.v[64 + threadIdx.x] = d[threadIdx.x];
+}
+__global__ void smem_user_a(Out o) { static_cast<char*>(dynamic_smem())[0] = 1, o.v[0] = 1; }
+__global__ void smem_user_b(Out o) { static_cast<char*>(dynamic_smem())[0] = 1, o.v[0] = 2; }
+__global__ void smem_user_c(Out o) { static_cast<char*>(dynamic_smem())[0] = 1, o.v[0] = 3; }
+// The order in which blocks, then threads of block 0, first run.
+__global__ void block_order_kernel(Out o) {
+  if (threadIdx.x == 0) o.v[(*o.counter)++] = blockIdx.x;
+}
+__global__ void thread_order_kernel(Out o) {
+  __shared__ int n;
+  if (threadIdx.x == 0) n = 0;
+  __syncthreads();
+  o.v[n++] = threadIdx.x;
+}
+
+template <class... P, class... A>
+std::string run(const char* name, void (*k)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
+  return error_text(launch_kernel(name, k, grid, block, smem, nullptr, args...));
+}
+
+using Scenario = std::function<std::string(Out)>;
+const std::map<std::string, Scenario>& scenarios() {
+  static const std::map<std::string, Scenario> m = {
+      {"barrier_ok", [](Out o) { return run("neighbour_kernel", neighbour_kernel, 1, 64, 0, o, 1); }},
+      {"missing_barrier", [](Out o) { return run("neighbour_kernel", neighbour_kernel, 1, 64, 0, o, 0); }},
+      {"early_exit_barrier", [](Out o) { return run("early_exit_kernel", early_exit_kernel, 1, 64, 0, o); }},
+      {"partial_mask", [](Out o) { return run("partial_mask_kernel", partial_mask_kernel, 1, 32, 0, o); }},
+      {"divergent_collective", [](Out o) { return run("divergent_kernel", divergent_kernel, 1, 32, 0, o); }},
+      {"warp_vs_block", [](Out o) { return run("warp_vs_block_kernel", warp_vs_block_kernel, 1, 32, 0, o); }},
+      {"shuffles", [](Out o) { return run("shuffles_kernel", shuffles_kernel, 1, 64, 0, o); }},
+      {"cp_async",
+       [](Out o) {
+         static int src[32 * 4 + 4] __attribute__((aligned(16)));
+         for (int i = 0; i < 32 * 4 + 4; ++i) src[i] = 1000 + i;
+         return run("cp_async_kernel", cp_async_kernel, 1, 32, 0, o, static_cast<const int*>(src), 0);
+       }},
+      {"cp_async_misaligned",
+       [](Out o) {
+         static int src[32 * 4 + 4] __attribute__((aligned(16)));
+         return run("cp_async_kernel", cp_async_kernel, 1, 32, 0, o, static_cast<const int*>(src), 1);
+       }},
+      {"smem_poison", [](Out o) { return run("poison_kernel", poison_kernel, 1, 64, 256, o); }},
+      {"dyn_smem_without_opt_in", [](Out o) { return run("smem_user_c", smem_user_c, 1, 32, 64 * 1024, o); }},
+      // Opting in for one kernel must not let another kernel of the same type use more.
+      {"dyn_smem_opt_in_per_kernel",
+       [](Out o) {
+         cudaError_t e = cudaFuncSetAttribute(smem_user_a, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+         if (e != cudaSuccess) return error_text(e);
+         std::string r = run("smem_user_a", smem_user_a, 1, 32, 96 * 1024, o);
+         if (!r.empty()) return "opted-in kernel failed: " + r;
+         return run("smem_user_b", smem_user_b, 1, 32, 96 * 1024, o);
+       }},
+      {"block_too_large", [](Out o) { return run("neighbour_kernel", neighbour_kernel, 1, 2048, 0, o, 1); }},
+      {"grid_y_too_large", [](Out o) { return run("neighbour_kernel", neighbour_kernel, dim3(1, 70000), 64, 0, o, 1); }},
+      {"block_order", [](Out o) { return run("block_order_kernel", block_order_kernel, 16, 32, 0, o); }},
+      {"thread_order", [](Out o) { return run("thread_order_kernel", thread_order_kernel, 1, 64, 0, o); }},
+  };
+  return m;
+}
+
+}  // namespace
+
+std::string selftest_mma(bool bf16, const uint16_t* a, const uint16_t* b, const float* c, float* d) {
+  return error_text(launch_kernel("mma_kernel", mma_kernel, 1, 32, 0, nullptr, MmaParams{bf16, a, b, c, d}));
+}
+
+std::string selftest(const std::string& name, std::vector<int64_t>* out) {
+  const auto it = scenarios().find(name);
+  if (it == scenarios().end()) return "no such self-test: " + name;
+  out->assign(512, -7);  // -7: never written
+  int counter = 0;
+  return it->second(Out{out->data(), &counter});
+}
+
+std::vector<std::string> selftest_names() {
+  std::vector<std::string> names;
+  for (const auto& kv : scenarios()) names.push_back(kv.first);
+  return names;
+}
+
+uint16_t to_bf16(float f) { return float_to_bf16_rn(f); }
+uint16_t to_half(float f) { return float_to_half_rn(f); }
+float from_bf16(uint16_t b) { return bf16_to_float(b); }
+float from_half(uint16_t b) { return half_to_float(b); }
+
+}  // namespace moespec_emu
