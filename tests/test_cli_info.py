@@ -19,6 +19,10 @@ def test_info_json_reports_build_and_device():
     assert info["moespec"] == moespec.__version__
     assert info["cuda_kernels_compiled"] == _cuda.cuda_compiled()
     assert info["cuda_archs"] == _cuda.compiled_archs()
+    assert info["kernel_backend"] == _cuda.backend() in ("cuda", "emu", "none")
+    if info["kernel_backend"] == "emu":  # an emulation build has kernels, but none for a GPU
+        assert not info["cuda_kernels_compiled"] and not info["kernels_usable"]
+        assert "emulator" in info["why_not"]
     assert isinstance(info["gpu_visible"], bool)
     if not info["kernels_usable"]:
         assert info["why_not"]

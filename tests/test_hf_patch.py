@@ -285,22 +285,163 @@ def test_bf16_model_runs_and_counts_bytes_in_weight_dtype():
         torch.testing.assert_close(model(prompt).logits, ref(prompt).logits, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.cuda
+# Tolerances of the kernels against the reference path, by model dtype.
+_TOL = {torch.float32: dict(rtol=1e-3, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _count_kernel_calls(monkeypatch):
+    """Count launches of the routing plan and experts kernels behind the ops (`moespec.kernels`)."""
+    from moespec import kernels
+
+    counts = {"routing": 0, "experts": 0}
+    for name, key in (("budget_routing_masked", "routing"), ("moe_experts_planned", "experts")):
+        fn = getattr(kernels, name)
+
+        def spy(*a, _fn=fn, _key=key, **kw):
+            counts[_key] += 1
+            return _fn(*a, **kw)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_patched_model_matches_cpu(arch):
-    """On a GPU the experts run the moespec kernels; results agree with the CPU reference path."""
-    model = tiny_model(arch, seed=1)
-    gpu = copy.deepcopy(model).cuda()
+def test_patched_model_on_kernels_matches_cpu_reference(kdev, arch, dtype, monkeypatch):
+    """Patched with ``backend=kdev.backend`` (a GPU, or the CPU emulator of an emulation build), the
+    drop-in runs the moespec kernels and agrees with ``backend="reference"``.
+
+    fp32 runs the routing kernel (softmax top-k routers) and the experts reference (the experts
+    kernels are bf16/fp16 only); bf16 runs both kernels. fp32 compares with the reference path on the
+    CPU; bf16 compares with the reference path on the kernels' device (the CPU on the emulator), so
+    that bf16 attention on a GPU cannot move a near-tie in the routing of later layers.
+    """
+    model = tiny_model(arch, seed=1, dtype=dtype)
+    dev_model = copy.deepcopy(model).to(kdev.device)
+    ref_model = model.to(torch.device("cpu") if dtype == torch.float32 else kdev.device)
     prompt = _ids(8, batch=2)
     k = model.config.num_experts_per_tok
+    counts = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
+        plain = dev_model(prompt.to(kdev.device)).logits
         for kwargs in ({}, {"budget": k, "when": "always"}):
-            with moespec.patch(model, **kwargs) as h_cpu, moespec.patch(gpu, **kwargs) as h_gpu:
-                want = model(prompt).logits
-                got = gpu(prompt.cuda()).logits.cpu()
-                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
-                for a, b in zip(h_cpu.stats.last().layers, h_gpu.stats.last().layers):
+            with moespec.patch(ref_model, backend="reference", **kwargs) as h_ref, \
+                    moespec.patch(dev_model, backend=kdev.backend, **kwargs) as h_dev:
+                assert h_dev.backend == kdev.backend
+                want = ref_model(prompt.to(ref_model.device)).logits.cpu()
+                got = dev_model(prompt.to(kdev.device)).logits
+                if not kwargs:
+                    # Unbudgeted calls run the model's own experts, whatever the backend: bitwise.
+                    assert torch.equal(got, plain)
+                    assert counts == {"routing": 0, "experts": 0}
+                torch.testing.assert_close(got.cpu(), want, **_TOL[dtype])
+                ref_layers, dev_layers = h_ref.stats.last().layers, h_dev.stats.last().layers
+                assert len(ref_layers) == len(dev_layers) >= 2
+                for a, b in zip(ref_layers, dev_layers):
                     assert a.kept_experts == b.kept_experts
+                if kwargs:
+                    assert any(s.kept_size < s.union_size for s in dev_layers), "the cap did not bind"
+    # The budgeted forward reached the kernels (DeepSeek-V3's and gpt-oss' routing rules are plain torch).
+    softmax_router = arch not in ("deepseek_v3", "gpt_oss")
+    assert (counts["routing"] > 0) == softmax_router
+    assert (counts["experts"] > 0) == (dtype == torch.bfloat16)
+
+
+def _spy_ops(monkeypatch):
+    """Record the ``backend`` of every `moespec.ops` call the integration makes."""
+    seen = []
+    for name in ("budget_routing_masked", "moe_experts"):
+        fn = getattr(moespec.ops, name)
+
+        def spy(*a, _fn=fn, _name=name, **kw):
+            seen.append((_name, kw.get("backend", "auto")))
+            return _fn(*a, **kw)
+
+        monkeypatch.setattr(moespec.ops, name, spy)
+    return seen
+
+
+def _backends_here():
+    from moespec import _cuda
+
+    return ["auto", "reference"] + (["emu"] if _cuda.emu_compiled() else [])
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_backend_is_threaded_to_every_ops_call(backend, monkeypatch):
+    """The patch's backend reaches the routing op and the experts op of every budgeted layer, also
+    under budgets set later (`set_budget`, `expert_budget`); unbudgeted calls make no ops call."""
+    model = tiny_model("qwen3_moe", seed=2, dtype=torch.bfloat16)
+    ref = copy.deepcopy(model)
+    seen = _spy_ops(monkeypatch)
+    prompt = _ids(12, batch=2, length=4)
+    with torch.no_grad(), moespec.patch(model, backend=backend) as handle:
+        assert handle.backend == backend and f"backend={backend!r}" in repr(handle)
+        assert torch.equal(model(prompt).logits, ref(prompt).logits)
+        assert not seen
+        with moespec.expert_budget(model, 4):
+            model(prompt)
+        assert seen == [("budget_routing_masked", backend), ("moe_experts", backend)] * 2
+        handle.set_budget(4, policy="truncate", when="always")
+        assert handle.backend == backend
+        model(prompt)
+        assert len(seen) == 8 and {b for _, b in seen} == {backend}
+
+
+def _assert_untouched(model, impl):
+    assert get_handle(model) is None
+    assert model.config._experts_implementation == impl
+    for m in model.modules():
+        assert "_moespec_state" not in m.__dict__
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_backend_validation_errors(monkeypatch):
+    """A backend that is unknown, or cannot run where the model is, is refused at patch time and the
+    model is left untouched."""
+    from moespec import _cuda
+
+    model = tiny_model("mixtral", seed=0)
+    impl = model.config._experts_implementation
+    for bad in ("gpu", "CUDA", "", None, 1):
+        with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cuda', 'emu'\)"):
+            moespec.patch(model, budget=2, backend=bad)
+        _assert_untouched(model, impl)
+
+    # "cuda" without a usable GPU / CUDA build.
+    monkeypatch.setattr(_cuda, "unavailable_reason", lambda: "no usable CUDA device: none found (test)")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run here: no usable CUDA device"):
+        moespec.patch(model, backend="cuda")
+    _assert_untouched(model, impl)
+    # "cuda" with the kernels available but the model on the CPU.
+    monkeypatch.setattr(_cuda, "unavailable_reason", lambda: None)
+    with pytest.raises(ValueError, match=r"backend='cuda' needs the MoE blocks on a CUDA device.*cpu"):
+        moespec.patch(model, backend="cuda")
+    _assert_untouched(model, impl)
+    monkeypatch.undo()
+
+    # "emu" outside an emulation build.
+    monkeypatch.setattr(_cuda, "backend", lambda: "cuda")
+    with pytest.raises(RuntimeError, match=r"backend='emu' needs an emulation build.*'cuda'.*MOESPEC_CUDA=EMU"):
+        moespec.patch(model, backend="emu")
+    _assert_untouched(model, impl)
+    # "emu" in an emulation build, but the model is not on the CPU.
+    monkeypatch.setattr(_cuda, "backend", lambda: "emu")
+    meta = tiny_model("mixtral", seed=0).to("meta")
+    with pytest.raises(ValueError, match=r"backend='emu' runs the kernels on CPU tensors.*meta"):
+        moespec.patch(meta, backend="emu")
+    _assert_untouched(meta, impl)
+    # "emu" in an emulation build without the kernels the patch needs.
+    monkeypatch.setattr(_cuda, "has_emu_kernel", lambda name: name != "routing_plan")
+    with pytest.raises(RuntimeError, match=r"backend='emu': this emulation build has no kernel routing_plan"):
+        moespec.patch(model, backend="emu")
+    _assert_untouched(model, impl)
+    monkeypatch.undo()
+
+    # "auto" and "reference" run anywhere.
+    for ok in ("auto", "reference"):
+        with moespec.patch(model, budget=2, backend=ok) as handle:
+            assert handle.backend == ok
 
 
 def test_unsupported_activation_falls_back_to_the_eager_loop(monkeypatch):

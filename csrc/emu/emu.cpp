@@ -16,6 +16,7 @@
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define MOESPEC_EMU_ASAN 1
 #endif
@@ -260,6 +261,10 @@ void fiber_entry() {
 }
 
 void make_stack(Fiber* f) {
+#if defined(MOESPEC_EMU_ASAN)
+  // Frames of the stack's previous thread (abandoned at exit or on failure) left poisoned shadow.
+  ASAN_UNPOISON_MEMORY_REGION(f->stack, kStackBytes);
+#endif
 #if defined(__x86_64__)
   // Stack as moespec_emu_switch expects it to resume: [mxcsr|fpcw][r15..rbp][return address],
   // with the entry function seeing the alignment of a normal call (rsp % 16 == 8).

@@ -64,6 +64,9 @@ def unavailable_reason() -> Optional[str]:
     """Why the CUDA kernels cannot run here, or None when they can."""
     if _C is None:
         return f"the moespec extension (moespec._C) failed to import: {_IMPORT_ERROR}"
+    if emu_compiled():
+        return ("moespec was built for the CPU emulator (MOESPEC_CUDA=EMU): the kernels run on CPU tensors with "
+                "backend='emu'; reinstall with MOESPEC_CUDA=ON for a GPU")
     if not _C.cuda_compiled:
         return ("moespec was built without CUDA kernels (no nvcc at build time or MOESPEC_CUDA=OFF); "
                 "reinstall with nvcc on PATH or MOESPEC_CUDA=ON")

@@ -24,6 +24,9 @@ def _info(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "extension_loaded": _cuda.extension_loaded(),
+        # cuda: kernels for the GPU; emu: the same kernels built for the CPU emulator (MOESPEC_CUDA=EMU,
+        # ops backend="emu" on CPU tensors); none: the PyTorch reference only.
+        "kernel_backend": _cuda.backend(),
         "cuda_kernels_compiled": _cuda.cuda_compiled(),
         "cuda_archs": _cuda.compiled_archs(),
         "cutlass_headers": _cuda.cutlass_enabled(),

@@ -187,6 +187,33 @@ def _get_plan(plan: Optional[RoutingPlan], T: int, E: int, k: int, device) -> Ro
     return plan
 
 
+def _check_plan_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget,
+                             plan: Optional[RoutingPlan]) -> None:
+    """The argument checks of `moespec.ops.budget_routing`, minus the ones that read data: cheap
+    metadata checks only, no device synchronisation. Raises `ValueError` (`TypeError` for a
+    non-tensor or a non-float ``router_logits``, like the ops)."""
+    from .ops import validate_budget
+
+    if not isinstance(router_logits, torch.Tensor):
+        raise TypeError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be 2-D [T, E], got shape {tuple(router_logits.shape)}")
+    if not router_logits.is_floating_point():
+        raise TypeError(f"router_logits must be a floating-point tensor, got {router_logits.dtype}")
+    T, E = router_logits.shape
+    if T < 1 or E < 1:
+        raise ValueError(f"router_logits must have at least one token and one expert, got shape {(T, E)}")
+    validate_budget(budget, top_k, policy, score, coverage, min_budget)
+    if top_k > E:
+        raise ValueError(f"top_k ({top_k}) exceeds the number of experts ({E})")
+    if not plan_supported(E, top_k):
+        raise ValueError(f"the routing plan supports E <= {_plan_limits()[0]} and top_k <= {_plan_limits()[1]}, "
+                         f"got E={E}, top_k={top_k}")
+    if plan is not None and plan.ids.device != router_logits.device:
+        raise ValueError(f"router_logits is on {router_logits.device} but the plan's buffers are on "
+                         f"{plan.ids.device}; move them to one device")
+
+
 def plan_routing(
     router_logits: torch.Tensor,
     top_k: int,
@@ -202,8 +229,11 @@ def plan_routing(
 ) -> RoutingPlan:
     """Softmax top-k routing under a budget, as one graph-capturable launch (no host sync).
 
-    Semantics are those of `moespec.reference.budget_routing`; inputs are not validated here
-    (use `moespec.ops.validate_budget` once, outside the hot loop).
+    Semantics are those of `moespec.reference.budget_routing`, except for rows without a valid softmax
+    (any NaN, any +inf or all -inf logits), for which the reference is undefined (NaN weights): they
+    are treated like padding tokens (no union, no score, weight 0, the lowest kept ids). The arguments
+    are checked like `moespec.ops.budget_routing` does (metadata only, no device synchronisation;
+    ids are never read back).
 
     Args:
         router_logits: ``[T, E]`` CUDA float tensor (fp32/bf16/fp16 read directly).
@@ -213,10 +243,14 @@ def plan_routing(
 
     Returns:
         The filled `RoutingPlan`.
+
+    Raises:
+        ValueError: bad shapes or budget settings (see `moespec.ops.validate_budget`), E or top_k
+            beyond the plan's limits, or a ``plan`` of another size or device.
+        TypeError: ``router_logits`` is not a floating-point tensor.
     """
+    _check_plan_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, plan)
     T, E = router_logits.shape
-    if not plan_supported(E, top_k):
-        raise ValueError(f"the routing plan supports E <= {_plan_limits()[0]} and top_k <= {_plan_limits()[1]}")
     plan = _get_plan(plan, T, E, top_k, router_logits.device)
     z = _prep_logits(router_logits)
     budgeted = budget is not None or coverage is not None

@@ -289,6 +289,13 @@ def budget_routing_masked(
     padding out of the union and the scores; when a budget is set, padding tokens get zero
     weights so that they cannot widen the set of experts read.
 
+    Rows without a softmax (any NaN, any +inf, or all -inf logits: ``torch.softmax`` gives NaN
+    for the whole row) are invalid: they count neither towards the union nor the scores, get
+    weight 0 and the ``k`` lowest ids of the returned kept set (``0..k-1`` when it holds fewer
+    than ``k``, i.e. no valid row at all), so garbage in one row can neither produce NaN
+    weights nor change other rows' routing or the experts read. Rows with some -inf logits and
+    a finite one are valid.
+
     Returns:
         ``(topk_ids [T,k] int64, topk_weights [T,k] fp32, kept_mask [E] bool,
         union_size 0-d int64, budgeted 0-d bool)``. When nothing is dropped, ids and weights
@@ -296,29 +303,40 @@ def budget_routing_masked(
     """
     probs, ids, weights = route_topk_softmax(router_logits, top_k, renormalize)
     E = probs.shape[-1]
-    umask = union_mask(ids, E, token_mask)
+    valid = ~torch.isnan(probs).any(dim=-1)  # [T]: the row has a softmax
+    mask = valid if token_mask is None else token_mask & valid
+    umask = union_mask(ids, E, mask)
     union_size = umask.sum()
     if budget is None and coverage is None:
-        return ids, weights, umask, union_size, torch.zeros((), dtype=torch.bool, device=ids.device)
-    if score == "topk":
-        w_sc = weights if token_mask is None else weights * token_mask.reshape(-1, 1)
-        scores = score_experts(router_logits, "topk", ids, w_sc)
+        out_ids, out_w, kept_out = ids, weights, umask
+        budgeted = torch.zeros((), dtype=torch.bool, device=ids.device)
     else:
-        scores = (probs if token_mask is None else probs * token_mask.reshape(-1, 1)).sum(dim=0)
-    kept_mask, kept_count = select_kept_mask(scores, umask, budget, coverage,
-                                             top_k if min_budget is None else min_budget)
-    budgeted = kept_count < union_size
-    new_ids, alive = reroute(probs, ids, kept_mask, policy)
-    # Original full-softmax probabilities, then the model's own normalisation over survivors.
-    new_w = torch.where(alive, probs.gather(1, new_ids), torch.zeros((), dtype=probs.dtype, device=probs.device))
-    if renormalize:
-        denom = new_w.sum(dim=-1, keepdim=True)
-        new_w = torch.where(denom > 0, new_w / torch.where(denom > 0, denom, torch.ones_like(denom)), new_w)
-    out_ids = torch.where(budgeted, new_ids, ids)
-    out_w = torch.where(budgeted, new_w, weights)
-    if token_mask is not None:
-        out_w = torch.where(token_mask.reshape(-1, 1), out_w, torch.zeros_like(out_w))
-    return out_ids, out_w, torch.where(budgeted, kept_mask, umask), union_size, budgeted
+        zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
+        if score == "topk":
+            scores = score_experts(router_logits, "topk", ids, torch.where(mask.reshape(-1, 1), weights, zero))
+        else:
+            scores = torch.where(mask.reshape(-1, 1), probs, zero).sum(dim=0)
+        kept_mask, kept_count = select_kept_mask(scores, umask, budget, coverage,
+                                                 top_k if min_budget is None else min_budget)
+        budgeted = kept_count < union_size
+        new_ids, alive = reroute(probs, ids, kept_mask, policy)
+        # Original full-softmax probabilities, then the model's own normalisation over survivors.
+        new_w = torch.where(alive, probs.gather(1, new_ids), zero)
+        if renormalize:
+            denom = new_w.sum(dim=-1, keepdim=True)
+            new_w = torch.where(denom > 0, new_w / torch.where(denom > 0, denom, torch.ones_like(denom)), new_w)
+        out_ids = torch.where(budgeted, new_ids, ids)
+        out_w = torch.where(budgeted, new_w, weights)
+        if token_mask is not None:
+            out_w = torch.where(token_mask.reshape(-1, 1), out_w, torch.zeros_like(out_w))
+        kept_out = torch.where(budgeted, kept_mask, umask)
+    # Invalid rows: the k lowest kept ids (arange(k) when fewer are kept), weight 0.
+    order = torch.arange(E, device=ids.device)
+    lowest = torch.where(kept_out, order, order + E).topk(top_k, largest=False).values
+    fill = torch.where(kept_out.sum() >= top_k, lowest, order[:top_k])
+    out_ids = torch.where(valid.reshape(-1, 1), out_ids, fill.reshape(1, -1))
+    out_w = torch.where(valid.reshape(-1, 1), out_w, torch.zeros_like(out_w))
+    return out_ids, out_w, kept_out, union_size, budgeted
 
 
 def budget_routing(

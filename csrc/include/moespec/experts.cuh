@@ -383,8 +383,10 @@ __global__ void __launch_bounds__(128) swiglu_kernel(const ExpertsParams p) {
 }
 
 // grid = (ceil(H / 128), max active experts, ksplit); block = 128 threads; dynamic smem = smem_bytes<TRANS>().
+// Two CTAs per SM is what the shared memory allows anyway; saying so lets ptxas use the registers
+// it needs (without it, sm_80 spilled 8 bytes at 168 registers: docs/kernel-resources.md).
 template <bool BF16, bool TRANS>
-__global__ void __launch_bounds__(kThreads) gemm2_combine_kernel(const ExpertsParams p) {
+__global__ void __launch_bounds__(kThreads, 2) gemm2_combine_kernel(const ExpertsParams p) {
   const int u = blockIdx.y;
   if (u >= p.meta[3]) return;  // kMetaActive
   uint16_t* smem = dynamic_smem<uint16_t>();

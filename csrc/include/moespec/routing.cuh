@@ -6,6 +6,14 @@
 // launch needs no host synchronisation and can be captured in a CUDA graph. Every reduction has
 // a fixed order, so the plan is deterministic. Out-of-range ids (possible only when ops.py
 // skipped its range check during graph capture) are treated as absent, never dereferenced.
+//
+// Rows without a valid softmax (any NaN, any +inf, or all -inf logits: torch.softmax gives NaN for
+// the whole row) are "invalid" rows (row_sum is NaN). moespec.reference has no defined routing for
+// them (NaN weights; ids are whatever torch.topk returns for NaN, which is implementation order),
+// so the plan treats them like padding tokens: they count neither towards the union nor the scores,
+// get weight 0, and take the k lowest ids of the kept set (the union when nothing is dropped), so they
+// never widen the set of experts read (0..k-1 only when fewer than k experts are kept, e.g. no valid
+// row at all). Rows with some -inf logits but at least one finite one are valid (probability 0).
 #pragma once
 
 #include <climits>
@@ -211,14 +219,20 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
         p.row_max[t] = m;
         p.row_sum[t] = s;
       }
-      if (p.route) {
+      if (p.route && isnan(s)) {  // invalid row (s is warp-uniform): placeholder until phase D
+        for (int r = lane; r < k; r += 32) {
+          p.ids[(int64_t)t * k + r] = -1;
+          p.weights[(int64_t)t * k + r] = 0.f;
+        }
+      } else if (p.route) {
         warp_topk(
             E, k, [&](int e) { return softmax_prob(load_float(p.logits, p.logits_dtype, row + e), m, s); },
             p.ids + (int64_t)t * k, p.weights + (int64_t)t * k);
         if (lane == 0 && p.renormalize) {
           float sum = 0.f;
           for (int r = 0; r < k; ++r) sum += p.weights[(int64_t)t * k + r];
-          for (int r = 0; r < k; ++r) p.weights[(int64_t)t * k + r] /= sum;
+          if (sum > 0.f)
+            for (int r = 0; r < k; ++r) p.weights[(int64_t)t * k + r] /= sum;
         }
       }
     }
@@ -254,9 +268,11 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
   for (int e = tid; e < E; e += kThreads) {
     float sc = 0.f;
     if (p.score_mode == kScoreProb) {
-      for (int t = 0; t < T; ++t)
-        sc += softmax_prob(load_float(p.logits, p.logits_dtype, (int64_t)t * p.logits_stride + e), p.row_max[t],
-                           p.row_sum[t]);
+      for (int t = 0; t < T; ++t) {
+        const float s = p.row_sum[t];
+        if (p.route && isnan(s)) continue;  // invalid rows do not score (score_experts alone keeps the NaN)
+        sc += softmax_prob(load_float(p.logits, p.logits_dtype, (int64_t)t * p.logits_stride + e), p.row_max[t], s);
+      }
     } else if (p.score_mode == kScoreTopk) {
       for (int i = 0; i < P; ++i)  // pair order, like index_add_ on the CPU
         if (p.ids[i] == e) sc += p.weights[i];
@@ -297,15 +313,19 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
       const int upper = p.budget >= 0 ? p.budget : U;
       int C = upper;
       if (p.coverage > 0.f) {
-        float total = 0.f;
-        for (int r = 0; r < U; ++r) total += s_score[s_offs[r]];
-        const float target = p.coverage * total;
-        float csum = 0.f;
-        int below = 0;  // number of prefixes whose mass is below the target
+        // Exactly reference._kept_count on the CPU: torch.cumsum of fp32 accumulates in double in
+        // sequential order and rounds every prefix to fp32; target = fp32(coverage) * fp32 total in
+        // fp32; a prefix counts while its mass is strictly below the target. The prefixes replace
+        // the scores in place (s_score is not read after the ranking above).
+        double acc = 0.0;
         for (int r = 0; r < U; ++r) {
-          csum += s_score[s_offs[r]];
-          if (csum < target) ++below;
+          const int e = s_offs[r];
+          acc += (double)s_score[e];
+          s_score[e] = (float)acc;
         }
+        const float target = p.coverage * (float)acc;
+        int below = 0;  // number of prefixes whose mass is below the target
+        for (int r = 0; r < U; ++r) below += s_score[s_offs[r]] < target ? 1 : 0;
         int n = below + 1;
         n = n < U ? n : U;
         C = n < upper ? n : upper;
@@ -334,13 +354,24 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
     p.meta[kMetaBudgeted] = budgeted ? 1 : 0;
   }
 
+  __syncthreads();  // kept_experts complete: invalid rows read its head
+
   // ---- phase D: re-route tokens under the kept set (original full-softmax probabilities)
-  if (budgeted) {
+  if (p.route) {
     for (int t = warp; t < T; t += kWarps) {
       const int64_t row = (int64_t)t * p.logits_stride;
       const float m = p.row_max[t], s = p.row_sum[t];
       int* ids = p.ids + (int64_t)t * k;
       float* w = p.weights + (int64_t)t * k;
+      if (isnan(s)) {  // invalid row (warp-uniform): the k lowest kept ids, weight 0
+        for (int r = lane; r < k; r += 32) {
+          ids[r] = kept_count >= k ? p.kept_experts[r] : r;
+          w[r] = 0.f;
+        }
+        __syncwarp();
+        continue;
+      }
+      if (!budgeted) continue;
       if (p.policy == kSubstitute) {
         // A token whose top-k experts are all kept keeps them (same order): skip its masked top-k.
         bool kept_all = true;

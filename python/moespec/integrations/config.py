@@ -1,7 +1,8 @@
 """Budget settings of a patched model: one small config object instead of flags per call.
 
 `BudgetConfig` is what the user writes (a budget that may be per layer); `resolve` checks it
-against the model's MoE layers and gives a `LayerBudgets`, one cap per MoE layer.
+against the model's MoE layers and gives a `LayerBudgets`, one cap per MoE layer. Both carry the
+``backend`` the moespec ops of budgeted calls run on (`BACKENDS`; fixed for the life of a patch).
 """
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from typing import Callable, Optional, Sequence, Union
 
 from .. import ops
 
-__all__ = ["BudgetConfig", "LayerBudgets", "BudgetSpec", "WHEN_MODES"]
+__all__ = ["BudgetConfig", "LayerBudgets", "BudgetSpec", "WHEN_MODES", "BACKENDS"]
 
 # int for all layers, one entry per MoE layer, or a function of the MoE layer ordinal.
 BudgetSpec = Union[None, int, Sequence[Optional[int]], Callable[[int], Optional[int]]]
 
 WHEN_MODES = ("auto", "always")
+
+# The `moespec.ops` backends a patch can run its budgeted calls on (see `moespec.ops`).
+BACKENDS: tuple[str, ...] = tuple(ops._BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class LayerBudgets:
         score: ``"prob"`` or ``"topk"``.
         coverage: adaptive budget share in ``(0, 1]`` (None: fixed caps).
         min_budget: lower clamp of the adaptive budget (None: the layer's top_k).
+        backend: the `moespec.ops` backend of budgeted calls' routing and experts ops.
     """
 
     caps: tuple[Optional[int], ...]
@@ -35,6 +40,7 @@ class LayerBudgets:
     score: str = "prob"
     coverage: Optional[float] = None
     min_budget: Optional[int] = None
+    backend: str = "auto"
 
     def cap(self, layer: int) -> Optional[int]:
         """The cap of MoE layer ``layer``."""
@@ -58,6 +64,10 @@ class BudgetConfig:
         budget: None, an int for every MoE layer, a list with one int-or-None per MoE layer,
             or a callable ``f(layer_ordinal) -> int | None``.
         policy, score, coverage, min_budget: as in `moespec.ops.budget_routing`.
+        backend: where budgeted calls run moespec's ops (one of `BACKENDS`): ``"auto"`` (the
+            kernels on CUDA tensors, the reference elsewhere), ``"reference"``, ``"cuda"`` or
+            ``"emu"`` (the kernels on the CPU emulator of an emulation build). `resolve` checks
+            the name; `moespec.patch` checks that it can run where the model is.
     """
 
     budget: BudgetSpec = None
@@ -65,14 +75,17 @@ class BudgetConfig:
     score: str = "prob"
     coverage: Optional[float] = None
     min_budget: Optional[int] = None
+    backend: str = "auto"
 
     def resolve(self, top_ks: Sequence[int]) -> LayerBudgets:
         """Validate against MoE layers with the given top-k and return per-layer caps.
 
         Raises:
             ValueError: a malformed budget (wrong list length, non-int entries, below top-k),
-                an unknown policy or score mode, or a coverage outside ``(0, 1]``.
+                an unknown policy, score mode or backend, or a coverage outside ``(0, 1]``.
         """
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ValueError(f"moespec: backend must be one of {BACKENDS}, got {self.backend!r}")
         n = len(top_ks)
         caps = self._caps(n)
         for i, (cap, k) in enumerate(zip(caps, top_ks)):
@@ -82,7 +95,7 @@ class BudgetConfig:
                 where = f"MoE layer {i}: " if n > 1 and not isinstance(self.budget, int) else ""
                 raise ValueError(f"moespec: invalid budget settings: {where}{err}") from None
         return LayerBudgets(caps, self.policy, self.score,
-                            None if self.coverage is None else float(self.coverage), self.min_budget)
+                            None if self.coverage is None else float(self.coverage), self.min_budget, self.backend)
 
     def _caps(self, n: int) -> tuple[Optional[int], ...]:
         b = self.budget

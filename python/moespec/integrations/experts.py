@@ -2,8 +2,9 @@
 
 transformers v5 dispatches every fused experts module through ``ExpertsInterface`` by the
 name in ``config._experts_implementation``; registering ``"moespec"`` there routes the expert
-math of patched models to `moespec.ops.moe_experts` (CUDA kernels on GPU, the reference
-elsewhere) while module names, state-dict keys and hooks stay as they are.
+math of patched models' budgeted calls to `moespec.ops.moe_experts` (on the patch's backend:
+by default the CUDA kernels on GPU, the reference elsewhere) while module names, state-dict
+keys and hooks stay as they are.
 """
 from __future__ import annotations
 
@@ -30,14 +31,17 @@ class ExpertsState:
         budgeted: set by the router hook for the current call: run moespec's experts. Dropped
             pairs reach them with weight 0 (`budget_router_output`), so no kept set is needed:
             zero-weight pairs are never computed and their weights never read.
+        backend: the `moespec.ops` backend of budgeted calls (set by the router hook with
+            ``budgeted``, from the call's settings); unbudgeted calls never read it.
     """
 
-    __slots__ = ("layout", "original", "budgeted")
+    __slots__ = ("layout", "original", "budgeted", "backend")
 
-    def __init__(self, layout, original: str = "eager") -> None:
+    def __init__(self, layout, original: str = "eager", backend: str = "auto") -> None:
         self.layout = layout
         self.original = original
         self.budgeted = False
+        self.backend = backend
 
 
 def register() -> None:
@@ -77,7 +81,7 @@ def moespec_experts_forward(
     # Autocast can hand fp32 activations to half-precision experts; compute in the weights' dtype.
     x = hidden_states.to(w_gate_up.dtype).contiguous()
     y = ops.moe_experts(x, w_gate_up, w_down, top_k_index, top_k_weights, None, layout=layout,
-                        b_gate_up=b_gate_up, b_down=b_down)
+                        b_gate_up=b_gate_up, b_down=b_down, backend=state.backend)
     return y.to(hidden_states.dtype)
 
 

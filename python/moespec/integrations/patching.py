@@ -7,8 +7,8 @@ How a patch works, without replacing any module (names, state-dict keys, TP plan
   router's ``(logits, weights, ids)`` output and leaves the kept set for the experts; the full
   logits pass through unchanged;
 - the experts run through transformers' experts registry under the name ``"moespec"``
-  (`moespec.ops.moe_experts`: kernels on CUDA, the reference elsewhere), reading only the kept
-  experts' weights;
+  (`moespec.ops.moe_experts` on the patch's ``backend``: by default kernels on CUDA, the
+  reference elsewhere), reading only the kept experts' weights;
 - forward hooks on the model open and close one "call" per top-level forward: they decide
   whether a budget applies (explicit `expert_budget`, else the default in ``"auto"`` or
   ``"always"`` mode) and collect one `CallStats`.
@@ -32,7 +32,7 @@ from .architectures import (
 from .calls import CallShape, call_shape, positional_names
 from .config import WHEN_MODES, BudgetConfig, BudgetSpec, LayerBudgets
 from .experts import IMPLEMENTATION_NAME, ExpertsState, moespec_experts_forward, register
-from .. import reference
+from .. import _cuda, reference
 from .routing import RouterSpec, budget_router_output
 from .stats import CallStats, LayerStats, RoutingStats
 
@@ -172,6 +172,7 @@ class _PatchedLayer:
                 self._record(stats, ids.shape[0] if mask is None else mask.sum(), union.sum(), union, cap, applies)
             return logits, weights, ids
         self.state.budgeted = True
+        self.state.backend = settings.backend
         r = budget_router_output(self.info.router, logits, weights, ids, cap, settings,
                                  self.spec.correction_bias(self.router), mask)
         if stats is not None:
@@ -213,6 +214,8 @@ class PatchHandle:
         layers: `MoELayerInfo` per MoE layer, in order.
         default: the default `LayerBudgets` (``None`` caps when no budget was given).
         when: ``"auto"`` (default budget only for verification-shaped calls) or ``"always"``.
+        backend: the `moespec.ops` backend of budgeted calls (fixed at patch time; budgets set
+            later, `set_budget` and `expert_budget`, keep it).
     """
 
     def __init__(self, model: torch.nn.Module, blocks, default: BudgetConfig, when: str) -> None:
@@ -248,6 +251,11 @@ class PatchHandle:
         """True until `unpatch` is called."""
         return self._active
 
+    @property
+    def backend(self) -> str:
+        """The `moespec.ops` backend budgeted calls run on (``"auto"``, ``"reference"``, ``"cuda"``, ``"emu"``)."""
+        return self.default.backend
+
     def resolve(self, config: BudgetConfig) -> LayerBudgets:
         """Validate ``config`` against this model's MoE layers."""
         return config.resolve([info.top_k for info in self.layers])
@@ -256,7 +264,7 @@ class PatchHandle:
                    coverage: Optional[float] = None, min_budget: Optional[int] = None,
                    when: Optional[str] = None) -> None:
         """Replace the default budget (and optionally the mode) of the patched model."""
-        self.default = self.resolve(BudgetConfig(budget, policy, score, coverage, min_budget))
+        self.default = self.resolve(BudgetConfig(budget, policy, score, coverage, min_budget, self.backend))
         if when is not None:
             self.when = _check_when(when)
 
@@ -265,7 +273,7 @@ class PatchHandle:
                coverage: Optional[float] = None, min_budget: Optional[int] = None) -> Iterator["PatchHandle"]:
         """Context manager: every forward inside uses this budget (see `expert_budget`)."""
         settings = self.resolve(BudgetConfig(budget, policy, self.default.score if score is None else score,
-                                             coverage, min_budget))
+                                             coverage, min_budget, self.backend))
         self._overrides.append(settings)
         try:
             yield self
@@ -310,7 +318,7 @@ class PatchHandle:
         caps = self.default.caps
         cap = caps[0] if len(set(caps)) == 1 and caps else list(caps)
         return (f"PatchHandle(layers={len(self.layers)}, budget={cap}, policy={self.default.policy!r}, "
-                f"when={self.when!r}, patched={self._active})")
+                f"when={self.when!r}, backend={self.backend!r}, patched={self._active})")
 
     # -- internals
 
@@ -422,6 +430,43 @@ def _unwrap_assisted_decoding(cls: Optional[type]) -> None:
                 delattr(cls, _ASSISTED_METHOD)
 
 
+def _check_backend_can_run(backend: str, blocks) -> None:
+    """Refuse, at patch time, a ``backend`` that cannot run the budgeted ops of these MoE blocks
+    where they are (the name itself is checked by `BudgetConfig.resolve`)."""
+    if backend not in ("cuda", "emu"):
+        return  # "auto" and "reference" run anywhere
+    tensors = [t for _, block, _ in blocks for t in (*block.parameters(), *block.buffers())]
+    devices = sorted({str(t.device) for t in tensors})
+    # The plan kernel serves the softmax top-k routers' routing op; every block runs the experts op.
+    launchers = ["moe_experts"]
+    if any(spec.router_spec(getattr(block, spec.router_attr)).kind == "softmax_topk" for _, block, spec in blocks):
+        launchers.append("routing_plan")
+    if backend == "cuda":
+        reason = _cuda.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"moespec.patch: backend='cuda' cannot run here: {reason}. Use backend='auto' "
+                               "(kernels where available) or 'reference'")
+        if any(t.device.type != "cuda" for t in tensors):
+            raise ValueError(f"moespec.patch: backend='cuda' needs the MoE blocks on a CUDA device, but their "
+                             f"weights are on {', '.join(devices)}; move the model first (model.to('cuda')) or "
+                             "use backend='auto' / 'reference'")
+        missing = [name for name in launchers if not _cuda.has_kernel(name)]
+        if missing:
+            raise RuntimeError(f"moespec.patch: backend='cuda': this build has no CUDA kernel {', '.join(missing)}")
+    else:
+        if not _cuda.emu_compiled():
+            raise RuntimeError(f"moespec.patch: backend='emu' needs an emulation build of moespec, but this one was "
+                               f"built with backend {_cuda.backend()!r}; reinstall with MOESPEC_CUDA=EMU to run the "
+                               "kernels on CPU tensors, or use backend='auto' / 'reference'")
+        if any(t.device.type != "cpu" for t in tensors):
+            raise ValueError(f"moespec.patch: backend='emu' runs the kernels on CPU tensors, but the MoE blocks' "
+                             f"weights are on {', '.join(devices)}; move the model to the CPU (model.to('cpu')) "
+                             "or use backend='cuda' / 'auto' on a GPU")
+        missing = [name for name in launchers if not _cuda.has_emu_kernel(name)]
+        if missing:
+            raise RuntimeError(f"moespec.patch: backend='emu': this emulation build has no kernel {', '.join(missing)}")
+
+
 def _check_when(when: str) -> str:
     if when not in WHEN_MODES:
         raise ValueError(f"moespec: when must be one of {WHEN_MODES}, got {when!r}")
@@ -506,6 +551,7 @@ def patch(
     coverage: Optional[float] = None,
     min_budget: Optional[int] = None,
     when: str = "auto",
+    backend: str = "auto",
 ) -> PatchHandle:
     """Make a loaded transformers MoE model run budgeted MoE layers (DESIGN §3).
 
@@ -523,14 +569,24 @@ def patch(
             than one new token per sequence with a non-empty KV cache), so transformers'
             ``generate(assistant_model=...)`` / ``prompt_lookup_num_tokens`` get budgeted
             verification; ``"always"``: every forward. `expert_budget` overrides both.
+        backend: where budgeted calls run moespec's routing and experts ops (`moespec.ops`
+            backends): ``"auto"`` (CUDA kernels for CUDA tensors, the reference elsewhere),
+            ``"reference"`` (always the PyTorch reference), ``"cuda"`` (the kernels; the model
+            must be on a GPU), ``"emu"`` (the kernels on the CPU emulator of an emulation build,
+            ``MOESPEC_CUDA=EMU``; slow, for testing kernels without a GPU). Unbudgeted calls run
+            the model's own experts whatever the backend. The ops' own fallbacks still apply
+            (e.g. fp32 experts run the reference: the experts kernels are bf16/fp16).
 
     Returns:
         `PatchHandle` (``.stats``, ``.unpatch()``, usable as a context manager).
 
     Raises:
         UnsupportedModelError: no supported MoE block (the model is left untouched).
-        ValueError: invalid budget, policy, score, coverage or mode.
-        RuntimeError: the model is already patched (use `get_handle`).
+        ValueError: invalid budget, policy, score, coverage, mode or backend name, or a
+            ``"cuda"`` / ``"emu"`` backend with the MoE blocks on another device.
+        RuntimeError: the model is already patched (use `get_handle`), or the backend's kernels
+            are not available here (no GPU / CUDA build for ``"cuda"``, not an emulation build
+            for ``"emu"``).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"moespec.patch expects a torch.nn.Module, got {type(model).__name__}")
@@ -551,7 +607,8 @@ def patch(
                 f"moespec.patch: the MoE block {name or type(block).__name__!r} is already patched through "
                 f"{what} ({relation}); unpatch that handle first (moespec.integrations.get_handle(...).unpatch()) "
                 "instead of stacking two patches on the same routers")
-    handle = PatchHandle(model, blocks, BudgetConfig(budget, policy, score, coverage, min_budget), when)
+    handle = PatchHandle(model, blocks, BudgetConfig(budget, policy, score, coverage, min_budget, backend), when)
+    _check_backend_can_run(handle.backend, blocks)
     handle._install(model)
     _HANDLES[model] = handle
     return handle

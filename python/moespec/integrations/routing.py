@@ -7,7 +7,8 @@ when nothing is dropped it returns that output unchanged (bitwise), so a budget 
 never a perturbation.
 
 Rules:
-- ``softmax_topk`` (Mixtral, Qwen2/3-MoE, OLMoE): `moespec.ops.budget_routing`.
+- ``softmax_topk`` (Mixtral, Qwen2/3-MoE, OLMoE): `moespec.ops.budget_routing_masked` (on the
+  settings' backend).
 - ``sigmoid_group_topk`` (DeepSeek-V3): score = the biased selection score ``sigmoid(z) + b``
   (clamped at 0) normalised per token; substitute re-runs the model's group-limited top-k over
   the kept experts; weights are the unbiased sigmoid scores, renormalised if the model does,
@@ -75,7 +76,9 @@ def budget_router_output(
         logits: ``[T, E]`` router logits as the model returns them.
         weights, ids: ``[T, k]`` the model's unbudgeted top-k weights and ids.
         cap: this layer's cap (None: coverage only).
-        settings: policy, score mode, coverage, min_budget.
+        settings: policy, score mode, coverage, min_budget, and the ops backend (the
+            ``softmax_topk`` rule's `moespec.ops.budget_routing_masked`; the other rules are
+            plain torch ops on the logits' device).
         correction_bias: ``[E]`` DeepSeek-V3's ``e_score_correction_bias``.
         token_mask: ``[T]`` bool, False for padding tokens: they count neither towards the
             union nor the scores, and get zero weights.
@@ -89,7 +92,8 @@ def budget_router_output(
     min_budget = spec.top_k if settings.min_budget is None else settings.min_budget
     if spec.kind == "softmax_topk":
         r = ops.budget_routing_masked(logits, spec.top_k, cap, settings.policy, spec.renormalize, settings.score,
-                                      settings.coverage, settings.min_budget, token_mask=token_mask)
+                                      settings.coverage, settings.min_budget, token_mask=token_mask,
+                                      backend=settings.backend)
         new_ids, new_w, kept, union, budgeted = r
     else:
         umask = reference.union_mask(ids, E, token_mask)

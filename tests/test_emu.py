@@ -1,0 +1,390 @@
+"""The CPU emulator of the CUDA kernels (csrc/emu), tested on its own through ``moespec._C``.
+
+Only in an emulation build (``MOESPEC_CUDA=EMU``); marked ``emu``. What is checked:
+
+- ``emu_selftest_mma``: the warp-wide mma.m16n8k16 (bf16 and fp16) against a float64 matrix
+  product, and with single non-zero A / B / C elements, so that any fragment-position mistake shows;
+- ``emu_selftest(name)``: every scenario of csrc/emu/selftest.cpp (barriers, poison, warp
+  collectives, cp.async, launch checks, seeded block / thread order). Scenarios that must fail
+  with a deadlock or a collective error are first run in a subprocess with a timeout, so an
+  emulator that hangs instead fails here;
+- the 16-bit conversions ``emu_to_bf16 / emu_to_half / emu_from_bf16 / emu_from_half`` bitwise
+  against torch (round to nearest even, subnormals, ties, overflow, inf; NaN stays NaN).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moespec import _cuda
+
+pytestmark = [
+    pytest.mark.emu,
+    pytest.mark.skipif(not _cuda.emu_compiled(),
+                       reason=f"not an emulation build (moespec backend: {_cuda.backend()}; MOESPEC_CUDA=EMU)"),
+]
+
+C = _cuda._C
+UNWRITTEN = -7  # what emu_selftest reports for values a scenario never wrote
+POISON = -1  # a 0xFF-poisoned int
+
+
+@pytest.fixture(autouse=True)
+def _restore_emu_seed():
+    """These tests set the scheduling seed themselves; put the previous one back afterwards."""
+    before = C.emu_seed()
+    yield
+    C.emu_set_seed(before)
+
+
+def _run(name, seed=None):
+    if seed is not None:
+        C.emu_set_seed(seed)
+    err, values = C.emu_selftest(name)
+    assert len(values) == 512
+    return err, list(values)
+
+
+# ----------------------------------------------------------------------------- mma.sync m16n8k16
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _mma(kind, a, b, c):
+    """D = A B + C through one emulated warp; A [16,16], B [16,8] 16-bit, C [16,8] fp32."""
+    dt = _DTYPES[kind]
+    a, b = a.to(dt).contiguous(), b.to(dt).contiguous()
+    c = c.float().contiguous()
+    d = torch.full((16, 8), float("nan"))
+    C.emu_selftest_mma(kind == "bf16", a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr())
+    return d
+
+
+@pytest.mark.parametrize("kind", list(_DTYPES))
+@pytest.mark.parametrize("seed", range(6))
+def test_mma_matches_float64_product(kind, seed):
+    g = torch.Generator().manual_seed(1000 * seed + len(kind))
+    scale = [1.0, 1e-3, 30.0, 1.0, 0.01, 4.0][seed]
+    a = (torch.randn(16, 16, generator=g) * scale).to(_DTYPES[kind])
+    b = (torch.randn(16, 8, generator=g) * scale).to(_DTYPES[kind])
+    c = torch.randn(16, 8, generator=g) * scale * scale * (0 if seed == 3 else 1)
+    d = _mma(kind, a, b, c)
+    assert torch.isfinite(d).all()
+    ref = a.double() @ b.double() + c.double()
+    # fp32 accumulation of 16 exact products: a few fp32 roundings of the magnitudes involved.
+    bound = 4 * 2.0 ** -24 * (a.double().abs() @ b.double().abs() + c.double().abs()) + 1e-45
+    err = (d.double() - ref).abs()
+    assert (err <= bound).all(), f"max error {float(err.max())}, bound there {float(bound.flatten()[err.argmax()])}"
+
+
+@pytest.mark.parametrize("kind", list(_DTYPES))
+def test_mma_fragment_positions(kind):
+    """One non-zero element at a time: a misplaced fragment element moves or drops a value."""
+    b_vals = (torch.arange(128, dtype=torch.float32) + 1).reshape(16, 8)  # exact in bf16 and fp16
+    a_vals = (torch.arange(256, dtype=torch.float32) + 1).reshape(16, 16)
+    zero_c = torch.zeros(16, 8)
+    for m in range(16):
+        for k in range(16):
+            a = torch.zeros(16, 16)
+            a[m, k] = 1.0
+            d = _mma(kind, a, b_vals, zero_c)
+            want = torch.zeros(16, 8)
+            want[m] = b_vals[k]
+            assert torch.equal(d, want), f"A[{m},{k}] = 1: row {m} must be B[{k}], the rest 0; got {d}"
+    for k in range(16):
+        for n in range(8):
+            b = torch.zeros(16, 8)
+            b[k, n] = 1.0
+            d = _mma(kind, a_vals, b, zero_c)
+            want = torch.zeros(16, 8)
+            want[:, n] = a_vals[:, k]
+            assert torch.equal(d, want), f"B[{k},{n}] = 1: column {n} must be A[:, {k}], the rest 0; got {d}"
+    # C passes through unchanged (bitwise) when A B = 0, element by element.
+    c = torch.randn(16, 8, generator=torch.Generator().manual_seed(7)) * 1e3
+    assert torch.equal(_mma(kind, torch.zeros(16, 16), b_vals, c), c)
+    assert torch.equal(_mma(kind, a_vals, torch.zeros(16, 8), c), c)
+
+
+# ----------------------------------------------------------------------------- self-test scenarios
+
+SEEDS = [1, 2, 3, 0xDEADBEEF, 2**63 + 5, 12345678901234]
+
+# Scenarios that must end in an error a broken emulator could turn into a hang, and what the
+# error must say.
+FAILING = {
+    "early_exit_barrier": ("deadlock", "__syncthreads"),
+    "partial_mask": ("mask", "0x0000ffff"),
+    "divergent_collective": ("divergent",),
+    "warp_vs_block": ("deadlock", "__syncwarp", "__syncthreads"),
+}
+
+_SUBPROCESS = textwrap.dedent("""
+    import importlib.util, json, sys
+    spec = importlib.util.spec_from_file_location("moespec._C", sys.argv[1])
+    C = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(C)
+    out = {}
+    for seed in (1, 2, 3):
+        C.emu_set_seed(seed)
+        for name in sys.argv[2:]:
+            err, values = C.emu_selftest(name)
+            out.setdefault(name, []).append(err)
+        C.emu_set_seed(seed)
+        out.setdefault("after", []).append(C.emu_selftest("barrier_ok"))
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def failing_in_subprocess():
+    """Run the FAILING scenarios in a fresh process (only the extension is loaded, no torch) with
+    a timeout: an emulator that hangs on them fails the tests instead of hanging the run."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, C.__file__, *FAILING], capture_output=True,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the emulator hung on a deadlock / collective-error scenario (no result within 120 s)")
+    assert proc.returncode == 0, f"the scenarios crashed the process (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(FAILING))
+def test_failing_scenarios_report_and_never_hang(name, failing_in_subprocess):
+    for err in failing_in_subprocess[name]:
+        assert err, f"{name} must fail"
+        for word in FAILING[name]:
+            assert word.lower() in err.lower(), f"{name}: {word!r} not in the error {err!r}"
+    # The process still launches normally after the failed launches.
+    for err, values in failing_in_subprocess["after"]:
+        assert err == "" and values[:64] == [(t + 1) % 64 for t in range(64)]
+
+
+def test_emulator_recovers_after_failed_launches(failing_in_subprocess):
+    """In this process too (the subprocess showed none of these hangs): after every kind of failed
+    launch, launches work again and see freshly poisoned shared memory."""
+    del failing_in_subprocess
+    for seed in SEEDS[:3]:
+        for name in (*FAILING, "cp_async_misaligned", "dyn_smem_without_opt_in", "block_too_large",
+                     "grid_y_too_large"):
+            err, _ = _run(name, seed)
+            assert err, name
+            err, values = _run("barrier_ok")
+            assert err == "" and values[:64] == [(t + 1) % 64 for t in range(64)], f"after {name}"
+            err, values = _run("smem_poison")
+            assert err == "" and values[:128] == [POISON] * 128, f"after {name}"
+
+
+def test_barrier_ok():
+    for seed in SEEDS:
+        err, v = _run("barrier_ok", seed)
+        assert err == ""
+        assert v[:64] == [(t + 1) % 64 for t in range(64)]
+        assert v[64:] == [UNWRITTEN] * (512 - 64)
+
+
+def test_missing_barrier_shows_poison():
+    """Without the barrier a thread may read its neighbour's word before it is written: shared
+    memory then still holds the poison. Which threads do depends on the seeded thread order."""
+    patterns = set()
+    for seed in SEEDS:
+        err, v = _run("missing_barrier", seed)
+        assert err == ""
+        for t in range(64):
+            assert v[t] in ((t + 1) % 64, POISON), (seed, t, v[t])
+        assert POISON in v[:64], f"seed {seed}: no thread read unwritten (poisoned) shared memory"
+        patterns.add(tuple(x == POISON for x in v[:64]))
+    assert len(patterns) > 1, "the thread order does not depend on the seed"
+
+
+def test_shuffles_and_votes_exact():
+    """64 threads (2 warps), value 10 * threadIdx.x; per thread: xor 5, up 3, down 7, idx 9,
+    all(t < 40), any(lane == 31), ballot(lane % 3 == 0)."""
+    ballot = sum(1 << lane for lane in range(0, 32, 3))
+    for seed in SEEDS[:3]:
+        err, v = _run("shuffles", seed)
+        assert err == ""
+        for t in range(64):
+            w, lane = divmod(t, 32)
+            base = 32 * w
+            want = [
+                10 * (base + (lane ^ 5)),
+                10 * (base + (lane - 3 if lane >= 3 else lane)),
+                10 * (base + (lane + 7 if lane + 7 < 32 else lane)),
+                10 * (base + 9),
+                1 if w == 0 else 0,
+                1,
+                ballot,
+            ]
+            assert v[7 * t:7 * t + 7] == want, (seed, t, v[7 * t:7 * t + 7], want)
+        assert v[7 * 64:] == [UNWRITTEN] * (512 - 7 * 64)
+
+
+def test_cp_async_lands_at_wait_group():
+    """Each of 32 threads copies 16 bytes (even threads with zero-fill): the destination reads as
+    poison right after the issue, as the data (or zeros) after wait_group; a neighbour's word read
+    without a barrier is either still poison or already its data."""
+    neighbour_states = set()
+    for seed in SEEDS:
+        err, v = _run("cp_async", seed)
+        assert err == ""
+        landed = [0 if t % 2 == 0 else 1000 + 4 * t for t in range(32)]
+        for t in range(32):
+            assert v[3 * t] == POISON, (seed, t, "before wait_group")
+            assert v[3 * t + 1] == landed[t], (seed, t, "after wait_group")
+            nb = v[3 * t + 2]
+            assert nb in (POISON, landed[(t + 1) % 32]), (seed, t, "neighbour", nb)
+            neighbour_states.add(nb == POISON)
+        assert v[96:] == [UNWRITTEN] * (512 - 96)
+    assert neighbour_states == {True, False}, "no seed showed both an in-flight and a landed neighbour"
+
+
+def test_cp_async_misaligned_is_an_error():
+    err, _ = _run("cp_async_misaligned", 1)
+    assert "misaligned" in err and "illegal memory access" in err, err
+
+
+def test_shared_memory_poisoned():
+    for seed in SEEDS[:3]:
+        err, v = _run("smem_poison", seed)
+        assert err == ""
+        assert v[:128] == [POISON] * 128, "static and dynamic shared memory must start as 0xFF bytes"
+        assert v[128:] == [UNWRITTEN] * (512 - 128)
+
+
+def test_dynamic_smem_needs_opt_in():
+    err, v = _run("dyn_smem_without_opt_in", 1)
+    assert "smem_user_c" in err and "65536" in err and "cudaFuncAttributeMaxDynamicSharedMemorySize" in err, err
+    assert v == [UNWRITTEN] * 512, "a rejected launch must not run"
+
+
+def test_dynamic_smem_opt_in_is_per_kernel():
+    """Opting in one kernel must not let another kernel of the same function type use more."""
+    err, v = _run("dyn_smem_opt_in_per_kernel", 1)
+    assert err, "the kernel that never opted in must be rejected"
+    assert not err.startswith("opted-in kernel failed"), err
+    assert "smem_user_b" in err and "98304" in err and "cudaFuncAttributeMaxDynamicSharedMemorySize" in err, err
+    assert v[0] == 1 and v[1:] == [UNWRITTEN] * 511, "the opted-in kernel runs, the other does not"
+
+
+@pytest.mark.parametrize("name,words", [("block_too_large", ("2048", "exceeds")),
+                                        ("grid_y_too_large", ("70000", "exceeds"))])
+def test_launch_limits(name, words):
+    err, v = _run(name, 1)
+    assert "invalid configuration" in err, err
+    for w in words:
+        assert w in err, err
+    assert v == [UNWRITTEN] * 512, "a rejected launch must not run"
+
+
+@pytest.mark.parametrize("name,count", [("block_order", 16), ("thread_order", 64)])
+def test_seeded_order(name, count):
+    """Blocks (16) and the threads of a block (64) run in a seeded random order: a permutation,
+    the same for the same seed, different across seeds."""
+    orders = []
+    for seed in SEEDS:
+        err, v = _run(name, seed)
+        assert err == ""
+        assert sorted(v[:count]) == list(range(count)), v[:count]
+        assert v[count:] == [UNWRITTEN] * (512 - count)
+        again = _run(name, seed)[1]
+        assert again == v, "the same seed must give the same order"
+        orders.append(tuple(v[:count]))
+    assert len(set(orders)) == len(orders), "different seeds gave the same order"
+
+
+def test_every_scenario_is_tested():
+    tested = {*FAILING, "barrier_ok", "missing_barrier", "shuffles", "cp_async", "cp_async_misaligned",
+              "smem_poison", "dyn_smem_without_opt_in", "dyn_smem_opt_in_per_kernel", "block_too_large",
+              "grid_y_too_large", "block_order", "thread_order"}
+    assert set(C.emu_selftest_names()) == tested
+    err, _ = C.emu_selftest("no_such_scenario")
+    assert "no such self-test" in err
+
+
+# ----------------------------------------------------------------------------- 16-bit conversions
+
+
+def _conversion_inputs() -> torch.Tensor:
+    """fp32 values: random bit patterns (all exponents, subnormals, inf, NaN), random normals of
+    many scales, bf16 ties and neighbours, every fp16 midpoint (ties, incl. subnormal ones) and
+    the overflow and underflow boundaries of both formats."""
+    g = torch.Generator().manual_seed(20240607)
+    parts = []
+    raw = torch.randint(-(2**31), 2**31, (40000,), generator=g, dtype=torch.int64).to(torch.int32)
+    parts.append(raw.view(torch.float32))
+    sub = torch.randint(1, 2**23, (3000,), generator=g, dtype=torch.int64)  # fp32 subnormals, both signs
+    sub = torch.cat([sub, sub | (1 << 31)]).to(torch.int64)
+    parts.append(((sub + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32))
+    for scale in (1e-30, 1e-8, 6e-5, 1e-3, 1.0, 300.0, 6e4, 1e30):
+        parts.append(torch.randn(2000, generator=g) * scale)
+    # bf16 ties (low 16 bits exactly 0x8000) and their neighbours, over random upper halves.
+    upper = torch.randint(0, 2**16, (3000,), generator=g, dtype=torch.int64)
+    for low in (0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF):
+        bits = (upper << 16) | low
+        parts.append(((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32))
+    # Every midpoint between consecutive finite fp16 values (exact in fp32), both signs.
+    h = torch.arange(0, 0x7BFF, dtype=torch.int64)
+    lo = h.to(torch.int16).view(torch.float16).double()
+    hi = (h + 1).to(torch.int16).view(torch.float16).double()
+    mid = ((lo + hi) / 2).float()
+    parts += [mid, -mid, torch.nextafter(mid, torch.full_like(mid, float("inf"))),
+              torch.nextafter(mid, torch.zeros_like(mid))]
+    specials = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan"),
+                65504.0, 65519.99, 65520.0, 65536.0, 1e5, -65520.0, 2.0 ** -14, 2.0 ** -24, 2.0 ** -25,
+                1.5 * 2.0 ** -24, 2.0 ** -26, 2.0 ** -14 - 2.0 ** -25, 3.4028234663852886e38, 3.3961e38,
+                1.1754943508222875e-38, 1e-45, -1e-45]
+    parts.append(torch.tensor(specials, dtype=torch.float32))
+    near = torch.tensor([65520.0, 2.0 ** -25, 3.3961e38], dtype=torch.float32)
+    parts += [torch.nextafter(near, torch.full_like(near, float("inf"))), torch.nextafter(near, torch.zeros_like(near))]
+    parts.append(torch.tensor([0x7F800001, 0x7FBFFFFF, 0x7FC00000, -1, 0x7FFFFFFF], dtype=torch.int32).view(torch.float32))
+    return torch.cat([p.float().reshape(-1) for p in parts])
+
+
+def _bits16(t: torch.Tensor) -> list[int]:
+    return [b & 0xFFFF for b in t.view(torch.int16).tolist()]
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_to_16_bit_matches_torch(fmt):
+    x = _conversion_inputs()
+    dt, conv = (torch.bfloat16, C.emu_to_bf16) if fmt == "bf16" else (torch.float16, C.emu_to_half)
+    exp_mask, man_mask = (0x7F80, 0x007F) if fmt == "bf16" else (0x7C00, 0x03FF)
+    want = _bits16(x.to(dt))
+    values = x.tolist()
+    nan_in = torch.isnan(x).tolist()
+    assert sum(nan_in) > 10 and torch.isinf(x).any()
+    mismatches = []
+    for v, w, is_nan in zip(values, want, nan_in):
+        got = conv(v)
+        if is_nan:
+            if not ((got & exp_mask) == exp_mask and (got & man_mask) != 0):
+                mismatches.append((v, hex(_f32_bits(v)), hex(got), "NaN must stay NaN"))
+        elif got != w:
+            mismatches.append((v, hex(_f32_bits(v)), hex(got), hex(w)))
+    assert not mismatches, f"{len(mismatches)} of {len(values)} differ from torch; first: {mismatches[:10]}"
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_from_16_bit_matches_torch_exhaustively(fmt):
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int16)
+    dt, conv = (torch.bfloat16, C.emu_from_bf16) if fmt == "bf16" else (torch.float16, C.emu_from_half)
+    want = bits.view(dt).float()
+    mismatches = []
+    for b, w in zip(bits.tolist(), want.tolist()):
+        got = conv(b & 0xFFFF)
+        if w != w:
+            if got == got:
+                mismatches.append((hex(b & 0xFFFF), got, "NaN must stay NaN"))
+        elif _f32_bits(got) != _f32_bits(w):
+            mismatches.append((hex(b & 0xFFFF), got, w))
+    assert not mismatches, f"{len(mismatches)} of 65536 differ from torch; first: {mismatches[:10]}"
