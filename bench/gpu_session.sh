@@ -77,7 +77,7 @@ if [[ "$STAGE" == all || "$STAGE" == sanitize ]]; then
     echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin, \$CUDA_HOME/bin): sanitize stage skipped"
   else
     # A small selection: the sanitizers slow kernels 10-100x and load torch once per tool.
-    sel="${SANITIZE_TESTS:-test_moe_experts_matches_reference and dtype0-17-60-4 or test_budget_routing_matches_reference and 17-256-8}"
+    sel="${SANITIZE_TESTS:-test_moe_experts_matches_reference and cuda-17-60-4-bfloat16 or test_budget_routing_matches_reference and cuda-17-256-8}"
     per_tool=$(( ${SANITIZE_TIMEOUT:-90} / 3 ))
     # Check moespec's kernels only (torch's own kernels would cost most of the time).
     filt=()
