@@ -204,10 +204,10 @@ def test_output_cache_reads_the_field(tiny, moespec_deprecation_guard):
     assert output_cache(types.SimpleNamespace(logits=1)) is None
 
 
-def test_spec_generate_passes_no_deprecated_argument(tiny):
-    from moespec.spec.drafters import DraftModelDrafter
-    from moespec.spec.engine import generate
-    from moespec.spec.tree import DraftConfig
+def test_speculative_generate_passes_no_deprecated_argument(tiny):
+    from moespec.speculative.drafters import DraftModelDrafter
+    from moespec.speculative.engine import generate
+    from moespec.speculative.tree import DraftConfig
 
     from moespec.integrations.tiny import tiny_model
 

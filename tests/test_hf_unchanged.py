@@ -9,7 +9,7 @@ a ``save_pretrained`` / ``from_pretrained`` round trip. Each patched check also 
 handle's statistics that the patch really ran (and, with the cap, that budgeted calls happened), so
 equality is never vacuous.
 
-The last tests pin `moespec.spec.generate` on the shipped models: greedy, no budget, it equals plain
+The last tests pin `moespec.speculative.generate` on the shipped models: greedy, no budget, it equals plain
 greedy decoding and the golden tokens in ``tests/data/spec_golden.json`` (recorded on transformers
 5.24 by ``tests/data/make_spec_golden.py``), so the same tokens come out across the supported
 transformers range.
@@ -341,10 +341,10 @@ GOLDEN_CASES = [0, 1]
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 @torch.no_grad()
-def test_spec_generate_matches_greedy_and_golden_tokens(shipped, case):
+def test_speculative_generate_matches_greedy_and_golden_tokens(shipped, case):
     """Greedy, no budget: model.generate(do_sample=False) and spec.generate (the recorded chain,
     a tree, prompt lookup) all give exactly the recorded tokens."""
-    from moespec import spec
+    from moespec import speculative as spec
 
     target, draft, golden = shipped
     c = golden["cases"][case]

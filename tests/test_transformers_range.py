@@ -2,7 +2,7 @@
 
 (a) The installed transformers lies inside the range moespec's installed metadata states.
 (b) Per supported architecture: the pieces of transformers the drop-in (`moespec.patch`) and the
-    spec engine (`moespec.spec`) read still exist, so a transformers release that renames or drops
+    spec engine (`moespec.speculative`) read still exist, so a transformers release that renames or drops
     one fails here with a message naming the version, instead of somewhere deep in a patch.
 Only stable transformers API is used, so these tests run unchanged on every supported version
 (the compat lane in .ci/run runs them on the oldest one).
@@ -192,7 +192,7 @@ def test_dynamic_cache_layers_and_4d_masks(arch):
     assert cache.get_seq_length() == ids.shape[1], _broke("DynamicCache.get_seq_length() does not count the prompt")
     assert callable(getattr(cache, "crop", None)), _broke("DynamicCache has no `crop`")
     if arch == "gpt_oss":
-        return  # sliding-window targets are refused by moespec.spec's tree verification anyway
+        return  # sliding-window targets are refused by moespec.speculative's tree verification anyway
     # The spec engine verifies trees with an additive float 4-D mask; a causal one must match the default.
     q = ids.shape[1]
     mask = torch.full((q, q), torch.finfo(torch.float32).min).triu(1)[None, None]

@@ -21,7 +21,7 @@ _LAZY = {
     "verification": "moespec.integrations",
     "get_handle": "moespec.integrations",
     "integrations": "moespec.integrations",
-    "spec": "moespec.spec",
+    "speculative": "moespec.speculative",
 }
 
 

@@ -192,7 +192,7 @@ def _bench_layer(args: argparse.Namespace) -> int:
 
 def _bench_generate(args: argparse.Namespace) -> int:
     from .bench import generate as g
-    from .spec import default_budget_choices
+    from .speculative import default_budget_choices
 
     device = _device(args.device)
     model, codec, target_label = g.load_target(args.target, args.dtype, device)

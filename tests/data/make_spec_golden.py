@@ -2,9 +2,9 @@
 
     python tests/data/make_spec_golden.py
 
-`tests/test_hf_unchanged.py::test_spec_generate_matches_golden_tokens` replays these settings on
+`tests/test_hf_unchanged.py::test_speculative_generate_matches_golden_tokens` replays these settings on
 whatever transformers is installed and expects exactly these tokens, so one recording (made on the
-newest supported transformers) pins `moespec.spec.generate` across the supported range. Re-record
+newest supported transformers) pins `moespec.speculative.generate` across the supported range. Re-record
 only when the shipped weights or the recorded settings change, never to paper over a mismatch.
 
 For each prompt the file stores the prompt text and its token ids (the test feeds the ids, so a
@@ -36,7 +36,7 @@ DTYPE = "float32"
 def record() -> dict:
     import transformers
 
-    from moespec import spec
+    from moespec import speculative as spec
     from moespec.models import load_draft, load_target, load_tokenizer
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def record() -> dict:
             "min_top2_margin": round(float((top2[:, 0] - top2[:, 1]).min()), 4),
         })
     return {
-        "description": "moespec.spec.generate greedy tokens, shipped target+draft, no budget "
+        "description": "moespec.speculative.generate greedy tokens, shipped target+draft, no budget "
                        "(recorded by tests/data/make_spec_golden.py)",
         "settings": {"dtype": DTYPE, "device": "cpu", "draft": DRAFT_K, "drafter": "load_draft()",
                      "max_new_tokens": MAX_NEW_TOKENS, "do_sample": False, "budget": None,

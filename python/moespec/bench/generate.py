@@ -150,7 +150,7 @@ def make_drafter_factory(spec: str, target_spec: str, dtype: str = "fp32",
     ``auto``: the built-in draft model for the built-in target, else prompt lookup;
     ``prompt-lookup``; ``default`` (built-in draft); ``tiny:ARCH`` (random, seed 1); an HF id/path.
     """
-    from ..spec import DraftModelDrafter, PromptLookupDrafter
+    from ..speculative import DraftModelDrafter, PromptLookupDrafter
 
     if spec == "auto":
         spec = "default" if target_spec == "default" else "prompt-lookup"
@@ -235,8 +235,8 @@ def _layer_means(iterations: Sequence[dict]) -> tuple[Optional[float], Optional[
 
 def run_one(model, prompt_ids: Sequence[int], drafter, mode: Mode, max_new_tokens: int, policy: str = "substitute",
             eos_token_id=None, budget_choices=None) -> tuple[list[int], dict]:
-    """One greedy `moespec.spec.generate` call for ``mode``; returns (new token ids, stats dict)."""
-    from ..spec import generate
+    """One greedy `moespec.speculative.generate` call for ``mode``; returns (new token ids, stats dict)."""
+    from ..speculative import generate
 
     kw = dict(drafter=drafter, max_new_tokens=max_new_tokens, draft=mode.k, policy=policy,
               controller=mode.controller, do_sample=False, eos_token_id=eos_token_id, routing_stats=True)

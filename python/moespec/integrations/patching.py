@@ -62,7 +62,7 @@ def verification() -> Iterator[None]:
     ``when="auto"`` budgets only verification forwards: those inside this context (whatever
     their shape), and verification-shaped calls (several new tokens on a non-empty cache) of
     transformers' assisted and prompt-lookup generation, which a patch marks by itself. A long
-    prompt fed in chunks is never budgeted by its shape alone. `moespec.spec.generate` wraps
+    prompt fed in chunks is never budgeted by its shape alone. `moespec.speculative.generate` wraps
     its verification forwards in this context.
     """
     _SCOPE.depth += 1

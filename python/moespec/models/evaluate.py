@@ -52,7 +52,7 @@ def make_prompts(stream: torch.Tensor, n: int, length: int, seed: int = 0) -> li
 
 
 def _spec_run(target, draft_model, prompt, max_new, draft, budget=None, policy="substitute"):
-    from moespec import spec
+    from moespec import speculative as spec
 
     tokens, stats = spec.generate(target, prompt, drafter=spec.DraftModelDrafter(draft_model),
                                   max_new_tokens=max_new, draft=draft, budget=budget, policy=policy,
@@ -61,7 +61,7 @@ def _spec_run(target, draft_model, prompt, max_new, draft, budget=None, policy="
 
 
 def acceptance(target, draft_model, prompts, max_new) -> list[dict]:
-    from moespec.spec import DraftConfig
+    from moespec.speculative import DraftConfig
 
     rows = []
     shapes = [("chain", DraftConfig.chain(k)) for k in CHAIN_KS]
@@ -108,7 +108,7 @@ def chunked_perplexity(target, ids: torch.Tensor, chunk: int, budget, policy: st
 
 
 def budget_quality(target, draft_model, prompts, stream, max_new, chunk, windows) -> list[dict]:
-    from moespec.spec import DraftConfig
+    from moespec.speculative import DraftConfig
 
     cfg = target.config
     E, k = cfg.num_experts, cfg.num_experts_per_tok

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from test_spec_support import spec_single_thread  # noqa: F401  (autouse)
-from test_spec_support import (CascadeController, DraftConfig, DraftModelDrafter, generate, greedy_reference,
+from test_speculative_support import spec_single_thread  # noqa: F401  (autouse)
+from test_speculative_support import (CascadeController, DraftConfig, DraftModelDrafter, generate, greedy_reference,
                                tiny_dense, tiny_moe)
 
-from moespec.spec.cascade import StaticController, make_controller
+from moespec.speculative.cascade import StaticController, make_controller
 
 
 def simulate(ctrl, accepted_of, time_of, iterations=500):

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from test_spec_support import spec_single_thread  # noqa: F401  (autouse)
-from test_spec_support import DraftConfig, DraftTree, one_thread, tiny_dense, tiny_moe
+from test_speculative_support import spec_single_thread  # noqa: F401  (autouse)
+from test_speculative_support import DraftConfig, DraftTree, one_thread, tiny_dense, tiny_moe
 
 from moespec.integrations.hf_compat import forward_kwargs
-from moespec.spec.drafters import DraftModelDrafter, PromptLookupDrafter
-from moespec.spec.verify import accept_greedy, cache_length, compact_cache, tree_forward
+from moespec.speculative.drafters import DraftModelDrafter, PromptLookupDrafter
+from moespec.speculative.verify import accept_greedy, cache_length, compact_cache, tree_forward
 
 
 def test_draft_config_shapes():
@@ -163,7 +163,7 @@ def test_draft_cache_after_commit_matches_fresh_drafter():
 def test_generate_edge_cases_and_stats_json():
     import json
 
-    from moespec.spec.engine import generate
+    from moespec.speculative.engine import generate
 
     model = tiny_moe(seed=4, sharp=4.0)
     prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))

@@ -41,7 +41,7 @@ def _as_prompt(input_ids) -> torch.Tensor:
         raise ValueError(f"input_ids must be [S] or [B, S], got shape {tuple(ids.shape)}")
     if ids.shape[0] != 1:
         raise ValueError(
-            f"moespec.spec.generate supports batch size 1 only (got {ids.shape[0]}): draft trees and "
+            f"moespec.speculative.generate supports batch size 1 only (got {ids.shape[0]}): draft trees and "
             "accepted lengths differ per sequence; call it once per prompt"
         )
     if ids.shape[1] == 0:

@@ -1,4 +1,4 @@
-"""The one place where `moespec.spec` talks to `moespec.integrations` (expert budgets + routing stats).
+"""The one place where `moespec.speculative` talks to `moespec.integrations` (expert budgets + routing stats).
 
 Contract assumed (integration side):
     moespec.integrations.patch(model, budget=None, policy=..., when=...) -> PatchHandle

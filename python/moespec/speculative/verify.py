@@ -25,7 +25,7 @@ def _layers(cache):
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(
-            "moespec.spec needs a transformers v5 cache (DynamicCache with `.layers[i].keys/.values`); "
+            "moespec.speculative needs a transformers v5 cache (DynamicCache with `.layers[i].keys/.values`); "
             f"got {type(cache).__name__}"
         )
     return layers
@@ -59,7 +59,7 @@ def check_cache_supported(cache, who: str = "target") -> None:
         # Exact type: subclasses (sliding, indexed, quantised) carry state an index-gather would miss.
         if type(layer).__name__ != "DynamicLayer":
             raise NotImplementedError(
-                f"moespec.spec: the {who} model's cache uses {type(layer).__name__} layers; tree verification "
+                f"moespec.speculative: the {who} model's cache uses {type(layer).__name__} layers; tree verification "
                 "and KV compaction support full-attention DynamicCache layers (DynamicLayer) only"
             )
 

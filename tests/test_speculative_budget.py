@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from test_spec_support import spec_single_thread  # noqa: F401  (autouse)
-from test_spec_support import DraftConfig, DraftModelDrafter, generate, greedy_reference, perturbed_copy, tiny_moe
+from test_speculative_support import spec_single_thread  # noqa: F401  (autouse)
+from test_speculative_support import DraftConfig, DraftModelDrafter, generate, greedy_reference, perturbed_copy, tiny_moe
 
-from moespec.spec.budget import integration_available
+from moespec.speculative.budget import integration_available
 
 pytestmark = pytest.mark.skipif(
     not integration_available(),
@@ -95,7 +95,7 @@ def test_routing_stats_without_budget(target_and_drafter):
 
 def test_cascade_budget_picks_from_candidates(target_and_drafter):
     target, drafter = target_and_drafter
-    from moespec.spec.engine import default_budget_choices
+    from moespec.speculative.engine import default_budget_choices
 
     choices = default_budget_choices(target)
     assert choices[0] is None and all(c >= 4 for c in choices[1:])  # never below top-k

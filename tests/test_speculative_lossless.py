@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from test_spec_support import spec_single_thread  # noqa: F401  (autouse)
-from test_spec_support import (DraftConfig, DraftModelDrafter, DraftTree, PromptLookupDrafter, generate,
+from test_speculative_support import spec_single_thread  # noqa: F401  (autouse)
+from test_speculative_support import (DraftConfig, DraftModelDrafter, DraftTree, PromptLookupDrafter, generate,
                                greedy_reference, one_thread, perturbed_copy, tiny_dense, tiny_mixtral, tiny_moe)
 
 N_PROMPTS = 24
@@ -113,9 +113,9 @@ def test_k0_and_eos_and_batch(models, prompts, references):
 def test_public_package_exports():
     import moespec
 
-    spec = moespec.spec
+    spec = moespec.speculative
     if getattr(spec, "__file__", None) is None:
-        pytest.skip("stale editable install maps moespec.spec as a namespace package: re-run `pip install -e .`")
+        pytest.skip("stale editable install maps moespec.speculative as a namespace package: re-run `pip install -e .`")
     for name in ("generate", "DraftConfig", "Drafter", "DraftModelDrafter", "PromptLookupDrafter",
                  "CascadeController"):
         assert hasattr(spec, name)

@@ -21,7 +21,7 @@ __all__ = ["Drafter", "DraftModelDrafter", "PromptLookupDrafter"]
 
 @runtime_checkable
 class Drafter(Protocol):
-    """What `moespec.spec.generate` needs from a drafter.
+    """What `moespec.speculative.generate` needs from a drafter.
 
     `context` is always the 1-D LongTensor of every token so far (prompt + emitted); its last
     token is the *root*, which the target has not processed yet. Drafts continue after it.

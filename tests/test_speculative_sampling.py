@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from test_spec_support import spec_single_thread  # noqa: F401  (autouse)
-from test_spec_support import (DraftConfig, DraftModelDrafter, DraftTree, PromptLookupDrafter, chi_square_pvalue,
+from test_speculative_support import spec_single_thread  # noqa: F401  (autouse)
+from test_speculative_support import (DraftConfig, DraftModelDrafter, DraftTree, PromptLookupDrafter, chi_square_pvalue,
                                generate, one_thread, perturbed_copy, tiny_moe)
 
-from moespec.spec.verify import accept_sampling, target_probs
+from moespec.speculative.verify import accept_sampling, target_probs
 
 P_MIN = 1e-3  # seeds are fixed, so this is a deterministic check with a generous margin
 

@@ -1,8 +1,8 @@
-"""Shared helpers for the moespec.spec tests: tiny offline models, a greedy oracle, chi-square.
+"""Shared helpers for the moespec.speculative tests: tiny offline models, a greedy oracle, chi-square.
 
-(Named test_spec_* so it lives with the spec tests; it defines no tests itself.)
-Submodules are imported directly (moespec.spec.engine, ...) so these tests also run against an
-editable install whose file map predates moespec/spec/__init__.py.
+(Named test_speculative_* so it lives with the spec tests; it defines no tests itself.)
+Submodules are imported directly (moespec.speculative.engine, ...) so these tests also run against an
+editable install whose file map predates moespec/speculative/__init__.py.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moespec.spec.cascade import CascadeController  # noqa: E402,F401
-from moespec.spec.drafters import DraftModelDrafter, PromptLookupDrafter  # noqa: E402,F401
-from moespec.spec.engine import generate  # noqa: E402,F401
-from moespec.spec.tree import DraftConfig, DraftTree  # noqa: E402,F401
+from moespec.speculative.cascade import CascadeController  # noqa: E402,F401
+from moespec.speculative.drafters import DraftModelDrafter, PromptLookupDrafter  # noqa: E402,F401
+from moespec.speculative.engine import generate  # noqa: E402,F401
+from moespec.speculative.tree import DraftConfig, DraftTree  # noqa: E402,F401
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, head_dim=16)
