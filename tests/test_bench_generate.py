@@ -18,35 +18,48 @@ def _restore_threads():
 
 MODE_FIELDS = {"mode", "kind", "k", "budget", "prompts", "new_tokens", "wall_time_s", "tokens_per_s", "speedup",
                "mean_accepted", "tokens_per_iteration", "mean_union_per_layer", "mean_kept_per_layer",
-               "expert_bytes_per_token", "match_rate", "identical_prompts", "first_divergence_min"}
-RUN_FIELDS = {"mode", "prompt_index", "new_tokens", "wall_time_s", "tokens_per_s", "mean_accepted", "match_rate",
+               "expert_bytes_per_token", "expert_mb_per_token", "match_rate", "identical_prompts",
+               "first_divergence_min", "repeats", "tokens_per_s_min", "tokens_per_s_max", "speedup_min",
+               "speedup_max", "speedup_per_repeat", "tokens_per_s_per_repeat", "order"}
+RUN_FIELDS = {"mode", "repeat", "prompt_index", "new_tokens", "wall_time_s", "tokens_per_s", "mean_accepted", "match_rate",
               "first_divergence", "tokens", "summary"}
 
 
-def test_bench_generate_all_modes(tmp_path):
+def test_bench_generate_all_modes(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a b c a b c a b"}\n"x y x y x y"\n')
     rc = cli.main(["bench", "generate", "--threads", "1", "--target", "tiny:qwen3_moe", "--drafter", "prompt-lookup",
                    "--prompts", str(prompts), "--max-new-tokens", "6", "--ks", "2", "--budgets", "4",
-                   "--k-max", "2", "--out", str(tmp_path), "--quiet", "--no-warmup"])
+                   "--k-max", "2", "--repeats", "2", "--out", str(tmp_path), "--quiet", "--no-warmup"])
     assert rc == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 120 for line in out.splitlines() if not line.startswith("wrote ")), out
+    assert "budgeted target" in out  # the acceptance note under the table
     data = json.loads((tmp_path / "bench_generate.json").read_text())
     assert {"command", "date", "device", "git_commit"} <= set(data["meta"])
     assert data["config"]["prompts"] == 2 and data["config"]["target_spec"] == "tiny:qwen3_moe"
+    assert data["config"]["repeats"] == 2 and data["spread"]["checked"]
     modes = {m["mode"]: m for m in data["modes"]}
     assert list(modes) == ["ar", "static K=2", "budget K=2 C=4", "cascade Kmax=2", "cascade+budget Kmax=2"]
     for m in modes.values():
         assert MODE_FIELDS <= set(m), m
-        assert m["new_tokens"] == 12 and m["tokens_per_s"] > 0
+        assert m["new_tokens"] == 2 * 12 and m["tokens_per_s"] > 0 and m["repeats"] == 2
+        assert m["speedup_min"] <= m["speedup"] <= m["speedup_max"] and len(m["speedup_per_repeat"]) == 2
+        assert m["order"] in ("ok", "?") and m["prompts"] == 2
         assert m["mean_kept_per_layer"] <= m["mean_union_per_layer"]
+        assert m["expert_mb_per_token"] == pytest.approx(m["expert_bytes_per_token"] / 1e6)
     ar = modes["ar"]
-    assert ar["speedup"] == 1.0 and ar["match_rate"] == 1.0 and ar["mean_union_per_layer"] == 4.0  # top-4
+    assert ar["speedup"] == 1.0 and ar["speedup_per_repeat"] == [1.0, 1.0]
+    assert ar["match_rate"] == 1.0 and ar["mean_union_per_layer"] == 4.0  # top-4
     # Unbudgeted greedy speculation is lossless: identical to autoregressive decoding.
     for name in ("static K=2", "cascade Kmax=2"):
         assert modes[name]["match_rate"] == 1.0 and modes[name]["first_divergence_min"] is None
+        assert modes[name]["identical_prompts"] == 2
     assert modes["budget K=2 C=4"]["mean_kept_per_layer"] <= 4
-    assert len(data["runs"]) == 10 and all(RUN_FIELDS <= set(r) for r in data["runs"])
-    assert "| mode |" in (tmp_path / "bench_generate.md").read_text()
+    assert len(data["runs"]) == 2 * 5 * 2 and all(RUN_FIELDS <= set(r) for r in data["runs"])
+    assert sorted({r["repeat"] for r in data["runs"]}) == [0, 1]
+    md = (tmp_path / "bench_generate.md").read_text()
+    assert "| mode |" in md and "speed-up min-max" in md and "Ranking rule" in md and "budgeted target" in md
     assert (tmp_path / "bench_generate.png").is_file()
 
 
@@ -71,6 +84,8 @@ def test_agreement_and_prompts(tmp_path):
     assert g._agreement([1, 2], [1, 2, 3, 4]) == (0.5, 2)
     assert g.load_prompts(None) == list(g.BUILTIN_PROMPTS)
     assert len(g.load_prompts(None, 2)) == 2
+    with pytest.raises(ValueError, match="holds 8"):
+        g.load_prompts(None, 100)  # refused, not silently cut to the 8 built-in prompts
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": 1}\n')
     for path in (bad, tmp_path / "missing.jsonl"):
@@ -82,16 +97,164 @@ def test_agreement_and_prompts(tmp_path):
             raise AssertionError("bad prompts file accepted")
 
 
-def test_bench_generate_default_models(tmp_path):
+def test_bench_generate_default_models(tmp_path, capsys):
     """The built-in target and draft (when shipped) are the defaults of `bench generate`."""
     from moespec import models
 
     if not all((p / "model.safetensors").is_file() for p in (models.TARGET_PATH, models.DRAFT_PATH)):
         pytest.skip("built-in models not present")
     rc = cli.main(["bench", "generate", "--threads", "1", "--num-prompts", "1", "--max-new-tokens", "6",
-                   "--modes", "static", "--ks", "2", "--out", str(tmp_path), "--quiet", "--no-warmup", "--no-png"])
+                   "--modes", "static", "--ks", "2", "--repeats", "1", "--out", str(tmp_path), "--quiet",
+                   "--no-warmup", "--no-png"])
     assert rc == 0
     data = json.loads((tmp_path / "bench_generate.json").read_text())
     assert data["config"]["target_spec"] == "default" and "draft" in data["config"]["drafter"]
     assert [m["mode"] for m in data["modes"]] == ["ar", "static K=2"]
     assert data["modes"][1]["match_rate"] == 1.0  # lossless without a budget
+    assert not data["spread"]["checked"] and data["modes"][1]["order"] is None
+    assert "1 repeat" in capsys.readouterr().err  # the ranking is not checked, and the user is told
+
+
+# ----------------------------------------------------------------------------- synthetic timings (no model)
+
+DEFAULT_MODES = g.build_modes(g.MODE_FAMILIES, [2, 4, 8], [16, 8], 8, 8)  # the default configuration's modes
+BASE_S = [0.3, 0.37, 0.44, 0.6, 0.62, 0.47, 0.38, 0.39]  # seconds per prompt of each mode on a quiet machine
+ACCEPT = [0, 0.86, 1.13, 1.37, 1.37, 1.94, 1.26, 1.33]
+
+
+def _grid(factor, n_prompts=2, tokens=64):
+    """Runs of DEFAULT_MODES: mode j, repeat r, prompt i takes BASE_S[j] * factor(r, j) seconds."""
+    grid = {}
+    for r in range(3):
+        for j, mode in enumerate(DEFAULT_MODES):
+            for i in range(n_prompts):
+                toks = list(range(tokens))
+                if mode.kind == "budget" and mode.budget == 8:
+                    toks = [0] + [t + 1000 for t in toks[1:]]  # diverges at position 1
+                its = [{"draft_size": mode.k, "accepted": ACCEPT[j], "expert_bytes": 3_100_000 * (1 + mode.k // 4),
+                        "layers": [{"union_size": 4 + mode.k, "kept_size": min(4 + mode.k, mode.budget or 99)}]}
+                       ] * (tokens // 2)
+                grid[r, j, i] = {"new_tokens": tokens, "wall_time_s": BASE_S[j] * factor(r, j), "tokens": toks,
+                                 "mean_accepted": ACCEPT[j], "iterations": its, "prompt_index": i}
+    return grid
+
+
+def _result(factor):
+    rows, check = g.aggregate_repeats(DEFAULT_MODES, _grid(factor), 3, 2)
+    cfg = {"prompts": 2, "max_new_tokens": 64, "policy": "substitute", "repeats": 3}
+    return {"meta": {}, "config": cfg, "modes": rows, "spread": check, "runs": []}
+
+
+def _cells(table: str) -> dict:
+    """{mode: {header: cell}} from a terminal table (columns located by its dashes line)."""
+    lines = table.splitlines()
+    spans, pos = [], 0
+    for dash in lines[1].split("  "):
+        spans.append((pos, pos + len(dash)))
+        pos += len(dash) + 2
+    head = [lines[0][a:b].strip() for a, b in spans]
+    rows = {}
+    for line in lines[2:]:
+        if line.startswith("("):
+            continue
+        cells = [line[a:b].strip() for a, b in spans]
+        rows[cells[0]] = dict(zip(head, cells))
+    return rows
+
+
+def test_slow_phases_hit_all_modes_alike():
+    # The machine is 2.5x slower in repeat 1: tokens/s swings, but the per-repeat speed-ups do not.
+    result = _result(lambda r, j: (1.0, 2.5, 1.2)[r])
+    rows = {r["mode"]: r for r in result["modes"]}
+    k4 = rows["static K=4"]
+    assert k4["tokens_per_s_max"] / k4["tokens_per_s_min"] == pytest.approx(2.5)
+    assert k4["speedup_min"] == pytest.approx(k4["speedup_max"]) == pytest.approx(0.3 / 0.44)
+    assert not result["spread"]["flagged"] and all(r["order"] == "ok" for r in rows.values())
+    assert g.spread_warning(result) is None
+    # With a few % of per-mode noise on top, static K=8 and budget K=8 C=16 (3 % apart) overlap: a tie, no flag.
+    result = _result(lambda r, j: (1.0, 2.5, 1.2)[r] * (1 + 0.02 * ((r + j) % 3)))
+    ties = [(p["a"], p["b"]) for p in result["spread"]["pairs"] if p["relation"] == "tie"]
+    assert ("static K=8", "budget K=8 C=16") in ties and not result["spread"]["flagged"]
+
+
+def test_noise_that_reorders_modes_is_flagged():
+    # Per-mode noise (not shared by the repeat): static K=4 and Cascade swap places between repeats.
+    noise = {(0, 2): 0.6, (1, 6): 1.6, (2, 2): 1.3}
+    result = _result(lambda r, j: noise.get((r, j), 1.0))
+    rows = {r["mode"]: r for r in result["modes"]}
+    assert result["spread"]["flagged"]
+    assert rows["static K=4"]["order"] == "?" and rows["cascade Kmax=8"]["order"] == "?"
+    assert rows["budget K=8 C=16"]["order"] == "ok"  # below every interval it could be confused with
+    warn = g.spread_warning(result)
+    assert "too wide to rank" in warn and "static K=4" in warn and "--repeats" in warn
+    table = g.generate_table(result)
+    assert _cells(table)["static K=4"]["order"] == "?"
+    md = g.generate_markdown(dict(result, meta={"device": "cpu", "command": "moespec bench generate",
+                                                 "date": "-", "git_commit": "-", "torch": "-",
+                                                 "transformers": "-", "timing": "wall-clock"},
+                                  config=dict(result["config"], target="t", drafter="d")))
+    assert "**Warning:**" in md and "| ? |" in md
+
+
+def test_table_fits_120_columns_with_dashes_for_the_reference_row():
+    result = _result(lambda r, j: (1.0, 1.05, 0.97)[r] * (1 + 0.02 * ((r + j) % 3)))
+    table = g.generate_table(result)
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    cells = _cells(table)
+    assert list(cells) == [m.name for m in DEFAULT_MODES]
+    ar = cells["ar"]
+    for col in ("accept", "match", "1st div"):
+        assert ar.get(col, "-") == "-", (col, ar)
+    assert ar["speed-up"] == "1.00" and ar["order"] == "ok"
+    assert cells["static K=2"]["match"] == "100%" and cells["static K=2"].get("1st div", "none") == "none"
+    assert cells["budget K=8 C=8"]["match"] == "1.6%"  # 1 of 64 tokens
+    assert cells["static K=2"]["MB/tok"] == "1.55"  # MB (3.1e6 bytes per iteration, 2 tokens each), not bytes
+    # --wide: every column, as in the Markdown file.
+    wide = g.generate_table(result, max_width=None)
+    assert "tok/it" in wide and "not shown" not in wide
+    notes = g.generate_notes(result)
+    assert any("budgeted target" in n and "budget K=8 C=8 accepts 1.94" in n for n in notes)
+    assert all(len(line) <= 120 for line in g.report.wrap_notes(notes).splitlines())
+
+
+# ----------------------------------------------------------------------------- argument errors
+
+PARSER_ERRORS = [
+    ["--repeats", "0"], ["--repeats", "-2"], ["--repeats", "x"], ["--num-prompts", "0"], ["--num-prompts", "-3"],
+    ["--max-new-tokens", "-1"], ["--budget-k", "0"], ["--k-max", "-1"], ["--ks", "0,2"], ["--budgets", "0"],
+    ["--budgets", "8,8"], ["--budgets", "none"],
+]
+
+
+@pytest.mark.parametrize("argv", PARSER_ERRORS, ids=" ".join)
+def test_bench_generate_parser_rejects(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "generate", *argv])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+RUNTIME_ERRORS = [
+    (["--num-prompts", "100"], "holds 8"),  # the built-in set: refused, not cut to 8 silently
+    (["--ks", "2,2"], "more than once"),
+    (["--modes", "static", "--budgets", "8"], "--budgets applies"),
+    (["--target", "tiny:qwen3_moe", "--budgets", "3"], "top-k"),  # validate_budget: C >= top-k (4)
+]
+
+
+@pytest.mark.parametrize("argv,message", RUNTIME_ERRORS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_bench_generate_runtime_rejects(argv, message, capsys, tmp_path):
+    # --max-new-tokens 2: should the check ever regress, the test runs a short bench instead of the full default one.
+    assert cli.main(["bench", "generate", "--out", str(tmp_path), "--quiet", "--max-new-tokens", "2", "--no-warmup",
+                     "--no-png", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moespec: error:") and message in err and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_num_prompts_beyond_a_prompts_file(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"a b"\n"c d"\n')
+    assert cli.main(["bench", "generate", "--target", "tiny:qwen3_moe", "--prompts", str(prompts),
+                     "--num-prompts", "3", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(prompts) in err and "holds 2" in err

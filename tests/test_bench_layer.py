@@ -95,7 +95,7 @@ def test_routing_generators_shape_and_skew():
     assert mean_union("zipf:1.5") < iid - 5  # skew concentrates the union
     assert mean_union("tree:2:0.9") < iid - 5  # shared prefixes share experts
     assert routing_gen.tree_parents(5, 2) == [-1, -1, 0, 0, 1]
-    for bad in ("bogus", "zipf:x", "tree:0", "tree:2:1.5", "replay:", "iid:3"):
+    for bad in ("bogus", "zipf:x", "zipf:inf", "zipf:nan", "zipf:-1", "tree:0", "tree:2:1.5", "replay:", "iid:3"):
         with pytest.raises(ValueError):
             routing_gen.parse_routing(bad)
 

@@ -50,7 +50,7 @@ def test_demo_writes_consistent_rows(tmp_path):
 
 def test_bad_arguments_exit_nonzero():
     out = subprocess.run([sys.executable, "-m", "moespec", "demo", "--tokens", "zero"], capture_output=True, text=True)
-    assert out.returncode != 0 and "invalid int value" in out.stderr
+    assert out.returncode == 2 and "argument --tokens" in out.stderr and "'zero'" in out.stderr
     out = subprocess.run([sys.executable, "-m", "moespec"], capture_output=True, text=True)
     assert out.returncode != 0
 
@@ -63,3 +63,17 @@ def test_ci_build_compiled_the_cuda_sources():
         pytest.skip("not a MOESPEC_CUDA=ON build")
     assert _cuda.cuda_compiled()
     assert _cuda.compiled_archs() == ["80", "90a"]
+
+
+def test_readme_demo_table_is_what_demo_prints():
+    """README's demo table is `moespec demo`'s default table, row for row."""
+    import contextlib
+    import io
+    import pathlib
+
+    from moespec.demo import demo_table, run_demo
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = run_demo(tokens=16, seed=0, zipf=1.0)
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert demo_table(rows, markdown=True) in readme

@@ -16,7 +16,7 @@ def assert_close(y, expect, dtype):
 
 
 def dense_loop(x, w_gate_up, w_down, ids, weights, kept, layout, b_gu=None, b_dn=None):
-    """float64, token by token, slot by slot; the expert math written out from DESIGN §2/§3."""
+    """float64, token by token, slot by slot; the expert math written out from docs/design.md §2/§3."""
     T, H = x.shape
     out = torch.zeros(T, H, dtype=torch.float64)
     kept_set = None if kept is None else set(kept.tolist())

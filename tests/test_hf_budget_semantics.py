@@ -1,7 +1,7 @@
 """Budgeted MoE layers of patched transformers models against an independent implementation.
 
 For every supported architecture and both policies, a budgeted forward is run on a tiny
-random model; each MoE block's output is compared with DESIGN §3 written out below token by
+random model; each MoE block's output is compared with docs/design.md §3 written out below token by
 token in float64 (scores, top-C kept set, re-routing, the model's own normalisation, the
 expert MLPs and shared experts). Nothing here calls moespec.reference.
 """

@@ -123,3 +123,22 @@ def test_patching_a_parent_or_child_of_a_patched_model_is_refused():
         model(torch.tensor([[1, 2, 3]]))
         assert len(inner.stats.calls) == 1
     assert not model.model.layers[0].mlp.gate._forward_hooks
+
+
+def test_integer_like_budgets_are_accepted_and_bools_and_floats_refused():
+    """numpy / 0-d tensor budgets behave like the int they hold (also per layer); bools and floats are errors."""
+    import numpy as np
+
+    model = tiny_model("qwen3_moe", seed=0)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        with moespec.patch(model, budget=5, when="always") as handle:
+            want = model(prompt).logits
+        for budget in (np.int64(5), torch.tensor(5), [np.int32(5), torch.tensor(5)]):
+            with moespec.patch(model, budget=budget, when="always") as handle:
+                assert all(type(c) is int and c == 5 for c in handle.default.caps)
+                assert torch.equal(model(prompt).logits, want)
+    for bad in (True, np.bool_(True), 5.0, np.float64(5.0), torch.tensor([5])):
+        with pytest.raises(ValueError, match="budget"):
+            moespec.patch(model, budget=bad)
+        assert get_handle(model) is None

@@ -20,7 +20,7 @@ def softmax_rows(z):
 
 
 def naive_budget(z, k, budget, policy, renormalize, score="prob", coverage=None, min_budget=None):
-    """Plain-Python DESIGN §3: returns (ids per token, weights per token, kept list, union size)."""
+    """Plain-Python docs/design.md §3: returns (ids per token, weights per token, kept list, union size)."""
     P = softmax_rows(z)
     T, E = len(P), len(P[0])
     nat = [sorted(range(E), key=lambda e: (-P[t][e], e))[:k] for t in range(T)]

@@ -23,7 +23,7 @@ def simulate(ctrl, accepted_of, time_of, iterations=500):
     return total_t / ar, ks
 
 
-# Verification of K drafts costs 1 + K/4 plain steps (3x at K=8, the MoE regime of DESIGN §1).
+# Verification of K drafts costs 1 + K/4 plain steps (3x at K=8, the MoE regime of docs/design.md §0).
 LOSING = {
     "nothing-accepted": (lambda k, b: 0, lambda k, b: 1.0 + 0.25 * k),
     "some-accepted-but-slow": (None, lambda k, b: 1.0 + 0.35 * k),  # 30% per-token acceptance

@@ -5,6 +5,7 @@ Importing this module never fails: a missing or CUDA-less extension is reported,
 from __future__ import annotations
 
 import functools
+import glob
 from typing import Optional
 
 try:  # the extension is optional at import time (e.g. a source checkout that was never built)
@@ -60,6 +61,52 @@ def device_status() -> dict:
     return dict(_C.device_status())
 
 
+def nvidia_device_nodes() -> list[str]:
+    """The NVIDIA device files present (``/dev/nvidia0``, ``/dev/nvidiactl``, ...); empty without a driver."""
+    return sorted(glob.glob("/dev/nvidia*"))
+
+
+@functools.lru_cache(maxsize=1)
+def libcuda_loadable() -> bool:
+    """True when the NVIDIA driver library ``libcuda.so.1`` can be loaded (it ships with the driver)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def device_problem(status: dict, libcuda: Optional[bool] = None, device_nodes: Optional[list] = None) -> str:
+    """Why ``status`` (a `device_status` dict with no usable device) shows no GPU, in words.
+
+    ``driver_version == 0`` means the CUDA runtime found no driver at all; with no ``libcuda.so.1``
+    and no ``/dev/nvidia*`` that is "no NVIDIA driver / GPU", whatever the runtime's error text
+    (which says "driver version is insufficient" in that case too). A real version mismatch keeps
+    the runtime's message together with both versions."""
+    libcuda = libcuda_loadable() if libcuda is None else libcuda
+    nodes = nvidia_device_nodes() if device_nodes is None else device_nodes
+    err = status.get("error") or ""
+    driver, runtime = int(status.get("driver_version") or 0), int(status.get("runtime_version") or 0)
+    if driver == 0:
+        if not libcuda and not nodes:
+            return "no NVIDIA driver / GPU found (no libcuda.so.1, no /dev/nvidia* device)"
+        if not libcuda:
+            return (f"no NVIDIA driver library (libcuda.so.1) found, although {', '.join(nodes[:3])} exist"
+                    f"{': ' + err if err else ''}")
+        return f"the NVIDIA driver did not initialise ({err or 'no driver version reported'})"
+    if runtime and driver < runtime:
+        return (f"{err or 'CUDA driver version is insufficient for CUDA runtime version'} (driver supports CUDA "
+                f"{_version(driver)}, moespec was built with the CUDA {_version(runtime)} runtime): update the "
+                "NVIDIA driver or rebuild moespec with an older CUDA toolkit")
+    return err or "no CUDA device found"
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
 def unavailable_reason() -> Optional[str]:
     """Why the CUDA kernels cannot run here, or None when they can."""
     if _C is None:
@@ -72,7 +119,7 @@ def unavailable_reason() -> Optional[str]:
                 "reinstall with nvcc on PATH or MOESPEC_CUDA=ON")
     st = device_status()
     if st["device_count"] <= 0:
-        return f"no usable CUDA device: {st['error'] or 'none found'}"
+        return f"no usable CUDA device: {device_problem(st)}"
     return None
 
 

@@ -34,6 +34,9 @@ def _info(args: argparse.Namespace) -> int:
         "cuda_driver_version": st["driver_version"],
         "gpu_visible": bool(gpus) or st["device_count"] > 0,
         "gpus": gpus,
+        # Why no GPU is usable, told apart: no NVIDIA driver / GPU at all, a driver older than the
+        # CUDA runtime moespec was built with, or the runtime's own error. None when a GPU is visible.
+        "gpu_problem": None if (gpus or st["device_count"] > 0) else _cuda.device_problem(st),
         "kernels_usable": _cuda.available(),
         "why_not": _cuda.unavailable_reason(),
     }
@@ -44,6 +47,8 @@ def _info(args: argparse.Namespace) -> int:
     for key, val in info.items():
         if isinstance(val, list):
             val = ", ".join(val) if val else "-"
+        if key == "cuda_driver_version" and not val:
+            val = "- (no NVIDIA driver)"
         print(f"{key:<{width}}  {val if val is not None else '-'}")
     return 0
 
@@ -52,6 +57,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(tokens=args.tokens, seed=args.seed, zipf=args.zipf, out_json=args.json)
+    if args.json:
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -66,22 +73,202 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
-def _budgets(text: str) -> list:
-    """argparse type: ``"none,8,16"`` -> [None, 8, 16]."""
-    out = []
-    for v in (p.strip().lower() for p in text.split(",") if p.strip()):
-        if v in ("none", "-", "off"):
-            out.append(None)
-            continue
+def budget_list_type(allow_none: bool = True):
+    """argparse type for a comma-separated list of expert budgets C, shared by the commands.
+
+    Each entry is an integer that `moespec.ops.validate_budget` accepts before the model is known
+    (``>= 1``); with ``allow_none``, ``none`` / ``off`` / ``-`` also means "unbudgeted" (None).
+    Repeated entries are refused. The model-dependent half of the rule (``C >= top_k``) is
+    `check_budgets_for_top_k`, applied once the model's top-k is known.
+
+    ``"none,8,16"`` -> ``[None, 8, 16]``.
+    """
+    from .ops import validate_budget
+
+    def parse(text: str) -> list:
+        out: list = []
+        for v in (p.strip().lower() for p in text.split(",")):
+            if not v:
+                continue
+            if v in ("none", "-", "off"):
+                if not allow_none:
+                    raise argparse.ArgumentTypeError(f"expected integer budgets (no 'none' here), got {text!r}")
+                val = None
+            else:
+                try:
+                    val = int(v)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(
+                        f"budgets are integers{' or none' if allow_none else ''}, got {v!r}") from None
+                try:
+                    validate_budget(val, 1)
+                except ValueError as exc:
+                    raise argparse.ArgumentTypeError(str(exc)) from None
+            if val in out:
+                raise argparse.ArgumentTypeError(f"budget {v!r} is listed twice in {text!r}")
+            out.append(val)
+        if not out:
+            raise argparse.ArgumentTypeError("expected at least one budget")
+        return out
+
+    return parse
+
+
+def check_budgets_for_top_k(budgets: Sequence[Optional[int]], top_k: int, what: str = "--budgets") -> None:
+    """Raise `ValueError` for the first budget `moespec.ops.validate_budget` rejects for a top-``top_k``
+    router (None = unbudgeted is always fine); the model-dependent half of `budget_list_type`."""
+    from .ops import validate_budget
+
+    for c in budgets:
         try:
-            out.append(int(v))
+            validate_budget(c, top_k)
+        except ValueError as exc:
+            raise ValueError(f"{what} {c}: {exc}") from None
+
+
+_budgets = budget_list_type(allow_none=True)
+
+
+def int_at_least(lo: int):
+    """argparse type: an integer >= ``lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"budgets are integers or 'none', got {v!r}") from None
-        if out[-1] < 1:
-            raise argparse.ArgumentTypeError(f"budgets must be >= 1, got {v!r}")
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one budget")
-    return out
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if val < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {val}")
+        return val
+
+    parse.__name__ = f"int >= {lo}"  # what argparse names in "invalid ... value"
+    return parse
+
+
+_pos_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def finite_nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (no nan, no inf)."""
+    import math
+
+    try:
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(val) or val < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return val
+
+
+def threads_type(text: str):
+    """argparse type of ``--threads``: ``auto`` (None) or an integer >= 1."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        val = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}") from None
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or 'auto'), got {val}")
+    return val
+
+
+# ----------------------------------------------------------------------------- output paths
+#
+# Every command that writes files checks its output paths before any work starts and creates
+# missing folders; existing files of the same name are overwritten (re-running a command replaces
+# its previous outputs). A file where a folder is expected, or a folder where a file is expected,
+# is an error up front.
+
+
+_OUTPUT_RULES = ("Output paths are checked before any work starts: missing folders are created, existing files "
+                 "are overwritten, and a file where a folder is expected (or the reverse) is an error.")
+
+
+def _nearest_existing(path):
+    """``path`` or its nearest existing ancestor."""
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    for q in [p, *p.parents]:
+        if q.exists():
+            return q
+    return Path("/")
+
+
+def prepare_output_dir(path, what: str = "--out", create: bool = False):
+    """Check, before any work, that ``path`` can be (or become) an output folder; `ValueError` if not.
+
+    An existing file at ``path`` or at any of its ancestors, or a folder the user cannot write into, is an
+    error. Missing folders are created by the writers when the outputs are written (with ``create``: now),
+    so a command that fails leaves no empty folder behind."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {path}: is an existing file, but a folder is expected "
+                         "(give a folder path; existing files inside it are overwritten)")
+    base = _nearest_existing(p)
+    if not base.is_dir():
+        raise ValueError(f"{what} {path}: cannot create the folder because {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {'the folder' if base == p.absolute() else base} is not writable")
+    if create:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None
+    return p
+
+
+def prepare_output_file(path, what: str):
+    """Check that ``path`` can be written as a file (creating its folder); `ValueError` if not.
+
+    An existing file is overwritten later; an existing folder at ``path`` is an error."""
+    from pathlib import Path
+
+    text = str(path)
+    p = Path(path)
+    if p.is_dir() or text.endswith(("/", os.sep)):
+        raise ValueError(f"{what} {path}: is a folder, but a file path is expected")
+    prepare_output_dir(p.parent, f"{what} {path}: its folder")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{what} {path}: the existing file is not writable")
+    return p
+
+
+def _check_stem(stem: str, what: str = "--name") -> None:
+    if not stem or stem in (".", "..") or "/" in stem or os.sep in stem:
+        raise ValueError(f"{what} {stem!r}: must be a plain file stem (no folder; use --out for the folder)")
+
+
+# Output paths of each command, checked (and folders created) by `main` before the command runs:
+# handler name -> [(attribute, "dir" | "file" | "stem")].
+_OUTPUTS = {
+    "_demo": [("json", "file")],
+    "_bench_layer": [("out", "dir"), ("name", "stem")],
+    "_bench_generate": [("out", "dir"), ("name", "stem")],
+    "_generate": [("json", "file")],
+    "_capture": [("out", "file")],
+}
+
+
+def _prepare_outputs(args: argparse.Namespace) -> None:
+    if getattr(args, "list_models", False):
+        return  # `bench layer --list-models` writes nothing
+    for attr, kind in _OUTPUTS.get(getattr(args.func, "__name__", ""), []):
+        val = getattr(args, attr, None)
+        if val is None:
+            continue
+        flag = "--" + attr.replace("_", "-")
+        if kind == "dir":
+            prepare_output_dir(val, flag)
+        elif kind == "file":
+            prepare_output_file(val, flag)
+        else:
+            _check_stem(val, flag)
 
 
 def _names(choices: Sequence[str]):
@@ -99,8 +286,14 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: moespec runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device")
     return name
 
 
@@ -119,8 +312,36 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; use 1 on a busy "
-                                               "machine, where oversubscribed threads make CPU timings meaningless)")
+    p.add_argument("--threads", type=threads_type, default=None, metavar="N|auto",
+                   help="torch CPU threads (default auto: 1 when the command runs on the CPU, torch's own choice "
+                        "on a GPU). One thread is the fastest for the small CPU models and layers here, and "
+                        "multi-threaded small matmuls on a busy machine are up to 10x slower; pass N to use N")
+
+
+def _apply_threads(args: argparse.Namespace) -> Optional[int]:
+    """Set torch's CPU threads for the command: ``--threads N``, or auto (1 on the CPU).
+
+    Returns the thread count set, or None when torch's setting was left alone (auto on a GPU)."""
+    if not hasattr(args, "threads"):
+        return None
+    import torch
+
+    n = args.threads
+    if n is None:
+        try:
+            on_cpu = torch.device(_device(getattr(args, "device", "cpu"))).type == "cpu"
+        except ValueError:
+            return None  # a bad --device is reported by the command itself
+        if not on_cpu:
+            return None
+        n = 1
+    elif hasattr(args, "drafter"):
+        # The user chose the thread count: the speculative engine's small-model thread warning has nothing to add.
+        from .speculative import engine
+
+        engine._threads_warned = True
+    torch.set_num_threads(n)
+    return n
 
 
 # ----------------------------------------------------------------------------- bench layer
@@ -141,8 +362,6 @@ def _bench_layer(args: argparse.Namespace) -> int:
         return 0
     device = _device(args.device)
     on_gpu = torch.device(device).type == "cuda"
-    if args.reduce is not None and args.reduce < 1:
-        raise ValueError("--reduce must be >= 1")
     routings = [r.strip() for r in args.routing.split(",") if r.strip()]
     if not routings:
         raise ValueError("--routing is empty")
@@ -157,15 +376,8 @@ def _bench_layer(args: argparse.Namespace) -> int:
     budgets = args.budgets or ([None, 8, 16, 32, 64] if on_gpu else [None, 16, 32])
     for spec in routings:
         parse_routing(spec)  # bad specs fail here, before any timing
-    for s in chosen:
-        if not layer.valid_budgets(s, budgets):
-            raise ValueError(f"no budget in {budgets} is valid for {s.name} (need none or {s.k} <= C < {s.E})")
-    impls = parse_impls(args.impls)
-    if not args.impls and not on_gpu:
-        # The CUDA implementations cannot run here; the reference is moespec's CPU path.
-        impls = [i for i in impls if not i.startswith("moespec")]
-        print("NOTE: no GPU: timing moespec's reference (its CPU path) and the baselines, not the CUDA kernels",
-              file=sys.stderr)
+    _check_layer_budgets(layer, chosen, budgets, explicit=args.budgets is not None)
+    impls = _runnable_impls(layer, parse_impls(args.impls), device, chosen, explicit=bool(args.impls))
     cfg = layer.LayerBenchConfig(
         shapes=chosen, tokens=tokens, budgets=budgets, policies=args.policies or ["substitute"],
         routing=routings, impls=impls, device=device, dtype=args.dtype,
@@ -184,7 +396,62 @@ def _bench_layer(args: argparse.Namespace) -> int:
         print(f"  ({line})")
     paths = layer.write_layer_outputs(result, args.out, args.name, png=not args.no_png)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not any(r.get("time_us") for r in result["rows"]):
+        raise RuntimeError("no implementation produced a timing: "
+                           + ("; ".join(skipped[:4]) or "every case failed") + " (details in the outputs above)")
     return 0
+
+
+def _check_layer_budgets(layer, chosen, budgets, explicit: bool) -> None:
+    """`bench layer` budgets against the chosen shapes, with the op's rule (`moespec.ops.validate_budget`).
+
+    A budget no chosen shape can use is an error; one that only some shapes can use is skipped for the
+    others with a note (the sweep mixes top-k 2 to 8); budgets >= E never bind and are skipped."""
+    for s in chosen:
+        if not layer.valid_budgets(s, budgets):
+            why = "; ".join(f"{b}: {layer.budget_problem(s, b)}" for b in budgets if b is not None)
+            raise ValueError(f"no budget in {budgets} is valid for {s.name} (need none or {s.k} <= C < {s.E}; {why})")
+    for b in budgets:
+        problems = [(s, layer.budget_problem(s, b)) for s in chosen]
+        bad = [(s, p) for s, p in problems if p is not None]
+        if not bad:
+            continue
+        if len(bad) == len(chosen) and explicit:
+            raise ValueError(f"--budgets {b} applies to none of the chosen shapes: {bad[0][1]}")
+        if explicit:
+            names = ", ".join(s.name for s, _ in bad)
+            print(f"NOTE: budget {b} skipped for {names}: {bad[0][1]}", file=sys.stderr)
+
+
+def _runnable_impls(layer, impls: list, device: str, chosen, explicit: bool) -> list:
+    """The implementations to run; an error when none of those asked for can run here.
+
+    Without ``--impls`` the ones that cannot run (the CUDA ones on a CPU) are dropped with a note. With
+    ``--impls`` each one that cannot run is named up front with its reason and kept (its rows say
+    "n/a: why" in the outputs), and a run where none of them can run fails before any timing."""
+    why = {name: layer.impl_unavailable(name, device, chosen) for name in impls}
+    ok = [name for name in impls if why[name] is None]
+    dropped = [name for name in impls if why[name] is not None]
+    if not ok:
+        raise ValueError("none of the requested implementations can run here: "
+                         + "; ".join(f"{n}: {why[n]}" for n in dropped))
+    if explicit:
+        for name in dropped:
+            print(f"NOTE: --impls {name} cannot run here (its rows will say n/a): {why[name]}", file=sys.stderr)
+        return list(impls)
+    if dropped:
+        if all(n.startswith("moespec") for n in dropped) and _device_type(device) != "cuda":
+            print("NOTE: no GPU: timing moespec's reference (its CPU path) and the baselines, not the CUDA kernels",
+                  file=sys.stderr)
+        else:
+            print("NOTE: skipping " + "; ".join(f"{n}: {why[n]}" for n in dropped), file=sys.stderr)
+    return ok
+
+
+def _device_type(device: str) -> str:
+    import torch
+
+    return torch.device(device).type
 
 
 # ----------------------------------------------------------------------------- bench generate
@@ -194,32 +461,37 @@ def _bench_generate(args: argparse.Namespace) -> int:
     from .bench import generate as g
     from .speculative import default_budget_choices
 
-    device = _device(args.device)
-    model, codec, target_label = g.load_target(args.target, args.dtype, device)
-    factory, drafter_label = g.make_drafter_factory(args.drafter, args.target, args.dtype, device)
-    prompts = g.load_prompts(args.prompts, args.num_prompts)
+    prompts = g.load_prompts(args.prompts, args.num_prompts)  # before loading models: fail fast
     ks = args.ks or [2, 4, 8]
     families = args.modes or list(g.MODE_FAMILIES)
+    g.check_mode_args(families, ks, args.budgets, policy=args.policy)
+    device = _device(args.device)
+    model, codec, target_label = g.load_target(args.target, args.dtype, device)
+    require_tokenizer(codec, args.target)
+    factory, drafter_label = g.make_drafter_factory(args.drafter, args.target, args.dtype, device)
+    check_cli_drafter(model, codec, factory(), args.drafter, args.target)  # before any timed run
     choices = None
     budgets = args.budgets
     if "budget" in families or "cascade+budget" in families:
         choices = default_budget_choices(model)  # validates that the target is an MoE
         if budgets is None:
             budgets = [c for c in choices if c is not None][:2]
-        k = int(getattr(getattr(model.config, "text_config", None) or model.config, "num_experts_per_tok", 1))
-        bad = [c for c in budgets if c is None or c < k]
-        if bad:
-            raise ValueError(f"--budgets must be integers >= top-k ({k}) of the target, got {budgets}")
+        # The rule of moespec.ops.validate_budget (ints >= the target's top-k).
+        g.check_mode_args(families, ks, budgets, top_k=g.target_top_k(model), policy=args.policy)
         if args.budgets:
             choices = [None] + sorted(set(budgets), reverse=True)
     modes = g.build_modes(families, ks, budgets or [], args.budget_k or max(ks), args.k_max or max(ks))
     result = g.run_generate_bench(
         model, codec, factory, prompts, modes, max_new_tokens=args.max_new_tokens, policy=args.policy,
         budget_choices=choices, warmup=not args.no_warmup, progress=not args.quiet,
-        keep_iterations=args.save_iterations, argv=args.argv,
+        keep_iterations=args.save_iterations, argv=args.argv, repeats=args.repeats,
         config={"target": target_label, "drafter": drafter_label, "target_spec": args.target,
                 "drafter_spec": args.drafter, "dtype": args.dtype, "budget_choices": choices})
-    print(g.generate_table(result))
+    print(g.generate_table(result, max_width=None if args.wide else g.report.TERMINAL_WIDTH))
+    print(g.report.wrap_notes(g.generate_notes(result)))
+    warning = g.spread_warning(result)
+    if warning:
+        print(f"moespec: warning: {warning}", file=sys.stderr)
     paths = g.write_generate_outputs(result, args.out, args.name, png=not args.no_png)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -233,19 +505,24 @@ def _generate(args: argparse.Namespace) -> int:
     from .bench.report import write_json
 
     device = _device(args.device)
-    if args.k < 0:
-        raise ValueError("--k must be >= 0")
     if args.controller != "static" and args.k < 1:
         raise ValueError(f"--controller {args.controller} needs --k >= 1 (its largest draft)")
+    if args.prompt is not None and not args.prompt:
+        raise ValueError("--prompt is empty")
     model, codec, target_label = g.load_target(args.target, args.dtype, device)
+    require_tokenizer(codec, args.target)
+    if args.budget is not None:
+        check_budgets_for_top_k([args.budget], _top_k(model), "--budget")
     factory, drafter_label = g.make_drafter_factory(args.drafter, args.target, args.dtype, device)
+    drafter = factory()
+    check_cli_drafter(model, codec, drafter, args.drafter, args.target)
     prompt = args.prompt if args.prompt is not None else g.BUILTIN_PROMPTS[0]
     ids = codec.encode(prompt)
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise ValueError(f"the prompt {prompt!r} encodes to zero tokens with the target's tokenizer")
     kind = {"static": "static" if args.budget is None else "budget"}.get(args.controller, args.controller)
     mode = g.Mode("ar" if args.k == 0 and kind == "static" else kind, args.k, args.budget)
-    new, st = g.run_one(model, ids, factory(), mode, args.max_new_tokens, args.policy, codec.eos_token_id)
+    new, st = g.run_one(model, ids, drafter, mode, args.max_new_tokens, args.policy, codec.eos_token_id)
     summ = st["summary"]
     drafted = [it for it in st["iterations"] if it.get("draft_size", 0) > 0]
     union, kept = g._layer_means(drafted or st["iterations"])
@@ -256,7 +533,7 @@ def _generate(args: argparse.Namespace) -> int:
         "iterations": summ["iterations"], "mean_accepted": summ["mean_accepted"],
         "tokens_per_iteration": summ["tokens_per_iteration"], "mean_union_per_layer": union,
         "mean_kept_per_layer": kept,
-        "expert_bytes_per_token": summ["expert_bytes"] / len(new) if new else None,
+        "expert_mb_per_token": summ["expert_bytes"] / len(new) / 1e6 if new else None,
     }
     print(prompt + codec.decode(new) if codec.tokenizer is not None else f"{prompt!r} -> {codec.decode(new)}")
     print("\n---")
@@ -274,6 +551,79 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top_k(model) -> int:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return int(getattr(cfg, "num_experts_per_tok", 1) or 1)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def require_tokenizer(codec, spec: str, what: str = "--target") -> None:
+    """Refuse a model whose tokenizer is missing (rather than encoding prompts to nothing).
+
+    transformers builds an empty tokenizer from a model folder that has no tokenizer files; every prompt then
+    encodes to zero tokens. Models without any tokenizer (``tiny:ARCH``) run on byte ids and pass."""
+    tok = getattr(codec, "tokenizer", None)
+    if tok is None:
+        return
+    try:
+        regular = len(tok) - len(set(getattr(tok, "all_special_ids", []) or []))
+    except TypeError:  # a tokenizer without __len__: judge by what it makes of text
+        regular = len(tok("def f(x):\n    return x", add_special_tokens=False)["input_ids"])
+    if regular > 0:
+        return
+    where = ""
+    if os.path.isdir(spec):
+        found = [f for f in _TOKENIZER_FILES if os.path.exists(os.path.join(spec, f))]
+        where = f" in {spec} ({'only ' + ', '.join(found) if found else 'none of ' + ', '.join(_TOKENIZER_FILES[:3])})"
+    raise ValueError(f"the tokenizer of {what} {spec} is missing: no usable tokenizer files{where}, so every prompt "
+                     "would encode to zero tokens; copy the model's tokenizer files (e.g. tokenizer.json and "
+                     "tokenizer_config.json) next to its weights")
+
+
+def _drafter_tokenizer(drafter_spec: str, target_spec: str, target_codec):
+    """The tokenizer a `--drafter` spec comes with, or None when it has none (tiny:ARCH) or none is found."""
+    spec = drafter_spec
+    if spec == "auto":
+        spec = "default" if target_spec == "default" else "prompt-lookup"
+    if spec == "default":
+        if target_spec == "default":
+            return target_codec.tokenizer  # the shipped pair shares one tokenizer
+        from . import models
+
+        try:
+            return models.load_tokenizer()
+        except Exception:  # noqa: BLE001 - then nothing is known about its ids
+            return None
+    if spec.startswith("tiny:") or spec in ("prompt-lookup", "pld"):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(spec)
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        return tok if len(tok) - len(set(tok.all_special_ids or [])) > 0 else None
+    except TypeError:
+        return tok
+
+
+def check_cli_drafter(model, codec, drafter, drafter_spec: str, target_spec: str) -> None:
+    """`check_drafter_vocab` for a CLI drafter: the target's and the drafter's tokenizers are compared where
+    both are known, and vocabularies of different sizes need both (`require_tokenizers`)."""
+    from .speculative import DraftModelDrafter, check_drafter_vocab
+
+    if not isinstance(drafter, DraftModelDrafter):
+        return
+    try:
+        check_drafter_vocab(model, drafter.model, codec.tokenizer,
+                            _drafter_tokenizer(drafter_spec, target_spec, codec), require_tokenizers=True)
+    except ValueError as exc:
+        raise ValueError(f"--drafter {drafter_spec} does not fit --target {target_spec}: {exc}") from None
+
+
 # ----------------------------------------------------------------------------- capture
 
 
@@ -282,8 +632,11 @@ def _capture(args: argparse.Namespace) -> int:
     from .bench.capture import capture_routing, save_capture
 
     device = _device(args.device)
-    model, codec, label = g.load_target(args.target, args.dtype, device)
+    if args.prompt is not None and not args.prompt:
+        raise ValueError("--prompt is empty")
     prompts = [args.prompt] if args.prompt is not None else g.load_prompts(args.prompts, args.num_prompts)
+    model, codec, label = g.load_target(args.target, args.dtype, device)
+    require_tokenizer(codec, args.target)
     seqs = []
     for p in prompts:
         ids = codec.encode(p)[: args.max_tokens]
@@ -301,54 +654,81 @@ def _capture(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `moespec` argument parser (subcommands info, demo, bench layer, bench generate, generate, capture)."""
-    p = argparse.ArgumentParser(prog="moespec", description=__doc__)
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="moespec", description=__doc__,
+                                epilog=_OUTPUT_RULES + " `moespec COMMAND --help` describes each command.")
+    p.add_argument("--version", action="version", version=f"moespec {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    pi = sub.add_parser("info", help="version, torch, compiled CUDA kernels and architectures, visible GPUs")
+    pi = sub.add_parser("info", help="version, torch, compiled CUDA kernels and architectures, visible GPUs",
+                        description="Report the moespec and torch versions, which kernel backend was built (cuda, "
+                                    "emu or none) and for which GPU architectures, the CUDA runtime and driver, the "
+                                    "visible GPUs, and why the CUDA kernels cannot run here if they cannot.")
     pi.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pi.set_defaults(func=_info)
 
-    pd = sub.add_parser("demo", help="CPU demonstration of verification-time expert budgets on one MoE layer")
-    pd.add_argument("--tokens", type=int, default=16, help="draft tokens verified at once (default 16)")
-    pd.add_argument("--zipf", type=float, default=1.0, help="router skew: Zipf exponent of expert popularity")
+    pd = sub.add_parser("demo", help="CPU demonstration of verification-time expert budgets on one MoE layer",
+                        description="Route a batch of draft tokens through one Qwen3-30B-A3B-shaped MoE layer "
+                                    "(E=128, top-8) under budgets and both policies, and print what each budget "
+                                    "keeps, the expert bytes at the real model's size and the output error "
+                                    "(CPU, seconds).", epilog=_OUTPUT_RULES)
+    pd.add_argument("--tokens", type=_pos_int, default=16, help="draft tokens verified at once (default 16)")
+    pd.add_argument("--zipf", type=finite_nonneg_float, default=1.0,
+                    help="router skew: Zipf exponent of expert popularity, a finite number >= 0 (0 = uniform; "
+                         "default 1)")
     pd.add_argument("--seed", type=int, default=0)
-    pd.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    pd.set_defaults(func=_demo)
+    pd.add_argument("--json", metavar="PATH", help="also write the results as JSON (folders are created, an "
+                                                   "existing file is overwritten)")
+    _add_threads(pd)
+    pd.set_defaults(func=_demo, device="cpu")
 
-    pb = sub.add_parser("bench", help="layer microbenchmarks and end-to-end evaluation")
+    pb = sub.add_parser("bench", help="layer microbenchmarks and end-to-end evaluation",
+                        description="Benchmarks: `bench layer` times one budgeted MoE layer against its byte floor "
+                                    "and the baselines; `bench generate` compares autoregressive decoding, "
+                                    "static-K speculation, budgets and Cascade end to end.")
     bsub = pb.add_subparsers(dest="bench_command", metavar="BENCH")
     bsub.required = True
 
     bl = bsub.add_parser("layer", help="time one budgeted MoE layer against its byte floor and the baselines",
                          description="Time one budgeted MoE layer (moespec CUDA, reference, transformers experts, "
                                      "F.grouped_mm) against the byte floor. On CPU, presets run with H and I "
-                                     "reduced (--reduce) and wall-clock timing, labelled as such.")
+                                     "reduced (--reduce) and wall-clock timing, labelled as such.",
+                         epilog=_OUTPUT_RULES)
     bl.add_argument("--models", help="comma-separated presets (see --list-models) or 'all'")
     bl.add_argument("--shape", help="custom shape H,I,E,k[,gpt_oss][,norenorm]")
     bl.add_argument("--list-models", action="store_true", help="print the presets and exit")
     bl.add_argument("--tokens", type=_ints, help="token counts T (default GPU 1,2,4,8,16,32,64; CPU 1,2,4,8,16,32)")
-    bl.add_argument("--budgets", type=_budgets, help="budgets C, 'none' = unbudgeted (default GPU none,8,16,32,64; "
-                                                     "CPU none,16,32); C >= E or < k are skipped")
+    bl.add_argument("--budgets", type=budget_list_type(allow_none=True),
+                    help="budgets C, 'none' = unbudgeted (default GPU none,8,16,32,64; CPU none,16,32); integers "
+                         ">= the shape's top-k as in moespec.ops; a budget a shape cannot use (C < k, or C >= E, "
+                         "which never binds) is skipped for that shape with a note, and one no shape can use is "
+                         "an error")
     bl.add_argument("--policies", type=_names(("substitute", "truncate")), help="substitute,truncate")
     bl.add_argument("--routing", default="iid",
                     help="iid | zipf[:S] | tree[:B[:RHO]] (draft-tree-correlated) | replay:FILE (from "
                          "`moespec capture`); several comma-separated, e.g. iid,zipf:1.2,tree:2")
     bl.add_argument("--impls", help="comma list or 'all' (default; on CPU all but the CUDA ones): moespec, "
                                     "moespec-experts, moespec-experts-atomic, moespec-plan, reference, hf-eager, "
-                                    "hf-grouped_mm, hf-batched_mm, torch-grouped_mm")
-    bl.add_argument("--device", default="auto", help="auto, cpu, cuda")
+                                    "hf-grouped_mm, hf-batched_mm, torch-grouped_mm. One that cannot run here is "
+                                    "skipped with its reason; an error if none of those given can run")
+    bl.add_argument("--device", default="auto", help="auto (cuda if visible), cpu, cuda, cuda:N")
     _add_threads(bl)
     bl.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="auto: bf16 on GPU, fp32 on CPU")
-    bl.add_argument("--iters", type=int, help="timed calls per measurement (median; default GPU 30, CPU 10)")
-    bl.add_argument("--warmup", type=int, default=3)
+    bl.add_argument("--iters", type=_pos_int, help="timed calls per measurement (median; default GPU 30, CPU 10)")
+    bl.add_argument("--warmup", type=nonneg_int, default=3, help="untimed calls before each measurement (>= 0; "
+                                                                 "default 3)")
     bl.add_argument("--seed", type=int, default=0)
-    bl.add_argument("--reduce", type=int, help="divide H and I of the presets (default 1 on GPU, 16 on CPU)")
-    bl.add_argument("--reference-max-t", type=int, default=16, help="on GPU, time the reference only up to this T")
+    bl.add_argument("--reduce", type=_pos_int, help="divide H and I of the presets (>= 1; default 1 on GPU, 16 on CPU)")
+    bl.add_argument("--reference-max-t", type=nonneg_int, default=16,
+                    help="on GPU, time the reference only up to this T (default 16)")
     bl.add_argument("--no-graphs", action="store_true", help="do not capture CUDA graphs")
-    bl.add_argument("--out", default="moespec_results", help="output folder (default ./moespec_results)")
-    bl.add_argument("--name", default="bench_layer", help="file stem of the outputs")
+    bl.add_argument("--out", default="moespec_results",
+                    help="output folder (default ./moespec_results; created if missing, existing outputs of the "
+                         "same --name are overwritten)")
+    bl.add_argument("--name", default="bench_layer", help="file stem of the outputs: NAME.json, NAME.md, NAME.png")
     bl.add_argument("--no-png", action="store_true")
     bl.add_argument("--quiet", action="store_true", help="no per-case progress on stderr")
     bl.add_argument("--full-table", action="store_true", help="print every measurement, not the summary")
@@ -359,16 +739,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      "speculation, Cascade and Cascade+budget on a set of prompts.")
     _add_model_args(bg)
     bg.add_argument("--prompts", help="JSONL file (strings or objects with 'prompt'/'text'); default: built-in set")
-    bg.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    bg.add_argument("--max-new-tokens", type=int, default=64)
-    from .bench.generate import MODE_FAMILIES
+    from .bench.generate import DEFAULT_REPEATS, MODE_FAMILIES
 
+    bg.add_argument("--num-prompts", type=_pos_int,
+                    help="use only the first N prompts (an error when fewer are available)")
+    bg.add_argument("--max-new-tokens", type=_pos_int, default=64)
+    bg.add_argument("--repeats", type=_pos_int, default=DEFAULT_REPEATS,
+                    help=f"run the whole prompt set N times per mode, interleaved across modes; tok/s and "
+                         f"speed-up are reported as median and min-max, with a flag when the spread is too wide "
+                         f"to rank the modes (default {DEFAULT_REPEATS})")
     bg.add_argument("--modes", type=_names(MODE_FAMILIES),
                     help=f"mode families (default all: {','.join(MODE_FAMILIES)}); ar is always run")
     bg.add_argument("--ks", type=_ints, help="static draft lengths K (default 2,4,8)")
-    bg.add_argument("--budgets", type=_ints, help="budgets C for the budget modes (default E/2,E/4)")
-    bg.add_argument("--budget-k", type=int, help="draft length of the budget modes (default max of --ks)")
-    bg.add_argument("--k-max", type=int, help="largest draft for Cascade (default max of --ks)")
+    bg.add_argument("--budgets", type=budget_list_type(allow_none=False),
+                    help="budgets C for the budget modes (default E/2,E/4); integers >= the target's top-k, as in "
+                         "moespec.ops")
+    bg.add_argument("--budget-k", type=_pos_int, help="draft length of the budget modes (default max of --ks)")
+    bg.add_argument("--k-max", type=_pos_int, help="largest draft for Cascade (default max of --ks)")
     bg.add_argument("--policy", default="substitute", choices=["substitute", "truncate"])
     bg.add_argument("--save-iterations", action="store_true", help="keep per-iteration records in the JSON")
     bg.add_argument("--no-warmup", action="store_true")
@@ -376,62 +763,105 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--name", default="bench_generate")
     bg.add_argument("--no-png", action="store_true")
     bg.add_argument("--quiet", action="store_true", help="no progress bar")
+    bg.add_argument("--wide", action="store_true",
+                    help="print every column (by default the table is cut to 120 columns; the Markdown file has all)")
     bg.set_defaults(func=_bench_generate)
 
-    pg = sub.add_parser("generate", help="generate from one prompt with speculative decoding, print statistics")
+    pg = sub.add_parser("generate", help="generate from one prompt with speculative decoding, print statistics",
+                        description="Generate a continuation of one prompt with moespec.speculative.generate "
+                                    "(greedy): a static draft of --k tokens, an expert budget at verification "
+                                    "(--budget) or the Cascade controllers; print the text and the statistics "
+                                    "(tokens/s, acceptance, experts per layer, expert bytes). The drafter must use "
+                                    "the target's tokenizer (checked before generating).",
+                        epilog=_OUTPUT_RULES)
     _add_model_args(pg)
     pg.add_argument("--prompt", help="prompt text (default: a built-in Python prompt)")
-    pg.add_argument("--max-new-tokens", type=int, default=64)
-    pg.add_argument("--k", type=int, default=4, help="draft length (K_max for Cascade; 0 = autoregressive)")
-    pg.add_argument("--budget", type=int, help="expert budget C at verification (default none)")
+    pg.add_argument("--max-new-tokens", type=_pos_int, default=64)
+    pg.add_argument("--k", type=nonneg_int, default=4, help="draft length (K_max for Cascade; 0 = autoregressive)")
+    pg.add_argument("--budget", type=_pos_int, help="expert budget C at verification (default none; >= the "
+                                                    "target's top-k, as in moespec.ops)")
     pg.add_argument("--policy", default="substitute", choices=["substitute", "truncate"])
     pg.add_argument("--controller", default="static", choices=["static", "cascade", "cascade+budget"])
-    pg.add_argument("--json", metavar="PATH", help="also write text and statistics as JSON")
+    pg.add_argument("--json", metavar="PATH", help="also write text and statistics as JSON (folders are created, "
+                                                   "an existing file is overwritten)")
     pg.set_defaults(func=_generate)
 
-    pc = sub.add_parser("capture", help="record a model's per-layer routing for `bench layer --routing replay:FILE`")
+    pc = sub.add_parser("capture", help="record a model's per-layer routing for `bench layer --routing replay:FILE`",
+                        description="Run a model over prompts and save every MoE layer's router logits and top-k "
+                                    "experts to one file, for `moespec bench layer --routing replay:FILE` (the "
+                                    "layer benchmark then times the model's real routing).",
+                        epilog=_OUTPUT_RULES)
     _add_model_args(pc, drafter=False)
     pc.add_argument("--prompts", help="JSONL prompts (default: built-in set)")
     pc.add_argument("--prompt", help="a single prompt instead of --prompts")
-    pc.add_argument("--num-prompts", type=int)
-    pc.add_argument("--max-tokens", type=int, default=512, help="tokens per prompt at most")
-    pc.add_argument("--out", required=True, help="capture file to write (.pt)")
+    pc.add_argument("--num-prompts", type=_pos_int)
+    pc.add_argument("--max-tokens", type=_pos_int, default=512, help="tokens per prompt at most")
+    pc.add_argument("--out", required=True, help="capture file to write (.pt; its folder is created if missing, an "
+                                                 "existing file is overwritten)")
     pc.set_defaults(func=_capture)
+    _attach_parsers(p)
     return p
+
+
+def _attach_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's namespace its own parser (``args._parser``), so that errors found after
+    parsing print that subcommand's usage (``moespec bench layer: error: ...``), not the top-level one."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                _attach_parsers(sp)
 
 
 _POSITIVE = ("max_new_tokens", "num_prompts", "iters", "max_tokens", "budget_k", "k_max", "budget", "threads")
 
+_PREFIX = "moespec: "
+
+
+def error_message(exc: BaseException) -> str:
+    """The text of ``exc`` for a ``moespec: error:`` line, without the ``moespec:`` prefix some library
+    errors already carry (so the line is prefixed once)."""
+    msg = str(exc).strip() or type(exc).__name__
+    while msg.startswith(_PREFIX):
+        msg = msg[len(_PREFIX):].lstrip()
+    return msg
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: parse, run, and turn user errors into one ``moespec: error:`` line (exit 2)."""
+    """Entry point: parse, check outputs, run; user errors become one ``moespec: error:`` line (exit 2).
+
+    Errors in the arguments (found by argparse, or here before the command starts: bounds, output
+    paths) print the subcommand's usage and ``moespec SUBCOMMAND: error: ...``; errors while the
+    command runs print ``moespec: error: ...`` once."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    sub = getattr(args, "_parser", parser)
     for name in _POSITIVE:
         val = getattr(args, name, None)
-        if val is not None and val < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {val}")
-    if getattr(args, "threads", None) is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        if val is not None and not isinstance(val, list) and val < 1:
+            sub.error(f"--{name.replace('_', '-')} must be >= 1, got {val}")
     try:
+        _prepare_outputs(args)
+    except ValueError as exc:
+        sub.error(error_message(exc))
+    try:
+        _apply_threads(args)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
-        if os.environ.get("MOESPEC_DEBUG"):
-            raise
-        hint = "" if isinstance(exc, (ValueError, FileNotFoundError)) else " (set MOESPEC_DEBUG=1 for the traceback)"
-        print(f"moespec: error: {exc}{hint}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moespec: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # Output piped into e.g. `head`: stop quietly, and keep Python's exit-time flush from failing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
+        if os.environ.get("MOESPEC_DEBUG"):
+            raise
+        hint = "" if isinstance(exc, (ValueError, OSError)) else " (set MOESPEC_DEBUG=1 for the traceback)"
+        print(f"moespec: error: {error_message(exc)}{hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moespec: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,8 @@ expert bytes a GPU would stream at the real model's size, and how far the layer 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from . import ops
 from .types import ExpertLayout
 
-# Qwen3-30B-A3B routed experts (DESIGN §5).
+# Qwen3-30B-A3B routed experts (docs/design.md §5).
 E, TOP_K, H_REAL, I_REAL = 128, 8, 2048, 768
 BYTES_PER_EXPERT = 3 * H_REAL * I_REAL * 2  # bf16 gate, up, down
 # Scaled-down hidden and expert width for the CPU forward (multiples of 8, not of 64).
@@ -30,9 +32,17 @@ def synthetic_router_logits(tokens: int, zipf: float, generator: torch.Generator
 
 
 def run_demo(tokens: int = 16, seed: int = 0, zipf: float = 1.0, out_json: Optional[str] = None) -> list[dict]:
-    """Print a table of budgets x policies and return its rows."""
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    """Print a table of budgets x policies and return its rows; ``out_json`` also writes them (its folder is
+    created if missing, an existing file is overwritten)."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+    if isinstance(zipf, bool) or not isinstance(zipf, (int, float)) or not math.isfinite(zipf) or zipf < 0:
+        raise ValueError(f"zipf must be a finite number >= 0, got {zipf!r}")
+    if out_json:
+        out = Path(out_json)
+        if out.is_dir():
+            raise ValueError(f"out_json {out_json} is a folder, not a file")
+        out.parent.mkdir(parents=True, exist_ok=True)  # before the work, so a bad path fails first
     g = torch.Generator().manual_seed(seed)
     logits = synthetic_router_logits(tokens, zipf, g)
     x = torch.randn(tokens, H_DEMO, generator=g)
@@ -62,12 +72,22 @@ def run_demo(tokens: int = 16, seed: int = 0, zipf: float = 1.0, out_json: Optio
           f"verified at once, Zipf skew {zipf}, seed {seed}, CPU reference")
     print(f"expert MB at the real size (bf16, {BYTES_PER_EXPERT / 1e6:.1f} MB per expert); "
           f"output error measured on a scaled-down layer (H={H_DEMO}, I={I_DEMO})\n")
-    head = ["budget", "policy", "union", "kept", "expert_MB", "bytes_vs_1_token", "pairs_rerouted_pct",
-            "output_rel_err"]
-    print("  ".join(f"{h:>18}" for h in head))
-    for row in rows:
-        print("  ".join(f"{('none' if row[h] is None else row[h])!s:>18}" for h in head))
+    print(demo_table(rows))
     if out_json:
         with open(out_json, "w") as f:
             json.dump({"tokens": tokens, "seed": seed, "zipf": zipf, "rows": rows}, f, indent=2)
     return rows
+
+
+#: (row key, column header) of the printed table; README's demo table is this table, as printed.
+DEMO_COLUMNS = [("budget", "budget"), ("policy", "policy"), ("union", "union"), ("kept", "kept"),
+                ("expert_MB", "expert MB"), ("bytes_vs_1_token", "x one token"),
+                ("pairs_rerouted_pct", "pairs rerouted %"), ("output_rel_err", "output rel. err")]
+
+
+def demo_table(rows: list[dict], markdown: bool = False) -> str:
+    """The demo's rows as a terminal table (or Markdown), budget None shown as ``none``."""
+    from .bench.report import markdown_table, terminal_table
+
+    shown = [dict(r, budget="none" if r["budget"] is None else r["budget"]) for r in rows]
+    return markdown_table(shown, DEMO_COLUMNS) if markdown else terminal_table(shown, DEMO_COLUMNS)

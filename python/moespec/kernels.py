@@ -1,4 +1,4 @@
-"""Thin wrappers around the CUDA kernels in ``moespec._C`` (DESIGN §3).
+"""Thin wrappers around the CUDA kernels in ``moespec._C`` (docs/design.md §3).
 
 `moespec.ops` validates inputs and then calls the four op-level functions here for CUDA
 tensors: `expert_union`, `score_experts`, `budget_routing`, `moe_experts`. They return

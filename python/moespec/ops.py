@@ -1,4 +1,4 @@
-"""The public op API of moespec (DESIGN §3).
+"""The public op API of moespec (docs/design.md §3).
 
 Every op validates its inputs (shapes, dtypes, devices, contiguity, id ranges, budgets) and
 raises a clear `ValueError` / `TypeError` on bad input. CUDA tensors go to the compiled kernels
@@ -12,6 +12,8 @@ which defines the semantics.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "moe_experts",
     "budgeted_moe",
     "validate_budget",
+    "as_int",
 ]
 
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -113,6 +116,28 @@ def _check_logits(router_logits) -> None:
         raise ValueError("router_logits must have at least one expert column")
 
 
+def as_int(name: str, value) -> int:
+    """``value`` as a Python int if it is integer-like, else a `ValueError` naming ``name``.
+
+    Integer-like: ``int``, NumPy integer scalars (``numpy.int64``, ...) and 0-d integer tensors
+    (read with ``.item()``, a host sync for a CUDA tensor), i.e. anything with ``__index__``
+    except booleans (``True``, ``numpy.bool_``, bool tensors), floats and tensors with more than
+    one dimension or element.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise ValueError(f"{name} must be an int, got a tensor of dtype "
+                             f"{str(value.dtype).replace('torch.', '')} and shape {tuple(value.shape)} "
+                             "(a 0-d integer tensor is accepted)")
+        return int(value.item())
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):  # also numpy.bool_
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
+
+
 def validate_budget(
     budget: Optional[int],
     top_k: int,
@@ -120,18 +145,31 @@ def validate_budget(
     score: str = "prob",
     coverage: Optional[float] = None,
     min_budget: Optional[int] = None,
-) -> None:
+) -> tuple[Optional[int], int, Optional[int]]:
     """Raise `ValueError` unless the budget settings are meaningful for a top-``top_k`` router.
 
-    Rules: ``budget`` is None or an int with ``top_k <= budget``; ``policy`` in
-    ``("substitute", "truncate")``; ``score`` in ``("prob", "topk")``; ``coverage`` None or in
-    ``(0, 1]``; ``min_budget`` None or an int in ``[top_k, budget]``.
+    Rules: ``budget`` is None or an integer with ``top_k <= budget``; ``policy`` in
+    ``("substitute", "truncate")``; ``score`` in ``("prob", "topk")``; ``coverage`` None or a
+    real number in ``(0, 1]``; ``min_budget`` None or an integer in ``[top_k, budget]``, only
+    together with ``coverage``. ``top_k`` is an integer >= 1. An integer is an ``int``, a NumPy
+    integer or a 0-d integer tensor; booleans are rejected (see `as_int`). A budget ``>= E``
+    is valid (it never binds).
+
+    Returns:
+        ``(budget, top_k, min_budget)`` as Python ints (None kept), for callers that pass them on.
     """
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    try:
+        top_k = as_int("top_k", top_k)
+    except ValueError:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}") from None
+    if top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise ValueError(f"budget must be an int or None, got {budget!r}")
+        try:
+            budget = as_int("budget", budget)
+        except ValueError:
+            raise ValueError(f"budget must be an int or None (NumPy integers and 0-d integer tensors are "
+                             f"accepted, bools are not), got {budget!r}") from None
         if budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
         if budget < top_k:
@@ -141,15 +179,20 @@ def validate_budget(
     if score not in SCORE_MODES:
         raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
     if coverage is not None:
-        if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0.0 < float(coverage) <= 1.0:
+        if isinstance(coverage, bool) or not isinstance(coverage, numbers.Real) or not 0.0 < float(coverage) <= 1.0:
             raise ValueError(f"coverage must be a number in (0, 1], got {coverage!r}")
     if min_budget is not None:
         if coverage is None:
             raise ValueError("min_budget only applies together with coverage")
-        if isinstance(min_budget, bool) or not isinstance(min_budget, int) or min_budget < top_k:
+        try:
+            min_budget = as_int("min_budget", min_budget)
+        except ValueError:
+            raise ValueError(f"min_budget must be an int >= top_k ({top_k}), got {min_budget!r}") from None
+        if min_budget < top_k:
             raise ValueError(f"min_budget must be an int >= top_k ({top_k}), got {min_budget!r}")
         if budget is not None and min_budget > budget:
             raise ValueError(f"min_budget ({min_budget}) must be <= budget ({budget})")
+    return budget, top_k, min_budget
 
 
 def _resolve_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> bool:
@@ -210,7 +253,11 @@ def expert_union(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "au
         ``pair_slot`` ``[T*k]`` int32 (grouped by expert, then token, then slot),
         ``pair_position [T, k]`` int32 (inverse map).
     """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+    try:
+        num_experts = as_int("num_experts", num_experts)
+    except ValueError:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}") from None
+    if num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     _check_routing(topk_ids, None, None, num_experts)
     if _resolve_backend(backend, topk_ids, "expert_union"):
@@ -228,7 +275,7 @@ def score_experts(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Per-expert aggregate score over the tokens of one call (DESIGN §3).
+    """Per-expert aggregate score over the tokens of one call (docs/design.md §3).
 
     Args:
         router_logits: ``[T, E]`` float (math in fp32).
@@ -264,7 +311,7 @@ def budget_routing(
     token_mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> BudgetedRouting:
-    """Softmax top-k routing of one forward call under an expert budget (DESIGN §3).
+    """Softmax top-k routing of one forward call under an expert budget (docs/design.md §3).
 
     The budget is a cap: when the union of the tokens' top-k experts has at most ``budget``
     experts, ids and weights are bit-identical to unbudgeted routing. Otherwise the ``budget``
@@ -290,7 +337,9 @@ def budget_routing(
         ``kept_experts`` int32 sorted, ``union_size``, ``budgeted``). Reading the kept set's
         length synchronises with the device; `budget_routing_masked` does not.
     """
-    _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask)
+    budget, top_k, min_budget = _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget,
+                                                    token_mask)
+    coverage = None if coverage is None else float(coverage)
     # The CUDA plan has no token mask: masked routing runs the reference (on the same device).
     if _resolve_backend(backend, router_logits, "budget_routing") and token_mask is None:
         from . import kernels
@@ -300,13 +349,15 @@ def budget_routing(
                                     token_mask)
 
 
-def _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask) -> None:
+def _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask):
+    """Validate the routing arguments; returns ``(budget, top_k, min_budget)`` as Python ints."""
     _check_logits(router_logits)
-    validate_budget(budget, top_k, policy, score, coverage, min_budget)
+    budget, top_k, min_budget = validate_budget(budget, top_k, policy, score, coverage, min_budget)
     E = router_logits.shape[1]
     if top_k > E:
         raise ValueError(f"top_k ({top_k}) exceeds the number of experts ({E})")
     _check_token_mask(token_mask, router_logits)
+    return budget, top_k, min_budget
 
 
 def budget_routing_masked(
@@ -333,7 +384,8 @@ def budget_routing_masked(
         `RoutingMasks` (``topk_ids [T,k]`` int64, ``topk_weights [T,k]`` fp32, ``kept_mask [E]``
         bool, ``union_size`` 0-d int64, ``budgeted`` 0-d bool).
     """
-    _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask)
+    budget, top_k, min_budget = _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget,
+                                                    token_mask)
     _check_backend(backend, router_logits, "budget_routing")
     return RoutingMasks(*custom_ops.budget_routing_masked(
         router_logits, top_k, budget, policy, renormalize, score,

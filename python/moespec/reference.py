@@ -1,4 +1,4 @@
-"""The PyTorch reference: the exact semantics of every moespec op (DESIGN §3).
+"""The PyTorch reference: the exact semantics of every moespec op (docs/design.md §3).
 
 Runs on any device and for fp32, bf16 and fp16 inputs. `moespec.ops` validates inputs and then
 calls either these functions or the CUDA kernels, which must agree with them (bitwise for
@@ -350,7 +350,7 @@ def budget_routing(
     min_budget: Optional[int] = None,
     token_mask: Optional[torch.Tensor] = None,
 ) -> BudgetedRouting:
-    """Softmax top-k routing under a per-call expert budget (DESIGN §3).
+    """Softmax top-k routing under a per-call expert budget (docs/design.md §3).
 
     Args:
         router_logits: ``[T, E]`` any float dtype (math in fp32).

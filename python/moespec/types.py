@@ -16,7 +16,7 @@ ACTIVATIONS = ("silu", "clamped_swiglu")
 class ExpertLayout:
     """How expert weights are stored and which gated activation joins gate and up.
 
-    The default is the transformers v5 fused layout (DESIGN §2):
+    The default is the transformers v5 fused layout (docs/design.md §2):
     ``w_gate_up [E, 2I, H]`` with rows ``[:I]`` gate and ``[I:]`` up, ``w_down [E, H, I]``,
     activation ``silu(gate) * up``.
 
@@ -82,7 +82,7 @@ class ExpertUnion:
 
 @dataclass(frozen=True)
 class BudgetedRouting:
-    """Routing after a verification-time expert budget (DESIGN §3).
+    """Routing after a verification-time expert budget (docs/design.md §3).
 
     Attributes:
         topk_ids: ``[T, k]`` int64 expert ids per token (slot order as produced by top-k).

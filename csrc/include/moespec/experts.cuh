@@ -1,4 +1,4 @@
-// Budgeted grouped SwiGLU experts over a routing plan (DESIGN §3):
+// Budgeted grouped SwiGLU experts over a routing plan (docs/design.md §3):
 //   GEMM1 + gated activation:  h[p, i]  = act(x[token(p)] . Wgate[e, i], x[token(p)] . Wup[e, i])
 //   GEMM2 + routing weight:    c[p, :]  = w(p) * (h[p] . Wdown[e]^T + b_down[e])
 //   combine:                   y[t, :]  = sum over slots in slot order (deterministic) or atomics.

@@ -1,5 +1,5 @@
 // The routing plan: one single-CTA launch per layer that turns router logits (or given top-k
-// ids/weights) into everything the expert kernels need (DESIGN §3):
+// ids/weights) into everything the expert kernels need (docs/design.md §3):
 //   softmax top-k -> union -> scores -> top-C kept set (ties to the lower id) -> re-routing
 //   (substitute / truncate, coverage) -> per-expert CSR lists of the active (token, slot) pairs.
 // All outputs are sized for the worst case and all counts stay on the device (meta[]), so the

@@ -1,6 +1,6 @@
-"""Benchmarks and evaluation behind ``moespec bench`` (DESIGN §5).
+"""Benchmarks and evaluation behind ``moespec bench`` (docs/design.md §5).
 
-- `shapes`: model shape presets (DESIGN §5 table) and the reduced CPU set.
+- `shapes`: model shape presets (docs/design.md §5 table) and the reduced CPU set.
 - `routing_gen`: router-logit generators: i.i.d., Zipf, draft-tree-correlated, replay of a capture.
 - `timing`: CUDA-event timing with L2 flush and CUDA graphs, wall-clock timing on CPU, copy bandwidth.
 - `impls`: the implementations compared side by side (moespec CUDA, reference, transformers, torch).

@@ -5,12 +5,14 @@ Modes (each run on every prompt, greedy):
 - ``ar``: autoregressive (the engine with K=0), the speed and agreement baseline;
 - ``static`` K: a chain of K draft tokens every iteration, unbudgeted (lossless);
 - ``budget`` C: static K (``budget_k``) with expert budget C at verification (lossy by design);
-- ``cascade``: utility-driven K (DESIGN §4), unbudgeted;
+- ``cascade``: utility-driven K (docs/design.md §4), unbudgeted;
 - ``cascade+budget``: Cascade choosing K and the budget C together.
 
-Per mode: tokens/s and speed-up over ``ar``, mean acceptance length, tokens per iteration, mean
-union and kept experts per MoE layer per verification forward, expert bytes per generated token, and
-agreement with the ``ar`` output (token match rate and first divergence).
+Per mode: tokens/s and speed-up over ``ar`` (median and min-max over interleaved repeats, with a flag
+when the spread is too wide to rank the modes: `moespec.bench.timing.rank_check`), mean acceptance
+length, tokens per iteration, mean union and kept experts per MoE layer per verification forward,
+expert MB per generated token, and agreement with the ``ar`` output (token match rate and first
+divergence).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import report
+from . import report, timing
 
 BUILTIN_PROMPTS = (
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -37,6 +39,10 @@ BUILTIN_PROMPTS = (
 )
 
 MODE_FAMILIES = ("ar", "static", "budget", "cascade", "cascade+budget")
+
+#: Repeats of the whole prompt set per mode. Three keep the default run (8 prompts x 64 tokens x 8
+#: modes) around two minutes on a 2-core CPU with one thread and give a min-max interval per mode.
+DEFAULT_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -205,7 +211,54 @@ def load_prompts(path: Optional[str], limit: Optional[int] = None) -> list[str]:
             prompts.append(text)
         if not prompts:
             raise ValueError(f"prompts file {path} holds no prompts")
-    return prompts[:limit] if limit else prompts
+    if limit is None:
+        return prompts
+    if limit < 1:
+        raise ValueError(f"the number of prompts must be >= 1, got {limit}")
+    if limit > len(prompts):
+        # Refused rather than cycled: greedy decoding of a repeated prompt repeats the same tokens, so
+        # cycling would only pretend to a larger sample (timing repeats are what --repeats is for).
+        src = f"prompts file {path}" if path else "the built-in prompt set"
+        raise ValueError(f"{limit} prompts requested but {src} holds {len(prompts)}; pass a --prompts JSONL "
+                         f"file with at least {limit} prompts, or ask for at most {len(prompts)}")
+    return prompts[:limit]
+
+
+def target_top_k(model) -> int:
+    """Experts per token (top-k) of a transformers MoE config (1 when the config names none)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    return int(getattr(cfg, "num_experts_per_tok", 1) or 1)
+
+
+def check_mode_args(families: Sequence[str], ks: Sequence[int], budgets: Optional[Sequence[int]],
+                    top_k: Optional[int] = None, policy: str = "substitute") -> None:
+    """Reject `bench generate` mode arguments that would be ignored or run something else than asked.
+
+    ``budgets`` are the ones the user gave (None: the defaults). Raises `ValueError` for unknown
+    families, repeated or non-positive K, repeated budgets, budgets without a mode that uses them,
+    and budgets that `moespec.ops.validate_budget` rejects for a top-``top_k`` router (checked
+    only when ``top_k`` is given).
+    """
+    from ..ops import validate_budget
+
+    bad = [f for f in families if f not in MODE_FAMILIES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODE_FAMILIES)}")
+    for flag, vals in (("--ks", ks), ("--budgets", budgets or [])):
+        small = [v for v in vals if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if small:
+            raise ValueError(f"{flag} must be positive integers, got {list(vals)}")
+        dup = sorted({v for v in vals if list(vals).count(v) > 1})
+        if dup:
+            raise ValueError(f"{flag} lists {', '.join(map(str, dup))} more than once")
+    if budgets and not ({"budget", "cascade+budget"} & set(families)):
+        raise ValueError("--budgets applies to the budget and cascade+budget modes, and --modes selects neither")
+    if budgets and top_k is not None:
+        for c in budgets:
+            try:
+                validate_budget(c, top_k, policy)
+            except ValueError as exc:
+                raise ValueError(f"--budgets {c} rejected for this target (top-k = {top_k}): {exc}") from None
 
 
 # ----------------------------------------------------------------------------- running
@@ -259,16 +312,20 @@ def summarise(mode: Mode, runs: Sequence[dict]) -> dict:
     union, kept = _layer_means(drafted or its)
     ebytes = sum(int(it.get("expert_bytes") or 0) for it in its)
     firsts = [r["first_divergence"] for r in runs if r["first_divergence"] is not None]
+    by_prompt: dict = {}
+    for r in runs:
+        by_prompt.setdefault(r.get("prompt_index", id(r)), []).append(r["first_divergence"] is None)
     return {
         "mode": mode.name, "kind": mode.kind, "k": mode.k, "budget": mode.budget,
-        "prompts": len(runs), "new_tokens": new, "wall_time_s": wall,
+        "prompts": len(by_prompt), "new_tokens": new, "wall_time_s": wall,
         "tokens_per_s": new / wall if wall > 0 else None,
         "mean_accepted": (sum(it["accepted"] for it in drafted) / len(drafted)) if drafted else 0.0,
         "tokens_per_iteration": new / len(its) if its else None,
         "mean_union_per_layer": union, "mean_kept_per_layer": kept,
         "expert_bytes_per_token": ebytes / new if new else None,
         "match_rate": sum(r["match_rate"] for r in runs) / len(runs) if runs else None,
-        "identical_prompts": sum(r["first_divergence"] is None for r in runs),
+        "expert_mb_per_token": ebytes / new / 1e6 if new else None,
+        "identical_prompts": sum(all(v) for v in by_prompt.values()),  # identical in every repeat
         "first_divergence_min": min(firsts) if firsts else None,
         "first_divergence_mean": sum(firsts) / len(firsts) if firsts else None,
         "budgets_used": sorted({str(it.get("budget")) for it in drafted}),
@@ -304,17 +361,66 @@ class _Progress:
             self.bar.close()
 
 
+def _throughput(runs: Sequence[dict]) -> Optional[float]:
+    """Tokens per second over ``runs`` (total new tokens / total wall time)."""
+    wall = sum(r["wall_time_s"] for r in runs)
+    return sum(r["new_tokens"] for r in runs) / wall if wall > 0 else None
+
+
+def aggregate_repeats(modes: Sequence[Mode], grid: dict, repeats: int, n_prompts: int,
+                      tie: float = timing.TIE_TOLERANCE) -> tuple[list[dict], dict]:
+    """Mode rows and the ranking check from ``grid[(repeat, mode index, prompt index)]`` runs.
+
+    Pure (no clock): the runs need ``new_tokens``, ``wall_time_s``, ``tokens``, ``mean_accepted`` and
+    ``iterations``; ``modes[0]`` is ``ar``. Sets each run's ``match_rate`` and ``first_divergence``
+    (against ``ar`` of the same repeat and prompt). Throughput per (mode, repeat) is total tokens over
+    total wall time across the prompts; the speed-up per repeat divides it by the same repeat's ``ar``.
+    """
+    n_modes = len(modes)
+    for (rep, j, i), run in grid.items():
+        run["match_rate"], run["first_divergence"] = _agreement(run["tokens"], grid[rep, 0, i]["tokens"])
+    tps = [[_throughput([grid[rep, j, i] for i in range(n_prompts)]) for rep in range(repeats)]
+           for j in range(n_modes)]
+    rows = []
+    for j, mode in enumerate(modes):
+        row = summarise(mode, [grid[rep, j, i] for rep in range(repeats) for i in range(n_prompts)])
+        speedups = [t / a if t and a else None for t, a in zip(tps[j], tps[0])]
+        ts, ss = timing.spread(tps[j]), timing.spread(speedups)
+        row.update(repeats=repeats, tokens_per_s=ts["median"], tokens_per_s_min=ts["min"],
+                   tokens_per_s_max=ts["max"], tokens_per_s_per_repeat=tps[j], speedup=ss["median"],
+                   speedup_min=ss["min"], speedup_max=ss["max"], speedup_per_repeat=speedups)
+        rows.append(row)
+    check = timing.rank_check([m.name for m in modes], [r["speedup_per_repeat"] for r in rows], tie)
+    for j, row in enumerate(rows):
+        row["order"] = ("?" if j in check["undetermined"] else "ok") if check["checked"] else None
+    return rows, check
+
+
 def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], object], prompts: Sequence[str],
                        modes: Sequence[Mode], max_new_tokens: int = 32, policy: str = "substitute",
                        budget_choices=None, warmup: bool = True, progress: bool = True,
                        keep_iterations: bool = False, argv: Optional[Sequence[str]] = None,
-                       config: Optional[dict] = None) -> dict:
-    """Run every mode on every prompt; returns ``{"meta", "config", "modes", "runs"}``.
+                       config: Optional[dict] = None, repeats: int = DEFAULT_REPEATS,
+                       tie: float = timing.TIE_TOLERANCE) -> dict:
+    """Run every mode on every prompt ``repeats`` times; returns ``{"meta", "config", "modes", "spread", "runs"}``.
 
-    ``modes`` rows: see `summarise`. ``runs``: one per (mode, prompt) with new_tokens,
-    wall_time_s, tokens_per_s, mean_accepted, match_rate, first_divergence, summary, controller
-    (and iterations when ``keep_iterations``).
+    Interleaved: each repeat takes the prompts in turn and runs every mode on the prompt before moving
+    on (mode order rotated per prompt and repeat), so a slow phase of a shared machine lands on all
+    modes alike instead of on whichever mode happened to run then. A mode's speed-up is computed per
+    repeat against the same repeat's ``ar`` run; its row holds the median and min-max over the
+    repeats, and ``spread`` is `moespec.bench.timing.rank_check` of those per-repeat speed-ups (the
+    row's ``order`` is ``"?"`` where it could not rank the mode, ``"ok"`` where it could, None with
+    one repeat). Token agreement is against ``ar`` of the same repeat and prompt.
+
+    ``modes`` rows: see `summarise`, plus ``repeats``, ``tokens_per_s`` / ``speedup`` (medians),
+    ``*_min``, ``*_max``, ``*_per_repeat`` and ``order``. ``runs``: one per (repeat, mode, prompt)
+    with repeat, new_tokens, wall_time_s, tokens_per_s, mean_accepted, match_rate, first_divergence,
+    summary, controller (and iterations when ``keep_iterations``).
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not modes or modes[0].kind != "ar":
+        raise ValueError("modes must start with the 'ar' mode (the reference of speed-up and agreement)")
     device = next(model.parameters()).device
     prompt_ids = [codec.encode(p) for p in prompts]
     if any(len(p) == 0 for p in prompt_ids):
@@ -324,82 +430,200 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
         # The first call pays one-time costs (patching, allocator, kernels); keep them out of the timings.
         run_one(model, prompt_ids[0][:16], drafter_factory(), Mode("static", max(m.k for m in modes) or 1),
                 min(4, max_new_tokens), policy, eos, budget_choices)
-    bar = _Progress(len(modes) * len(prompt_ids), progress)
-    refs: list[list[int]] = []
-    rows, runs = [], []
+    n_modes, n_prompts = len(modes), len(prompt_ids)
+    grid: dict[tuple[int, int, int], dict] = {}  # (repeat, mode index, prompt index) -> run
+    bar = _Progress(repeats * n_modes * n_prompts, progress)
     try:
-        for mode in modes:
-            mode_runs = []
+        for rep in range(repeats):
             for i, ids in enumerate(prompt_ids):
-                t0 = time.perf_counter()
-                new, st = run_one(model, ids, drafter_factory(), mode, max_new_tokens, policy, eos, budget_choices)
-                if mode.kind == "ar":
-                    refs.append(new)
-                rate, first = _agreement(new, refs[i])
-                summ = st["summary"]
-                run = {
-                    "mode": mode.name, "prompt_index": i, "prompt_tokens": len(ids), "new_tokens": len(new),
-                    "wall_time_s": summ["wall_time_s"],
-                    "tokens_per_s": len(new) / summ["wall_time_s"] if summ["wall_time_s"] > 0 else None,
-                    "mean_accepted": summ["mean_accepted"], "match_rate": rate, "first_divergence": first,
-                    "tokens": new, "summary": summ, "controller": st.get("controller"),
-                    "iterations": st["iterations"],
-                }
-                mode_runs.append(run)
-                bar.step(f"{mode.name} prompt {i + 1}: {run['tokens_per_s'] or 0:.1f} tok/s "
-                         f"({time.perf_counter() - t0:.1f} s)")
-            row = summarise(mode, mode_runs)
-            rows.append(row)
-            if not keep_iterations:
-                for r in mode_runs:
-                    del r["iterations"]
-            runs += mode_runs
+                first = (rep + i) % n_modes
+                for j in list(range(first, n_modes)) + list(range(first)):
+                    mode = modes[j]
+                    t0 = time.perf_counter()
+                    new, st = run_one(model, ids, drafter_factory(), mode, max_new_tokens, policy, eos,
+                                      budget_choices)
+                    summ = st["summary"]
+                    run = {
+                        "mode": mode.name, "repeat": rep, "prompt_index": i, "prompt_tokens": len(ids),
+                        "new_tokens": len(new), "wall_time_s": summ["wall_time_s"],
+                        "tokens_per_s": len(new) / summ["wall_time_s"] if summ["wall_time_s"] > 0 else None,
+                        "mean_accepted": summ["mean_accepted"], "tokens": new, "summary": summ,
+                        "controller": st.get("controller"), "iterations": st["iterations"],
+                    }
+                    grid[rep, j, i] = run
+                    bar.step(f"{rep + 1}/{repeats} {mode.name} p{i + 1}: {run['tokens_per_s'] or 0:.0f} tok/s "
+                             f"({time.perf_counter() - t0:.1f} s)")
     finally:
         bar.close()
-    ar = rows[0]["tokens_per_s"]
-    for row in rows:
-        row["speedup"] = (row["tokens_per_s"] / ar) if ar and row["tokens_per_s"] else None
+    rows, check = aggregate_repeats(modes, grid, repeats, n_prompts, tie)
+    runs = [grid[rep, j, i] for rep in range(repeats) for j in range(n_modes) for i in range(n_prompts)]
+    if not keep_iterations:
+        for r in runs:
+            del r["iterations"]
     meta = report.run_meta(device, argv)
-    meta["timing"] = "wall-clock" if device.type != "cuda" else "wall-clock, device synchronised"
-    cfg = {"max_new_tokens": max_new_tokens, "policy": policy, "prompts": len(prompt_ids),
+    meta["timing"] = ("wall-clock" if device.type != "cuda" else "wall-clock, device synchronised") + \
+        f"; {repeats} interleaved repeat{'s' if repeats > 1 else ''}, median and min-max"
+    cfg = {"max_new_tokens": max_new_tokens, "policy": policy, "prompts": n_prompts, "repeats": repeats,
+           "interleaving": "per repeat, per prompt: every mode, order rotated by (repeat + prompt)",
            "modes": [asdict(m) | {"name": m.name} for m in modes], **(config or {})}
-    return {"meta": meta, "config": cfg, "modes": rows, "runs": runs}
+    return {"meta": meta, "config": cfg, "modes": rows, "spread": check, "runs": runs}
 
 
 # ----------------------------------------------------------------------------- output
 
-COLUMNS = [("mode", "mode"), ("tokens_per_s", "tok/s"), ("speedup", "speed-up"), ("mean_accepted", "accept len"),
-           ("tokens_per_iteration", "tok/iter"), ("mean_union_per_layer", "union/layer"),
-           ("mean_kept_per_layer", "kept/layer"), ("expert_mb_per_token", "expert MB/tok"),
-           ("match_rate", "match"), ("first_divergence_min", "1st diverg.")]
+# (row key, terminal header, Markdown header). The terminal drops OPTIONAL_COLUMNS (first listed,
+# first dropped) when the table would be wider than report.TERMINAL_WIDTH; the Markdown file has all.
+COLUMNS = [
+    ("mode", "mode", "mode"),
+    ("tokens_per_s", "tok/s", "tokens/s (median)"),
+    ("tokens_per_s_range", "min-max", "tokens/s min-max"),
+    ("speedup", "speed-up", "speed-up (median)"),
+    ("speedup_range", "min-max", "speed-up min-max"),
+    ("order", "order", "order"),
+    ("mean_accepted", "accept", "accepted per verification"),
+    ("tokens_per_iteration", "tok/it", "tokens per iteration"),
+    ("mean_union_per_layer", "union", "union experts per layer"),
+    ("mean_kept_per_layer", "kept", "kept experts per layer"),
+    ("expert_mb_per_token", "MB/tok", "expert MB per token"),
+    ("match_rate", "match", "tokens matching ar"),
+    ("first_divergence_min", "1st div", "first divergence"),
+]
+OPTIONAL_COLUMNS = ("tokens_per_iteration", "tokens_per_s_range", "first_divergence_min")
+
+
+def _range(lo, hi, digits: Optional[int] = None) -> Optional[str]:
+    if lo is None or hi is None:
+        return None
+    if digits is None:
+        return f"{report.fmt(float(lo))}-{report.fmt(float(hi))}"
+    return f"{lo:.{digits}f}-{hi:.{digits}f}"
 
 
 def _display_rows(result: dict) -> list[dict]:
+    """Table cells per mode: '-' where a column has no meaning for the row (the ar reference)."""
     out = []
     for r in result["modes"]:
+        ar = r.get("kind") == "ar"
         b = r.get("expert_bytes_per_token")
-        out.append(dict(r, expert_mb_per_token=None if b is None else b / 1e6))
+        sp = r.get("speedup")
+        d = dict(r)
+        d.update(
+            tokens_per_s_range=_range(r.get("tokens_per_s_min"), r.get("tokens_per_s_max")),
+            speedup=None if sp is None else f"{sp:.2f}",
+            # ar's speed-up is 1 by definition in every repeat: no range to show.
+            speedup_range=None if ar else _range(r.get("speedup_min"), r.get("speedup_max"), 2),
+            expert_mb_per_token=r.get("expert_mb_per_token", None if b is None else b / 1e6),
+            # Acceptance and agreement compare a speculative mode with ar; ar has neither.
+            mean_accepted=None if ar else r.get("mean_accepted"),
+            match_rate=None if ar or r.get("match_rate") is None else _percent(r["match_rate"]),
+            first_divergence_min=None if ar else ("none" if r.get("first_divergence_min") is None
+                                                  else r["first_divergence_min"]),
+        )
+        out.append(d)
     return out
 
 
-def generate_table(result: dict) -> str:
-    """The terminal table of the mode rows."""
-    return report.terminal_table(_display_rows(result), COLUMNS)
+def _percent(x: float) -> str:
+    if x >= 1.0:
+        return "100%"
+    return f"{100 * x:.1f}%" if x >= 0.995 or x < 0.1 else f"{100 * x:.0f}%"
+
+
+def generate_table(result: dict, max_width: Optional[int] = report.TERMINAL_WIDTH) -> str:
+    """The terminal table of the mode rows, at most ``max_width`` characters wide when the optional
+    columns can be dropped to get there (``max_width=None``: every column, as in the Markdown file);
+    a line under it names any dropped column."""
+    rows = _display_rows(result)
+    cols = [(k, h) for k, h, _ in COLUMNS]
+    kept, dropped = report.fit_columns(rows, cols, max_width, OPTIONAL_COLUMNS)
+    text = report.terminal_table(rows, kept)
+    if dropped:
+        text += f"\n(not shown, to fit {max_width} columns: {', '.join(dropped)}; --wide prints them, the Markdown " \
+                "file has them)"
+    return text
+
+
+def _acceptance_example(rows: Sequence[dict]) -> Optional[str]:
+    """A budget row with higher acceptance than every unbudgeted static row and a low match, if any."""
+    static = [r for r in rows if r.get("kind") == "static" and r.get("mean_accepted") is not None]
+    for r in rows:
+        if r.get("kind") != "budget" or r.get("match_rate") is None or not static:
+            continue
+        ref = max(static, key=lambda x: x["mean_accepted"])
+        if r["mean_accepted"] > ref["mean_accepted"] and r["match_rate"] < 0.9:
+            return (f"here {r['mode']} accepts {r['mean_accepted']:.2f} tokens per verification against "
+                    f"{ref['mean_accepted']:.2f} for {ref['mode']}, while only {_percent(r['match_rate'])} of its "
+                    "tokens match ar")
+    return None
+
+
+def generate_notes(result: dict) -> list[str]:
+    """The notes printed under the table and written under the Markdown table."""
+    cfg, spread = result["config"], result.get("spread") or {}
+    n = cfg.get("repeats", 1)
+    tie = spread.get("tie", timing.TIE_TOLERANCE)
+    notes = [
+        f"{cfg['prompts']} prompts x {cfg['max_new_tokens']} new tokens, greedy, policy {cfg['policy']}; {n} "
+        f"repeat{'s' if n > 1 else ''}, interleaved: each repeat runs every mode on a prompt before the next "
+        "prompt (mode order rotated), so slow phases of a shared machine hit all modes alike.",
+        "tok/s and speed-up: median over the repeats, min-max beside it; the speed-up is computed per repeat "
+        "against that repeat's ar run.",
+        f"order: '?' = this run does not rank the mode: its speed-up range overlaps another mode's (ar counts as "
+        f"1.00-1.00) and the spread is too wide to call them equal (a tie: each of the two within {100 * tie:g} % "
+        f"over its repeats, medians within {100 * tie:g} %); 'ok' = ordered or tied against every mode; '-' = one "
+        "repeat, nothing checked.",
+        "accept: draft tokens accepted per verification. Under a budget the draft is verified by the budgeted "
+        "target, so this is agreement with the budgeted model, not with the unbudgeted target: a budget that "
+        "degrades the model can raise it (the degraded output falls into repetitive loops a drafter predicts "
+        "easily) while match drops. Judge a budget's quality by match, not by acceptance.",
+        "union/kept: distinct experts per MoE layer per verification forward (per decode forward for ar); "
+        "MB/tok: expert weights read per generated token in MB (10^6 bytes), prefill excluded.",
+        "match: share of token positions equal to ar's output (mean over prompts and repeats); 1st div: "
+        "earliest differing position (none = identical everywhere); '-' = no meaning for the row (ar is the "
+        "reference).",
+    ]
+    example = _acceptance_example(result["modes"])
+    if example:
+        notes[3] = notes[3][:-1] + f" ({example})."
+    return notes
+
+
+def spread_warning(result: dict) -> Optional[str]:
+    """One warning line when the spread is too wide to rank the modes (or was not measured), else None."""
+    spread = result.get("spread") or {}
+    if not spread:
+        return None
+    if not spread.get("checked"):
+        return ("1 repeat: no spread measured, so the ranking of the modes is not checked; use --repeats 3 or "
+                "more")
+    if not spread.get("flagged"):
+        return None
+    bad = [p for p in spread["pairs"] if p["relation"] == "undetermined"]
+    shown = "; ".join(f"{p['a']} {p['a_range'][0]:.2f}-{p['a_range'][1]:.2f} vs {p['b']} "
+                      f"{p['b_range'][0]:.2f}-{p['b_range'][1]:.2f}" for p in bad[:4])
+    more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
+    return (f"the speed-up spread is too wide to rank {len(spread['undetermined'])} of {len(result['modes'])} "
+            f"modes (marked '?'): {shown}{more}. Rerun with more --repeats or on a quieter machine to rank "
+            "them.")
 
 
 def generate_markdown(result: dict) -> str:
-    """The Markdown report of a `run_generate_bench` result."""
+    """The Markdown report of a `run_generate_bench` result (every column, notes under the table)."""
     meta, cfg = result["meta"], result["config"]
     extra = [f"target: {cfg.get('target')}; drafter: {cfg.get('drafter')}",
              f"{cfg['prompts']} prompts x {cfg['max_new_tokens']} new tokens, greedy; policy {cfg['policy']}; "
              f"timing: {meta['timing']}",
-             "speed-up and agreement are relative to `ar` (autoregressive); union/kept: distinct experts per MoE "
-             "layer per verification forward (per decode forward for `ar`); first divergence: earliest differing "
-             "position over prompts (- = none)",
              "every mode runs the target patched by `moespec.patch` (routing statistics; budgets where asked), so "
              "all modes share one MoE implementation"]
     lines = [f"# moespec bench generate — {meta['device']}", ""] + report.meta_markdown(meta, extra) + [""]
-    lines.append(report.markdown_table(_display_rows(result), COLUMNS))
+    lines.append(report.markdown_table(_display_rows(result), [(k, h) for k, _, h in COLUMNS]))
+    lines += [""] + [f"- {n}" for n in generate_notes(result)]
+    warn = spread_warning(result)
+    if warn:
+        lines += ["", f"**Warning:** {warn}"]
+    rule = (result.get("spread") or {}).get("rule") or timing.RANK_RULE.format(tie=timing.TIE_TOLERANCE,
+                                                                                 pct=100 * timing.TIE_TOLERANCE)
+    lines += ["", f"Ranking rule (`order`): {rule}"]
     return "\n".join(lines) + "\n"
 
 
@@ -411,14 +635,18 @@ def plot_generate(result: dict, path: Path) -> Optional[Path]:
         return None
     names = [r["mode"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a1.bar(names, [r.get("speedup") or 0 for r in rows], color="#4c72b0")
+    sp = [r.get("speedup") or 0 for r in rows]
+    err = [[max(0.0, v - (r.get("speedup_min") if r.get("speedup_min") is not None else v)) for v, r in zip(sp, rows)],
+           [max(0.0, (r.get("speedup_max") if r.get("speedup_max") is not None else v) - v) for v, r in zip(sp, rows)]]
+    a1.bar(names, sp, yerr=err, capsize=3, color="#4c72b0")
     a1.axhline(1.0, color="k", lw=0.8, ls="--")
-    a1.set_ylabel("speed-up over autoregressive")
-    a2.bar(names, [(r.get("expert_bytes_per_token") or 0) / 1e6 for r in rows], color="#dd8452")
+    a1.set_ylabel("speed-up over autoregressive (median, min-max)")
+    mb = [r.get("expert_mb_per_token") or (r.get("expert_bytes_per_token") or 0) / 1e6 for r in rows]
+    a2.bar(names, mb, color="#dd8452")
     a2.set_ylabel("expert MB read per generated token")
     for i, r in enumerate(rows):
         if r.get("match_rate") is not None:
-            a2.annotate(f"{100 * r['match_rate']:.0f}%", (i, (r.get("expert_bytes_per_token") or 0) / 1e6),
+            a2.annotate(f"{100 * r['match_rate']:.0f}%", (i, mb[i]),
                         ha="center", va="bottom", fontsize=7)
     for ax in (a1, a2):
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)

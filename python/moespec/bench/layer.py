@@ -4,7 +4,7 @@ For each shape, token count T, budget C and policy, every implementation runs on
 inputs and the same budgeted routing (see `impls`). Reported per (case, implementation): time,
 achieved GB/s, time over the byte floor, CUDA-graph use and the output's relative error
 against `moespec.reference`. The floor is (bytes of the experts actually read + activations) /
-measured copy bandwidth (DESIGN §5).
+measured copy bandwidth (docs/design.md §5).
 
 `run_layer_bench` is the programmatic entry point (``bench/bench_layer.py`` can wrap it);
 `write_layer_outputs` writes JSON, Markdown and PNG.
@@ -86,9 +86,46 @@ def make_weights(shape: LayerShape, dtype: torch.dtype, device: torch.device, se
     return w_gu, w_dn, b_gu, b_dn
 
 
+def budget_problem(shape: LayerShape, budget: Optional[int]) -> Optional[str]:
+    """Why ``budget`` is skipped for ``shape``, or None when it is run.
+
+    A budget is run when `moespec.ops.validate_budget` accepts it for the shape's top-k (C >= k) and it
+    can bind (C < E; a cap >= E is valid but never changes the routing, so it would only repeat the
+    unbudgeted row)."""
+    if budget is None:
+        return None
+    try:
+        ops.validate_budget(budget, shape.k)
+    except ValueError as exc:
+        return str(exc)
+    if budget >= shape.E:
+        return f"C={budget} >= E={shape.E} never binds (same as unbudgeted)"
+    return None
+
+
 def valid_budgets(shape: LayerShape, budgets: Sequence[Optional[int]]) -> list[Optional[int]]:
-    """The budgets that mean something for ``shape``: None, and k <= C < E."""
-    return [b for b in budgets if b is None or shape.k <= b < shape.E]
+    """The budgets that mean something for ``shape``: None, and k <= C < E (see `budget_problem`)."""
+    return [b for b in budgets if budget_problem(shape, b) is None]
+
+
+def impl_unavailable(name: str, device, shapes: Sequence[LayerShape] = ()) -> Optional[str]:
+    """Why implementation ``name`` cannot run at all on ``device`` for ``shapes``, or None if it can
+    (for at least one shape). Checked before any timing; per-case limits are still reported per row."""
+    from .. import _cuda
+
+    dev = torch.device(device)
+    if name.startswith("moespec"):
+        if dev.type != "cuda":
+            return f"needs a CUDA device (this run is on {dev.type}; the CPU path of moespec is 'reference')"
+        reason = _cuda.unavailable_reason()
+        if reason:
+            return f"the moespec CUDA kernels cannot run here: {reason}"
+    if name.startswith("hf-") or name == "torch-grouped_mm":
+        if name == "torch-grouped_mm" and not hasattr(torch.nn.functional, "grouped_mm"):
+            return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+        if shapes and all(s.layout != "v5" for s in shapes):
+            return "timed for the transformers v5 expert layout only (every chosen shape is gpt_oss)"
+    return None
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -105,6 +142,10 @@ def run_layer_bench(cfg: LayerBenchConfig, progress: Optional[Callable[[str], No
     routing_included, time_us, gbps, x_floor, graph, rel_err (vs the reference, None when it was
     not run), note (why an implementation was skipped or failed).
     """
+    for name, val, low in (("iters", cfg.iters, 1), ("warmup", cfg.warmup, 0),
+                           ("reference_max_t", cfg.reference_max_t, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     specs = [cfg.routing] if isinstance(cfg.routing, str) else list(cfg.routing)
@@ -316,4 +357,4 @@ def write_layer_outputs(result: dict, out_dir: Path, stem: str = "bench_layer", 
 
 __all__ = ["LayerBenchConfig", "run_layer_bench", "pivot", "wide_rows", "write_layer_outputs", "plot_layer",
            "layer_markdown",
-           "make_weights", "valid_budgets", "COLUMNS"]
+           "make_weights", "valid_budgets", "budget_problem", "impl_unavailable", "COLUMNS"]

@@ -90,13 +90,65 @@ def table(rows: Iterable[dict], columns: Sequence[tuple[str, str]]) -> list[list
     return out
 
 
-def terminal_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """A right-aligned plain-text table."""
+#: Default width of tables printed to a terminal (the Markdown files always carry every column).
+TERMINAL_WIDTH = 120
+
+
+def table_width(cells: Sequence[Sequence[str]], sep: int = 2) -> int:
+    """Characters per line of `terminal_table` for ``cells`` (header row included)."""
+    if not cells or not cells[0]:
+        return 0
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return sum(widths) + sep * (len(widths) - 1)
+
+
+def fit_columns(rows: Sequence[dict], columns: Sequence[tuple[str, str]], max_width: Optional[int],
+                optional: Sequence[str] = ()) -> tuple[list[tuple[str, str]], list[str]]:
+    """Drop the keys in ``optional`` (first listed, first dropped) until the table fits ``max_width``.
+
+    Returns ``(kept columns, dropped headers)``. Columns not in ``optional`` are never dropped, so a
+    table can stay wider than ``max_width`` when those alone do not fit; ``max_width=None`` keeps all.
+    """
+    cols = list(columns)
+    dropped: list[str] = []
+    if max_width is None:
+        return cols, dropped
+    rows = list(rows)
+    for key in optional:
+        if table_width(table(rows, cols)) <= max_width:
+            break
+        for c in cols:
+            if c[0] == key:
+                cols.remove(c)
+                dropped.append(c[1])
+                break
+    return cols, dropped
+
+
+def terminal_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]], max_width: Optional[int] = None,
+                   optional: Sequence[str] = ()) -> str:
+    """A right-aligned plain-text table.
+
+    With ``max_width``, columns listed in ``optional`` are dropped (see `fit_columns`) until it fits.
+    """
+    rows = list(rows)
+    columns, _ = fit_columns(rows, columns, max_width, optional)
     cells = table(rows, columns)
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def wrap_notes(notes: Iterable[str], width: int = TERMINAL_WIDTH, bullet: str = "- ") -> str:
+    """Notes as bulleted paragraphs wrapped to ``width`` characters (for printing under a table)."""
+    import textwrap
+
+    out = []
+    for n in notes:
+        out += textwrap.wrap(n, width=width, initial_indent=bullet, subsequent_indent=" " * len(bullet),
+                             break_on_hyphens=False, break_long_words=False) or [bullet.rstrip()]
+    return "\n".join(out)
 
 
 def markdown_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]]) -> str:

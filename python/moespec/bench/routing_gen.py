@@ -1,4 +1,4 @@
-"""Router-logit generators for layer benchmarks (DESIGN §5: i.i.d. overstates the union).
+"""Router-logit generators for layer benchmarks (docs/design.md §5: i.i.d. overstates the union).
 
 Every generator returns fp32 router logits ``[T, E]`` on the CPU; the benchmark applies the
 model's top-k (and the budget) to them, so the same logits drive every implementation.
@@ -100,7 +100,7 @@ def parse_routing(spec: str) -> RoutingGenerator:
             return RoutingGenerator("iid")
         if kind == "zipf":
             s = float(rest) if rest else 1.0
-            if not s >= 0:
+            if not 0 <= s < float("inf"):  # also refuses nan
                 raise ValueError
             return RoutingGenerator("zipf", zipf=s)
         if kind == "tree":

@@ -1,4 +1,4 @@
-"""Routed-expert shapes of the models in DESIGN §5, and the reduced set used on CPU."""
+"""Routed-expert shapes of the models in docs/design.md §5, and the reduced set used on CPU."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -55,7 +55,7 @@ class LayerShape:
         return asdict(self)
 
 
-# DESIGN §5 table. DeepSeek's sigmoid/group-limited routers and the shared experts change which
+# docs/design.md §5 table. DeepSeek's sigmoid/group-limited routers and the shared experts change which
 # experts win, not the bytes of the routed experts, so all presets use softmax top-k routing.
 PRESETS: dict[str, LayerShape] = {s.name: s for s in (
     LayerShape("mixtral-8x7b", 4096, 14336, 8, 2, True, "v5", 32, "softmax, renormalise"),

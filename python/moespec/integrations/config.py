@@ -11,6 +11,15 @@ from typing import Callable, Optional, Sequence, Union
 
 from .. import ops
 
+
+def _scalar(b) -> bool:
+    """One cap for every layer: an int, a NumPy integer or a 0-d tensor (validated by the ops)."""
+    import torch
+
+    if isinstance(b, torch.Tensor):
+        return b.dim() == 0
+    return isinstance(b, int) or (hasattr(b, "__index__") and not isinstance(b, (list, tuple)))
+
 __all__ = ["BudgetConfig", "LayerBudgets", "BudgetSpec", "WHEN_MODES", "BACKENDS"]
 
 # int for all layers, one entry per MoE layer, or a function of the MoE layer ordinal.
@@ -28,7 +37,7 @@ class LayerBudgets:
 
     Attributes:
         caps: per MoE layer, the maximum number of experts kept (None: no cap).
-        policy: ``"substitute"`` or ``"truncate"`` (DESIGN §3).
+        policy: ``"substitute"`` or ``"truncate"`` (docs/design.md §3).
         score: ``"prob"`` or ``"topk"``.
         coverage: adaptive budget share in ``(0, 1]`` (None: fixed caps).
         min_budget: lower clamp of the adaptive budget (None: the layer's top_k).
@@ -87,19 +96,21 @@ class BudgetConfig:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"moespec: backend must be one of {BACKENDS}, got {self.backend!r}")
         n = len(top_ks)
-        caps = self._caps(n)
-        for i, (cap, k) in enumerate(zip(caps, top_ks)):
+        caps = []
+        for i, (cap, k) in enumerate(zip(self._caps(n), top_ks)):
             try:
-                ops.validate_budget(cap, k, self.policy, self.score, self.coverage, self.min_budget)
+                # Integer-like caps (numpy ints, 0-d integer tensors) come back as Python ints.
+                caps.append(ops.validate_budget(cap, k, self.policy, self.score, self.coverage, self.min_budget)[0])
             except ValueError as err:
-                where = f"MoE layer {i}: " if n > 1 and not isinstance(self.budget, int) else ""
+                where = f"MoE layer {i}: " if n > 1 and not _scalar(self.budget) else ""
                 raise ValueError(f"moespec: invalid budget settings: {where}{err}") from None
+        caps = tuple(caps)
         return LayerBudgets(caps, self.policy, self.score,
                             None if self.coverage is None else float(self.coverage), self.min_budget, self.backend)
 
     def _caps(self, n: int) -> tuple[Optional[int], ...]:
         b = self.budget
-        if b is None or isinstance(b, int):
+        if b is None or _scalar(b):
             # bool is an int subclass; validate_budget rejects it with a clear message.
             return (b,) * n
         if callable(b):

@@ -553,7 +553,7 @@ def patch(
     when: str = "auto",
     backend: str = "auto",
 ) -> PatchHandle:
-    """Make a loaded transformers MoE model run budgeted MoE layers (DESIGN §3).
+    """Make a loaded transformers MoE model run budgeted MoE layers (docs/design.md §3).
 
     Args:
         model: a transformers v5 model (``from_pretrained`` or ``from_config``) with supported

@@ -1,4 +1,4 @@
-"""Budgeted routing for each family of router found in transformers' MoE models (DESIGN §3).
+"""Budgeted routing for each family of router found in transformers' MoE models (docs/design.md §3).
 
 Torch only; `architectures` says which rule a given transformers router follows. Every rule
 takes the router's own unbudgeted output ``(logits, weights, ids)`` and returns a
@@ -199,7 +199,7 @@ def _reroute_topk_logits(
     """gpt-oss ids and weights: softmax over the chosen logits (in the logits' dtype, as the model).
 
     Softmax over a subset of logits equals the full-softmax probabilities renormalised over
-    that subset, which is DESIGN §3's rule for a model that renormalises.
+    that subset, which is docs/design.md §3's rule for a model that renormalises.
     """
     new_ids, alive = reference.reroute(logits, ids, kept, policy)
     chosen = logits.gather(1, new_ids).masked_fill(~alive, float("-inf"))

@@ -177,7 +177,9 @@ def to_markdown(rep: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("bench/results/cpu"))
+    p.add_argument("--out", type=Path, default=Path("bench/results/cpu"),
+                   help="output folder for model_quality.json/.md (default bench/results/cpu, relative to the "
+                        "working directory; created if missing, existing files are overwritten)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=48)
     p.add_argument("--max-new", type=int, default=48)
@@ -186,6 +188,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", type=Path, default=None, help="model folder (default: the shipped assets)")
     args = p.parse_args(argv)
+    for name in ("prompts", "prompt_len", "max_new", "chunk", "windows", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from ..cli import prepare_output_dir
+
+    try:  # before the (minutes-long) evaluation: a file in the way fails now
+        prepare_output_dir(args.out)
+    except ValueError as exc:
+        p.error(str(exc))
     torch.set_num_threads(args.threads)
     t0 = time.time()
     target, draft_model = load_target(root=args.models), load_draft(root=args.models)

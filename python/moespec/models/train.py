@@ -1,7 +1,10 @@
 """Train the shipped demo models: a small Qwen3-MoE target and a dense Qwen3 draft model.
 
-    python -m moespec.models.train                # reproduces python/moespec/models/assets
+    python -m moespec.models.train                # writes ./moespec_results/models (target/, draft/, training.json)
     python -m moespec.models.train --quick --out /tmp/m   # a seconds-long smoke run
+
+The output never goes into the installed package unless ``--out`` names it: to refresh the shipped
+weights, pass ``--out python/moespec/models/assets`` from a source checkout.
 
 Corpus: the running interpreter's standard library sources (`moespec.models.corpus`), one file
 in ten held out. Tokenizer: byte-level BPE trained with `tokenizers` on the training files.
@@ -26,6 +29,8 @@ import torch
 from . import corpus
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+#: Default output folder, relative to the working directory (never the installed package).
+DEFAULT_OUT = Path("moespec_results") / "models"
 EOS = "<|endoftext|>"
 
 
@@ -159,13 +164,39 @@ def save(model, tok, out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ASSETS, help="output folder (default: the shipped assets)")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m moespec.models.train`` argument parser."""
+    p = argparse.ArgumentParser(prog="python -m moespec.models.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"output folder (default ./{DEFAULT_OUT}; created if missing, existing target/, draft/ and "
+                        "training.json in it are overwritten; load the result with "
+                        "moespec.models.load_target(root=...) or `python -m moespec.models.evaluate --models OUT`)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (a few steps, a few files)")
     for f, v in asdict(TrainConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    for f in asdict(TrainConfig()):
+        val = getattr(args, f)
+        if val is None:
+            continue
+        zero_ok = f in ("warmup", "seed", "weight_decay", "router_aux_loss_coef")
+        if not math.isfinite(val) or (val < 0 if zero_ok else val <= 0):
+            p.error(f"--{f.replace('_', '-')} must be {'>= 0' if zero_ok else '> 0'}, got {val}")
+    from ..cli import prepare_output_dir
+
+    try:  # before any training: a file in the way, or an unwritable folder, fails now
+        prepare_output_dir(args.out)
+        for sub in ("target", "draft"):
+            if (args.out / sub).exists() and not (args.out / sub).is_dir():
+                raise ValueError(f"--out {args.out}: {args.out / sub} is a file, but the {sub} model folder goes there")
+    except ValueError as exc:
+        p.error(str(exc))
     cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig()) if getattr(args, f) is not None})
     if args.quick:
         cfg.target_steps, cfg.draft_steps, cfg.eval_windows, cfg.batch, cfg.seq_len = 3, 3, 2, 2, 64

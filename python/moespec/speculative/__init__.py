@@ -1,15 +1,16 @@
-"""Speculative decoding for MoE targets (DESIGN §4).
+"""Speculative decoding for MoE targets (docs/design.md §4).
 
 - `generate(model, input_ids, drafter=..., draft=..., budget=..., controller=...)` -> (tokens, stats)
 - draft shapes: `DraftConfig.chain(K)`, `DraftConfig.tree(depth, branching, nodes)`
-- drafters: the `Drafter` protocol, `DraftModelDrafter(small_model)`, `PromptLookupDrafter(...)`
+- drafters: the `Drafter` protocol, `DraftModelDrafter(small_model)`, `PromptLookupDrafter(...)`;
+  `check_drafter_vocab(target, draft_model, ...)`: the token-id compatibility rule `generate` applies
 - controllers: `StaticController`, `CascadeController` (utility-driven K, optionally K and budget C)
 - verification pieces: `DraftTree`, `tree_forward`, `accept_greedy`, `accept_sampling`, `compact_cache`
 """
 from __future__ import annotations
 
 from .cascade import CascadeController, Decision, StaticController, make_controller
-from .drafters import DraftModelDrafter, Drafter, PromptLookupDrafter
+from .drafters import DraftModelDrafter, Drafter, PromptLookupDrafter, check_drafter_vocab, vocab_sizes
 from .engine import default_budget_choices, generate
 from .stats import IterationStats, SpecStats
 from .tree import DraftConfig, DraftTree
@@ -22,6 +23,8 @@ __all__ = [
     "Drafter",
     "DraftModelDrafter",
     "PromptLookupDrafter",
+    "check_drafter_vocab",
+    "vocab_sizes",
     "StaticController",
     "CascadeController",
     "Decision",

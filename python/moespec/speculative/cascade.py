@@ -1,6 +1,6 @@
 """Speculation-length controllers: `StaticController` and Cascade (`CascadeController`).
 
-Cascade (DESIGN §4) measures, per request, the utility of speculating with K draft tokens,
+Cascade (docs/design.md §4) measures, per request, the utility of speculating with K draft tokens,
 
     U(K) = ETR(K) / (t_iter(K) / t_iter(0)),   ETR = mean(accepted + 1) per iteration,
 
@@ -11,7 +11,7 @@ is switched off (K=0, whose utility is 1 by definition) when no tested K beats 1
 K=0 decision doubles the set phase (16, 32, 64, ...), but testing never stops. t_iter(0) is
 re-measured by a short K=0 baseline trial when none was seen for `refresh_every` iterations.
 
-Hill-climb details (where DESIGN leaves room): from a winning point (U > 1) step K by +-`step`,
+Hill-climb details (where docs/design.md leaves room): from a winning point (U > 1) step K by +-`step`,
 keeping the direction that paid off and turning back once after a worse trial; from a losing
 point (U <= 1) halve K, so a too-long draft reaches the useful range (or K=0) in few trials; while
 speculation is off, a test phase whose first trial still loses ends there (one cheap probe).

@@ -16,7 +16,86 @@ from ..integrations.hf_compat import forward_kwargs
 from .tree import DraftConfig, DraftTree
 from .verify import cache_length, check_cache_supported, compact_cache, crop_cache, tree_forward
 
-__all__ = ["Drafter", "DraftModelDrafter", "PromptLookupDrafter"]
+__all__ = ["Drafter", "DraftModelDrafter", "PromptLookupDrafter", "vocab_sizes", "check_drafter_vocab"]
+
+
+def vocab_sizes(model) -> tuple[int, int]:
+    """``(rows, width)`` of a causal LM: token ids it can read (input embedding rows) and ids it can emit
+    (width of its logits). Both fall back to ``config.vocab_size`` where the model does not expose them."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    fallback = getattr(cfg, "vocab_size", None)
+    rows = width = None
+    try:
+        emb = model.get_input_embeddings()
+        rows = getattr(emb, "num_embeddings", None) or int(emb.weight.shape[0])
+    except Exception:  # noqa: BLE001 - not a transformers model, or no embedding table
+        rows = None
+    try:
+        out = model.get_output_embeddings()
+        width = getattr(out, "out_features", None) or int(out.weight.shape[0])
+    except Exception:  # noqa: BLE001
+        width = None
+    rows = int(rows or fallback or 0)
+    width = int(width or fallback or rows)
+    if rows <= 0:
+        raise ValueError(f"cannot tell the vocabulary size of {type(model).__name__} (no input embeddings, no "
+                         "config.vocab_size)")
+    return rows, width
+
+
+def _vocab_of(tokenizer) -> dict:
+    return dict(tokenizer.get_vocab())
+
+
+def check_drafter_vocab(target, draft_model, target_tokenizer=None, draft_tokenizer=None,
+                        require_tokenizers: bool = False):
+    """Refuse a draft model whose token ids do not mean the target's; returns the id limit for its drafts.
+
+    The rule (`moespec.speculative.generate` applies it to every `DraftModelDrafter`):
+
+    - The draft model must read every token the target can emit: its embedding rows must be >= the
+      width of the target's logits. A SMALLER draft vocabulary is refused: the first target token
+      beyond it would crash the draft model's embedding.
+    - A LARGER draft vocabulary is accepted when its ids map identically onto the target's (the same
+      tokenizer, with extra or padding rows at the end); its drafts are then restricted to the ids the
+      target can read, and the returned limit is that count (None when no restriction is needed).
+    - With both tokenizers given they must agree on every id both vocabularies hold. With
+      ``require_tokenizers`` (the CLI), vocabularies of different sizes are accepted only when both
+      tokenizers are known and agree, since otherwise nothing shows the ids map identically.
+
+    Raises:
+        ValueError: naming both sizes (and the first differing token) and what would work.
+    """
+    t_rows, t_width = vocab_sizes(target)
+    d_rows, d_width = vocab_sizes(draft_model)
+    sizes = (f"the target has {t_width} token ids ({t_rows} embedding rows), the draft model {d_rows} "
+             f"({d_width} logits)")
+    if d_rows < t_width:
+        raise ValueError(
+            f"the draft model's vocabulary is smaller than the target's: {sizes}. It cannot read every token "
+            "the target emits; use a draft model with the target's tokenizer and a vocabulary at least as large "
+            "(a larger one is accepted when its first ids are the target's tokens), or the prompt-lookup drafter")
+    if target_tokenizer is not None and draft_tokenizer is not None and target_tokenizer is not draft_tokenizer:
+        tv, dv = _vocab_of(target_tokenizer), _vocab_of(draft_tokenizer)
+        for tok, i in sorted(tv.items(), key=lambda kv: kv[1]):
+            if i < d_rows and dv.get(tok) != i:
+                where = "is missing" if tok not in dv else f"is id {dv[tok]}"
+                raise ValueError(f"the draft model's tokenizer differs from the target's: token {tok!r} is id {i} "
+                                 f"for the target but {where} for the draft model; speculative decoding needs the "
+                                 "same token ids (use a draft model built with the target's tokenizer)")
+        for tok, i in sorted(dv.items(), key=lambda kv: kv[1]):
+            if i < t_rows and tv.get(tok) != i:
+                raise ValueError(f"the draft model's tokenizer differs from the target's: token {tok!r} is id {i} "
+                                 "for the draft model but not for the target; speculative decoding needs the same "
+                                 "token ids")
+    elif require_tokenizers and (d_rows, d_width) != (t_rows, t_width):
+        missing = " and ".join(n for n, t in (("the target", target_tokenizer), ("the draft model", draft_tokenizer))
+                               if t is None)
+        raise ValueError(f"the draft model's vocabulary differs from the target's ({sizes}) and {missing} has no "
+                         "tokenizer, so nothing shows that the ids mean the same tokens; use a draft model with the "
+                         "target's tokenizer (for a tiny:ARCH target: tiny:ARCH or prompt-lookup)")
+    return t_rows if d_width > t_rows else None
 
 
 @runtime_checkable
@@ -53,6 +132,9 @@ class DraftModelDrafter:
     def __init__(self, model, temperature: float = 1.0):
         self.model = model
         self.temperature = float(temperature)
+        # Drafts use token ids < vocab_limit only (None: all of the draft model's). `generate` sets it
+        # when the draft vocabulary is larger than the target's (see `check_drafter_vocab`).
+        self.vocab_limit: int | None = None
         self.cache = None
         self.ids: list[int] = []  # tokens whose KV is in `self.cache`, in order
         self._fed: dict[int, int] = {}  # node id -> cache row, for the last proposal
@@ -95,7 +177,7 @@ class DraftModelDrafter:
         self._ctx_len = len(context)
         if config.nodes <= 0 or config.depth <= 0:
             return DraftTree.empty()
-        root_logp = self._catch_up(context)
+        root_logp = self._limit(self._catch_up(context))
         self._fed_rows = {}  # candidate id -> draft cache row
         k = max(1, int(config.branching))
 
@@ -114,7 +196,7 @@ class DraftModelDrafter:
         for depth in range(2, config.depth + 1):
             # Feed the frontier: each node attends to the context, its fed ancestors and itself.
             logits = self._feed(frontier, tokens, parents)
-            logp = torch.log_softmax(logits / self.temperature, dim=-1)
+            logp = self._limit(torch.log_softmax(logits / self.temperature, dim=-1))
             cand = []
             for row, f in enumerate(frontier):
                 t = torch.topk(logp[row], min(k, logp.shape[-1]))
@@ -146,6 +228,12 @@ class DraftModelDrafter:
         # Remember the cache rows of the kept nodes that were fed (for `commit`).
         self._fed = {remap[i]: row for i, row in self._fed_rows.items() if i in remap}
         return tree
+
+    def _limit(self, logp: torch.Tensor) -> torch.Tensor:
+        """Only the ids the target can read (`vocab_limit`) are draft candidates."""
+        if self.vocab_limit is not None and logp.shape[-1] > self.vocab_limit:
+            return logp[..., : self.vocab_limit]
+        return logp
 
     def _feed(self, frontier: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
         """Append the frontier nodes to the draft cache under a tree mask; their logits [F, V]."""

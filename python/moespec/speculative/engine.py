@@ -1,7 +1,9 @@
 """`generate`: the speculative decoding loop (draft -> verify the tree in one forward -> accept -> compact)."""
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -9,13 +11,19 @@ import torch
 from ..integrations.hf_compat import forward_kwargs
 from .budget import BudgetSession, num_experts
 from .cascade import CascadeController, make_controller
-from .drafters import DraftModelDrafter, Drafter, PromptLookupDrafter
+from .drafters import DraftModelDrafter, Drafter, PromptLookupDrafter, check_drafter_vocab, vocab_sizes
 from .stats import IterationStats, SpecStats
 from .tree import DraftConfig, DraftTree
 from .verify import (accept_greedy, accept_sampling, cache_length, check_cache_supported, compact_cache, target_probs,
                      tree_forward)
 
-__all__ = ["generate", "default_budget_choices"]
+__all__ = ["generate", "default_budget_choices", "SMALL_MODEL_PARAMS"]
+
+#: Below this many target parameters a CPU run is "small": one torch thread is then usually the
+#: fastest, and `generate` warns (once per process) when it runs such a model on several threads
+#: without an explicit ``threads=``.
+SMALL_MODEL_PARAMS = 100_000_000
+_threads_warned = False  # the CLI sets it when the user chose --threads
 
 
 def default_budget_choices(model) -> list:
@@ -49,6 +57,46 @@ def _as_prompt(input_ids) -> torch.Tensor:
     return ids
 
 
+def _check_prompt_ids(prompt: torch.Tensor, rows: int) -> None:
+    lo, hi = int(prompt.min()), int(prompt.max())
+    if lo < 0 or hi >= rows:
+        bad = hi if hi >= rows else lo
+        raise ValueError(f"input_ids holds token id {bad}, outside the target's vocabulary [0, {rows}): the prompt "
+                         "was encoded with another tokenizer than the target's")
+
+
+@contextlib.contextmanager
+def _thread_scope(threads, model, device: torch.device):
+    """``threads=N``: N torch CPU threads for the call, restored afterwards. ``None``: torch's setting as it
+    is (never changed), with a one-time warning when a small model runs on the CPU with several threads."""
+    global _threads_warned
+    if threads is None:
+        n = torch.get_num_threads()
+        if device.type == "cpu" and n > 1 and not _threads_warned:
+            params = sum(p.numel() for p in model.parameters())
+            if params < SMALL_MODEL_PARAMS:
+                _threads_warned = True
+                warnings.warn(
+                    f"moespec.speculative.generate: a small model ({params / 1e6:.1f} M parameters) runs on the CPU "
+                    f"with {n} torch threads. One thread is usually several times faster for models this size "
+                    "(their matmuls are too small to split), and on a busy machine multi-threaded runs can be 10x "
+                    "slower. Pass threads=1 (this call only) or call torch.set_num_threads(1); passing threads=N "
+                    "also silences this warning.", UserWarning, stacklevel=5)
+        yield
+        return
+    from ..ops import as_int
+
+    n = as_int("threads", threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1 (or None: leave torch's setting), got {threads!r}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _sync(device: torch.device) -> None:
     # Wall times must cover the device work, not just the launches.
     if device.type == "cuda":
@@ -74,6 +122,7 @@ def generate(
     clock: Callable[[], float] = time.perf_counter,
     controller_options: dict | None = None,
     routing_stats: bool | None = None,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Speculative decoding with draft trees, optional expert budgets and a speculation controller.
 
@@ -100,6 +149,13 @@ def generate(
         routing_stats: record per-layer union / kept sizes and expert bytes through
             `moespec.integrations`. None (default): when a budget is in play or the model is
             already patched; True: always (patches the target for the call); False: only if needed.
+        threads: torch CPU threads for this call (restored afterwards). None (default) leaves torch's
+            setting alone; on the CPU with a small target (< `SMALL_MODEL_PARAMS`) and several threads
+            it warns once per process that ``threads=1`` is usually much faster.
+
+    A draft model must share the target's token ids: a smaller draft vocabulary is refused, a larger
+    one is restricted to the target's ids (see `check_drafter_vocab`); prompt ids outside the target's
+    vocabulary and drafts outside it are refused with a `ValueError`.
 
     Returns:
         (tokens [1, S + n], SpecStats). `stats.to_json()` exports one record per iteration.
@@ -113,6 +169,14 @@ def generate(
     for name in ("begin", "propose", "commit"):
         if not callable(getattr(drafter, name, None)):
             raise TypeError(f"drafter must implement the Drafter protocol (missing {name}())")
+    if budget is not None and not isinstance(budget, (list, tuple)) and not callable(budget):
+        from ..ops import as_int
+
+        budget = as_int("budget", budget)  # numpy / 0-d tensor budgets become ints; bools are refused
+    target_rows, _ = vocab_sizes(model)
+    _check_prompt_ids(prompt, target_rows)
+    if isinstance(drafter, DraftModelDrafter):
+        drafter.vocab_limit = check_drafter_vocab(model, drafter.model)
     if do_sample and temperature <= 0:
         raise ValueError("do_sample=True needs temperature > 0 (use do_sample=False for greedy)")
     eos = set() if eos_token_id is None else (
@@ -130,12 +194,20 @@ def generate(
         isinstance(ctrl, CascadeController) and any(b is not None for b in ctrl.budgets))
 
     device = next(model.parameters()).device
+    with _thread_scope(threads, model, device):
+        return _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_rows, max_new_tokens,
+                         budget, policy, controller, do_sample, temperature, seed, eos, cost_model, clock,
+                         routing_stats)
+
+
+def _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_rows, max_new_tokens, budget, policy,
+              controller, do_sample, temperature, seed, eos, cost_model, clock, routing_stats):
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     stats = SpecStats(config={
         "draft": cfg.to_dict(), "budget": budget, "policy": policy,
         "controller": controller if isinstance(controller, str) else type(controller).__name__,
         "do_sample": bool(do_sample), "temperature": float(temperature), "max_new_tokens": int(max_new_tokens),
-        "drafter": type(drafter).__name__,
+        "drafter": type(drafter).__name__, "threads": torch.get_num_threads() if device.type == "cpu" else None,
     })
 
     def pick(logits_row: torch.Tensor) -> int:
@@ -172,6 +244,10 @@ def generate(
             tree = drafter.propose(context, shape) if shape.nodes > 0 else DraftTree.empty()
             if len(tree) > shape.nodes or tree.depth > shape.depth:
                 raise ValueError(f"drafter returned {tree!r}, larger than the requested {shape}")
+            if len(tree) and (min(tree.tokens) < 0 or max(tree.tokens) >= target_rows):
+                bad = [t for t in tree.tokens if not 0 <= t < target_rows][0]
+                raise ValueError(f"{type(drafter).__name__} drafted token id {bad}, outside the target's vocabulary "
+                                 f"[0, {target_rows}); a drafter must use the target's token ids")
             _sync(device)
             t_draft = clock()
 
