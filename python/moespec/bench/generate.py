@@ -333,12 +333,14 @@ def summarise(mode: Mode, runs: Sequence[dict]) -> dict:
 
 
 class _Progress:
-    """tqdm when installed, else one line per step on stderr."""
+    """A tqdm bar on a terminal; otherwise (logs, CI, pipes) about ten plain progress lines on stderr,
+    since a redrawn bar written to a file is one line per step."""
 
     def __init__(self, total: int, enabled: bool = True):
         self.total, self.n, self.enabled = total, 0, enabled
+        self.every = max(1, total // 10)
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
@@ -353,7 +355,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_description(msg[:60])
             self.bar.update(1)
-        else:
+        elif self.n % self.every == 0 or self.n == self.total:
             print(f"[{self.n}/{self.total}] {msg}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
