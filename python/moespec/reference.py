@@ -7,8 +7,10 @@ routing decisions, to dtype tolerance for the expert math).
 Conventions:
 - routing math is done in fp32 (router logits of any float dtype are upcast first);
 - top-k follows ``torch.topk`` on the fp32 probabilities, exactly as transformers' routers do;
-- the kept set is chosen among the experts of the union (those in at least one token's top-k),
-  ranked by score, ties to the lower expert id;
+- the kept set is chosen among the *candidates*, ranked by score, ties to the lower expert id:
+  every expert (``candidates="all"``, MoE-Spec's rule, the default for ``substitute``) or the
+  union only (``"union"``, the experts in at least one token's top-k; the default for
+  ``truncate``); either way a budget applies only when the union has more experts than it;
 - expert math accumulates in fp32; the SwiGLU intermediate is rounded to the activation dtype
   (as a fused kernel that stores it in bf16 does); slots are combined in slot order.
 """
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from .types import BudgetedRouting, ExpertLayout, ExpertUnion
 
 __all__ = [
+    "CANDIDATES",
+    "default_candidates",
     "route_topk_softmax",
     "expert_union",
     "score_experts",
@@ -38,6 +42,26 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- routing
+
+CANDIDATES = ("all", "union")
+
+
+def default_candidates(policy: str) -> str:
+    """The candidate set a policy uses unless told otherwise (docs/design.md §3).
+
+    ``substitute``: ``"all"`` (an expert that is nobody's top-k but carries probability mass is
+    the substitute the re-routed tokens need); ``truncate``: ``"union"`` (a non-union expert in
+    the kept set would be a wasted slot: no pair is routed to it).
+    """
+    return "all" if policy == "substitute" else "union"
+
+
+def _candidates(candidates: Optional[str], policy: str) -> str:
+    if candidates is None:
+        return default_candidates(policy)
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES} or None, got {candidates!r}")
+    return candidates
 
 
 def route_topk_softmax(
@@ -282,6 +306,7 @@ def budget_routing_masked(
     coverage: Optional[float] = None,
     min_budget: Optional[int] = None,
     token_mask: Optional[torch.Tensor] = None,
+    candidates: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Capture-safe form of `budget_routing`: fixed output shapes, no host sync, no data branch.
 
@@ -296,11 +321,16 @@ def budget_routing_masked(
     weights nor change other rows' routing or the experts read. Rows with some -inf logits and
     a finite one are valid.
 
+    ``candidates`` (None: `default_candidates` of the policy): the experts the kept set is
+    chosen from, ``"all"`` or ``"union"``; with ``coverage`` the target is that share of the
+    candidates' score mass. Routing changes only when the kept count is below the union size.
+
     Returns:
         ``(topk_ids [T,k] int64, topk_weights [T,k] fp32, kept_mask [E] bool,
         union_size 0-d int64, budgeted 0-d bool)``. When nothing is dropped, ids and weights
         are bit-identical to unbudgeted routing and ``kept_mask`` is the union.
     """
+    cand = _candidates(candidates, policy)
     probs, ids, weights = route_topk_softmax(router_logits, top_k, renormalize)
     E = probs.shape[-1]
     valid = ~torch.isnan(probs).any(dim=-1)  # [T]: the row has a softmax
@@ -316,7 +346,8 @@ def budget_routing_masked(
             scores = score_experts(router_logits, "topk", ids, torch.where(mask.reshape(-1, 1), weights, zero))
         else:
             scores = torch.where(mask.reshape(-1, 1), probs, zero).sum(dim=0)
-        kept_mask, kept_count = select_kept_mask(scores, umask, budget, coverage,
+        cmask = umask if cand == "union" else torch.ones_like(umask)
+        kept_mask, kept_count = select_kept_mask(scores, cmask, budget, coverage,
                                                  top_k if min_budget is None else min_budget)
         budgeted = kept_count < union_size
         new_ids, alive = reroute(probs, ids, kept_mask, policy)
@@ -349,6 +380,7 @@ def budget_routing(
     coverage: Optional[float] = None,
     min_budget: Optional[int] = None,
     token_mask: Optional[torch.Tensor] = None,
+    candidates: Optional[str] = None,
 ) -> BudgetedRouting:
     """Softmax top-k routing under a per-call expert budget (docs/design.md §3).
 
@@ -359,9 +391,10 @@ def budget_routing(
         policy: ``"substitute"`` or ``"truncate"``.
         renormalize: the model renormalises its k weights (Mixtral; ``norm_topk_prob``).
         score: ``"prob"`` (full-softmax mass) or ``"topk"`` (summed top-k weights).
-        coverage: adaptive budget: smallest set reaching this share of the union's score mass.
+        coverage: adaptive budget: smallest set reaching this share of the candidates' score mass.
         min_budget: lower clamp for ``coverage`` (default ``top_k``).
         token_mask: optional ``[T]`` bool, False for padding (see `budget_routing_masked`).
+        candidates: ``"all"``, ``"union"`` or None (`default_candidates` of the policy).
 
     Returns:
         `BudgetedRouting`; when the union fits the effective budget, ids and weights are
@@ -369,7 +402,7 @@ def budget_routing(
         `budget_routing_masked` where that sync is not allowed).
     """
     ids, w, kept_mask, union_size, budgeted = budget_routing_masked(
-        router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, token_mask)
+        router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, token_mask, candidates)
     kept = kept_mask.nonzero().reshape(-1).to(torch.int32)
     return BudgetedRouting(ids, w, kept, int(union_size), bool(budgeted))
 
@@ -489,13 +522,15 @@ def budgeted_moe(
     b_down: Optional[torch.Tensor] = None,
     layout: ExpertLayout = ExpertLayout(),
     deterministic: bool = True,
+    candidates: Optional[str] = None,
 ) -> tuple[torch.Tensor, BudgetedRouting]:
     """`budget_routing` followed by `moe_experts` over the kept experts.
 
     Returns:
         ``(y [T, H] in x.dtype, BudgetedRouting)``.
     """
-    routing = budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget)
+    routing = budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget,
+                             candidates=candidates)
     y = moe_experts(
         x, w_gate_up, w_down, routing.topk_ids, routing.topk_weights, routing.kept_experts,
         b_gate_up=b_gate_up, b_down=b_down, layout=layout, deterministic=deterministic,
