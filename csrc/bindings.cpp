@@ -72,7 +72,7 @@ PYBIND11_MODULE(_C, m) {
       MOESPEC_RW(in_ids_type) MOESPEC_RW(in_weights) MOESPEC_RW(in_weights_dtype) MOESPEC_RW(in_kept)
       MOESPEC_RW(in_kept_type) MOESPEC_RW(n_in_kept) MOESPEC_RW(T) MOESPEC_RW(E) MOESPEC_RW(k)
       MOESPEC_RW(route) MOESPEC_RW(renormalize) MOESPEC_RW(score_mode) MOESPEC_RW(budget)
-      MOESPEC_RW(coverage) MOESPEC_RW(min_budget) MOESPEC_RW(policy) MOESPEC_RW(csr_mode) MOESPEC_RW(ids)
+      MOESPEC_RW(coverage) MOESPEC_RW(min_budget) MOESPEC_RW(all_candidates) MOESPEC_RW(policy) MOESPEC_RW(csr_mode) MOESPEC_RW(ids)
       MOESPEC_RW(weights) MOESPEC_RW(row_max) MOESPEC_RW(row_sum) MOESPEC_RW(scores) MOESPEC_RW(meta)
       MOESPEC_RW(union_experts) MOESPEC_RW(kept_experts) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets)
       MOESPEC_RW(pair_token) MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position);

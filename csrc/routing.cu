@@ -46,6 +46,7 @@ std::string launch_routing_plan(const PlanArgs& a, int64_t stream) {
   p.budget = a.budget;
   p.coverage = static_cast<float>(a.coverage);
   p.min_budget = a.min_budget;
+  p.all_candidates = a.all_candidates;
   p.policy = a.policy;
   p.csr_mode = a.csr_mode;
   p.ids = reinterpret_cast<int*>(a.ids);

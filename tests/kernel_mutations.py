@@ -54,6 +54,8 @@ MUTATIONS = [
              "const int n = pred ? 16 : 0;", "const int n = 16;"),
     Mutation("routing_barrier", "removed the routing plan's barrier before the ranking reads the union", ROUTING,
              "  __syncthreads();  // s_union complete before the ranking reads it", "  // (barrier removed)"),
+    Mutation("candidates_ignored", "the routing plan ranks the union whatever the candidates flag says", ROUTING,
+             "const bool all_cand = p.all_candidates != 0;", "const bool all_cand = false;"),
     Mutation("opt_in", "shared-memory opt-in done for the first GEMM kernel only", "csrc/experts.cu",
              "if (err == cudaSuccess) err = allow_smem<k2>(smem);", "if (err == cudaSuccess) err = allow_smem<k1>(smem);"),
 ]

@@ -112,9 +112,9 @@ def test_custom_ops_pass_opcheck(shape):
     mask = torch.ones(T, dtype=torch.bool)
     mask[-1] = T == 1
     _opcheck(torch.ops.moespec.budget_routing_masked.default, (z, k, max(k, E // 2), "substitute", True, "prob",
-                                                               None, None, mask, "auto"))
+                                                               None, None, mask, "all", "auto"))
     _opcheck(torch.ops.moespec.budget_routing_masked.default, (z, k, None, "truncate", False, "topk", 0.8, k,
-                                                               None, "auto"))
+                                                               None, "union", "auto"))
     _opcheck(torch.ops.moespec.score_experts.default, (z, "prob", None, None, "auto"))
     x, wgu, wd, zz, kk = _experts(T, T=T, E=E, k=k)
     r = ops.budget_routing_masked(zz, kk, max(kk, E // 2), "truncate")

@@ -242,9 +242,12 @@ def test_budget_routing_matches_reference(kdev, T, E, k, gen):
             continue
         for policy, renorm, score in (("substitute", True, "prob"), ("truncate", False, "prob"),
                                       ("substitute", False, "topk"), ("truncate", True, "topk")):
-            cases.append(dict(budget=b, policy=policy, renormalize=renorm, score=score))
-    cases.append(dict(budget=None, coverage=0.5, renormalize=True))
-    cases.append(dict(budget=max(k, union - 1), coverage=0.9, min_budget=k, policy="truncate"))
+            for cand in ("all", "union"):
+                cases.append(dict(budget=b, policy=policy, renormalize=renorm, score=score, candidates=cand))
+    for cand in ("all", "union"):
+        cases.append(dict(budget=None, coverage=0.5, renormalize=True, candidates=cand))
+        cases.append(dict(budget=max(k, union - 1), coverage=0.9, min_budget=k, policy="truncate", candidates=cand))
+        cases.append(dict(budget=max(k, union - 2), coverage=0.8, min_budget=k, candidates=cand))
     for case in cases:
         got = ops.budget_routing(z, k, backend=kdev.backend, **case)
         want = reference.budget_routing(zc, k, **case)

@@ -19,8 +19,13 @@ def softmax_rows(z):
     return out
 
 
-def naive_budget(z, k, budget, policy, renormalize, score="prob", coverage=None, min_budget=None):
-    """Plain-Python docs/design.md §3: returns (ids per token, weights per token, kept list, union size)."""
+def naive_budget(z, k, budget, policy, renormalize, score="prob", coverage=None, min_budget=None, candidates=None):
+    """Plain-Python docs/design.md §3: returns (ids per token, weights per token, kept list, union size).
+
+    ``candidates``: "all" (every expert, MoE-Spec), "union", or None: "all" for substitute, "union"
+    for truncate."""
+    if candidates is None:
+        candidates = "all" if policy == "substitute" else "union"
     P = softmax_rows(z)
     T, E = len(P), len(P[0])
     nat = [sorted(range(E), key=lambda e: (-P[t][e], e))[:k] for t in range(T)]
@@ -40,8 +45,9 @@ def naive_budget(z, k, budget, policy, renormalize, score="prob", coverage=None,
         for t in range(T):
             for e, w in zip(nat[t], nat_w[t]):
                 sc[e] += w
-    ranked = sorted(union, key=lambda e: (-sc[e], e))
-    C = len(union) if budget is None else budget
+    cands = list(range(E)) if candidates == "all" else union
+    ranked = sorted(cands, key=lambda e: (-sc[e], e))
+    C = len(cands) if budget is None else budget
     if coverage is not None:
         total = sum(sc[e] for e in ranked)
         acc, n = 0.0, len(ranked)
@@ -79,12 +85,13 @@ CASES = [(1, 8, 2), (3, 8, 2), (8, 60, 4), (17, 64, 6), (16, 128, 8), (64, 256, 
 @pytest.mark.parametrize("T,E,k", CASES)
 @pytest.mark.parametrize("policy", ["substitute", "truncate"])
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_budget_matches_naive(gen, T, E, k, policy, renormalize):
+@pytest.mark.parametrize("candidates", [None, "all", "union"])
+def test_budget_matches_naive(gen, T, E, k, policy, renormalize, candidates):
     z = random_logits(gen, T, E)
     union = len(torch.unique(torch.topk(z, k, dim=-1).indices))
     for budget in sorted({k, max(k, union // 2), max(k, union - 1), union, union + 3}):
-        r = ops.budget_routing(z, k, budget, policy=policy, renormalize=renormalize)
-        ids, ws, kept, U = naive_budget(z, k, budget, policy, renormalize)
+        r = ops.budget_routing(z, k, budget, policy=policy, renormalize=renormalize, candidates=candidates)
+        ids, ws, kept, U = naive_budget(z, k, budget, policy, renormalize, candidates=candidates)
         assert r.union_size == U == union
         assert r.kept_experts.tolist() == kept, f"budget {budget}"
         assert r.kept_size <= budget
@@ -151,20 +158,22 @@ def test_score_modes(gen, T, E, k):
 
 @pytest.mark.parametrize("policy", ["substitute", "truncate"])
 @pytest.mark.parametrize("score", ["prob", "topk"])
-def test_topk_score_and_coverage_match_naive(gen, policy, score):
+@pytest.mark.parametrize("candidates", ["all", "union"])
+def test_topk_score_and_coverage_match_naive(gen, policy, score, candidates):
     T, E, k = 16, 64, 4
     z = random_logits(gen, T, E, skew=1.5)
     for budget, coverage, min_budget in [(8, None, None), (None, 0.5, None), (24, 0.8, 6), (None, 0.99, 4),
                                          (12, 1.0, None), (None, 0.05, 5)]:
         r = ops.budget_routing(z, k, budget, policy=policy, renormalize=True, score=score,
-                               coverage=coverage, min_budget=min_budget)
-        ids, ws, kept, U = naive_budget(z, k, budget, policy, True, score, coverage, min_budget)
+                               coverage=coverage, min_budget=min_budget, candidates=candidates)
+        ids, ws, kept, U = naive_budget(z, k, budget, policy, True, score, coverage, min_budget, candidates)
         assert r.kept_experts.tolist() == kept, (budget, coverage, min_budget)
         assert r.topk_ids.tolist() == ids
         torch.testing.assert_close(r.topk_weights.double(), torch.tensor(ws, dtype=torch.float64),
                                    rtol=1e-5, atol=1e-7)
         lo = k if min_budget is None else min_budget
-        assert min(U, lo) <= r.kept_size <= (budget if budget is not None else U)
+        assert min(U, lo) <= r.kept_size <= (budget if budget is not None else E)
+        assert r.budgeted == (r.kept_size < U)
 
 
 def test_truncate_all_dropped_token_gets_zero_weight():
@@ -179,3 +188,44 @@ def test_truncate_all_dropped_token_gets_zero_weight():
     rs = ops.budget_routing(z, 2, 2, policy="substitute", renormalize=True)
     assert sorted(rs.topk_ids[4].tolist()) == [0, 1]
     assert abs(float(rs.topk_weights[4].sum()) - 1.0) < 1e-6
+
+
+def test_all_candidates_keep_a_non_union_expert_with_mass():
+    # Expert 3 is every token's second choice by a hair but nobody's top-1; with k=1 it is never in
+    # the union, yet it carries the most mass after expert 0. MoE-Spec's rule keeps it.
+    z = torch.full((4, 8), -4.0)
+    for t in range(4):
+        z[t, 4 + t] = 2.0   # each token's own favourite (4 distinct experts: the union)
+        z[t, 3] = 1.9       # the shared runner-up
+    r_all = ops.budget_routing(z, 1, 2, policy="substitute", candidates="all")
+    r_union = ops.budget_routing(z, 1, 2, policy="substitute", candidates="union")
+    assert r_all.union_size == r_union.union_size == 4 and r_all.budgeted and r_union.budgeted
+    # Favourites tie (4..7): the lower id wins the second slot.
+    assert r_all.kept_experts.tolist() == [3, 4] and r_union.kept_experts.tolist() == [4, 5]
+    # The three tokens whose favourite is dropped take the shared runner-up under "all".
+    assert r_all.topk_ids[:, 0].tolist() == [4, 3, 3, 3]
+    assert r_all.kept_experts.tolist() == naive_budget(z, 1, 2, "substitute", False, candidates="all")[2]
+    # The default follows the policy.
+    assert torch.equal(ops.budget_routing(z, 1, 2).kept_experts, r_all.kept_experts)
+    assert torch.equal(ops.budget_routing(z, 1, 2, policy="truncate").kept_experts,
+                       ops.budget_routing(z, 1, 2, policy="truncate", candidates="union").kept_experts)
+
+
+def test_all_candidates_fit_is_bit_identical(gen):
+    # The cap rule holds for both candidate sets: a union that fits is never perturbed, even when
+    # a non-union expert outscores a union expert.
+    z = random_logits(gen, 6, 32)
+    nat = reference.route_topk_softmax(z, 2)
+    union = len(torch.unique(nat[1]))
+    for cand in ("all", "union"):
+        r = ops.budget_routing(z, 2, union, candidates=cand)
+        assert not r.budgeted and torch.equal(r.topk_ids, nat[1]) and torch.equal(r.topk_weights, nat[2])
+        assert r.kept_experts.tolist() == sorted(set(nat[1].reshape(-1).tolist()))
+
+
+@pytest.mark.parametrize("bad", ["none", "ALL", 1, ""])
+def test_bad_candidates_are_rejected(bad):
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        ops.budget_routing(torch.randn(2, 8), 2, 4, candidates=bad)
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        ops.budget_routing_masked(torch.randn(2, 8), 2, 4, candidates=bad)

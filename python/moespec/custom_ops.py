@@ -113,23 +113,27 @@ def budget_routing_masked(
     coverage: Optional[float],
     min_budget: Optional[int],
     token_mask: Optional[torch.Tensor],
+    candidates: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`moespec.reference.budget_routing_masked` as one node (see there for the outputs)."""
+    """`moespec.reference.budget_routing_masked` as one node (see there for the outputs).
+
+    ``candidates`` is resolved (``"all"`` or ``"union"``) by `moespec.ops`."""
     if token_mask is None and _use_cuda(backend, router_logits, "routing_plan"):
         from . import kernels
 
         T, E = router_logits.shape
         if T > 0 and kernels.plan_supported(E, top_k):
             return kernels.budget_routing_masked(router_logits, top_k, budget, policy, renormalize, score,
-                                                 coverage, min_budget)
+                                                 coverage, min_budget, candidates)
     ids, w, kept, union, budgeted = reference.budget_routing_masked(
-        router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, token_mask)
+        router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, token_mask, candidates)
     return ids, w, kept, union, budgeted
 
 
 @budget_routing_masked.register_fake
-def _(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, token_mask, backend):
+def _(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, token_mask, candidates,
+      backend):
     T, E = router_logits.shape
     dev = router_logits.device
     return (torch.empty(T, top_k, dtype=torch.int64, device=dev),

@@ -226,6 +226,7 @@ def plan_routing(
     *,
     plan: Optional[RoutingPlan] = None,
     csr: bool = True,
+    candidates: Optional[str] = None,
 ) -> RoutingPlan:
     """Softmax top-k routing under a budget, as one graph-capturable launch (no host sync).
 
@@ -237,7 +238,8 @@ def plan_routing(
 
     Args:
         router_logits: ``[T, E]`` CUDA float tensor (fp32/bf16/fp16 read directly).
-        top_k, budget, policy, renormalize, score, coverage, min_budget: as in `budget_routing`.
+        top_k, budget, policy, renormalize, score, coverage, min_budget, candidates: as in
+            `budget_routing` (``candidates`` None: the policy's default).
         plan: buffers to reuse (must match ``(T, E, top_k)``); allocated when None.
         csr: also build the CSR of active pairs needed by `moe_experts_planned`.
 
@@ -250,6 +252,9 @@ def plan_routing(
         TypeError: ``router_logits`` is not a floating-point tensor.
     """
     _check_plan_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, plan)
+    from .ops import validate_candidates
+
+    candidates = validate_candidates(candidates, policy)
     T, E = router_logits.shape
     plan = _get_plan(plan, T, E, top_k, router_logits.device)
     z = _prep_logits(router_logits)
@@ -262,6 +267,7 @@ def plan_routing(
     a.budget = -1 if budget is None else int(budget)
     a.coverage = -1.0 if coverage is None else float(coverage)
     a.min_budget = int(top_k if min_budget is None else min_budget)
+    a.all_candidates = int(candidates == "all")
     a.policy = _POLICY_CODE[policy]
     a.csr_mode = _CSR_ACTIVE if csr else _CSR_NONE
     bound = min(E, T * top_k)
@@ -446,9 +452,11 @@ def budgeted_moe_planned(
     b_down: Optional[torch.Tensor] = None,
     plan: Optional[RoutingPlan] = None,
     out: Optional[torch.Tensor] = None,
+    candidates: Optional[str] = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """A whole budgeted MoE layer in 4 launches, graph-capturable: returns ``(y [T, H], plan)``."""
-    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, plan=plan)
+    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, plan=plan,
+                        candidates=candidates)
     y = moe_experts_planned(x, w_gate_up, w_down, plan, layout, b_gate_up, b_down, deterministic, out)
     return y, plan
 
@@ -500,13 +508,14 @@ def score_experts(router_logits: torch.Tensor, mode: str, topk_ids: Optional[tor
 
 def budget_routing(router_logits: torch.Tensor, top_k: int, budget: Optional[int], policy: str,
                    renormalize: bool, score: str, coverage: Optional[float],
-                   min_budget: Optional[int]) -> BudgetedRouting:
+                   min_budget: Optional[int], candidates: Optional[str] = None) -> BudgetedRouting:
     """`moespec.reference.budget_routing` on the GPU (one launch plus one sync for the lengths)."""
     T, E = router_logits.shape
     if T == 0 or not plan_supported(E, top_k):
         return reference.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage,
-                                        min_budget)
-    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, csr=False)
+                                        min_budget, candidates=candidates)
+    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, csr=False,
+                        candidates=candidates)
     c = plan.counts()
     return BudgetedRouting(
         topk_ids=plan.ids.long(),
@@ -518,13 +527,15 @@ def budget_routing(router_logits: torch.Tensor, top_k: int, budget: Optional[int
 
 
 def budget_routing_masked(router_logits: torch.Tensor, top_k: int, budget: Optional[int], policy: str,
-                          renormalize: bool, score: str, coverage: Optional[float], min_budget: Optional[int]):
+                          renormalize: bool, score: str, coverage: Optional[float], min_budget: Optional[int],
+                          candidates: Optional[str] = None):
     """`moespec.reference.budget_routing_masked` on the GPU: one plan launch, no host sync.
 
     Returns ``(ids [T,k] int64, weights [T,k] fp32, kept_mask [E] bool, union_size 0-d int64,
     budgeted 0-d bool)``, read from the plan's worst-case buffers and device-side counts.
     """
-    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, csr=False)
+    plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, csr=False,
+                        candidates=candidates)
     E = plan.E
     ar = torch.arange(E, device=plan.meta.device)
     # Only the first meta[KEPT] entries of kept_experts are written; the rest land in a spare slot.

@@ -33,6 +33,7 @@ __all__ = [
     "moe_experts",
     "budgeted_moe",
     "validate_budget",
+    "validate_candidates",
     "as_int",
 ]
 
@@ -195,6 +196,24 @@ def validate_budget(
     return budget, top_k, min_budget
 
 
+def validate_candidates(candidates: Optional[str], policy: str = "substitute") -> str:
+    """Resolve the candidate set of a budget: ``"all"``, ``"union"``, or None for the policy's default.
+
+    ``"all"``: the kept set is chosen among every expert (MoE-Spec's rule; the default for
+    ``substitute``); ``"union"``: among the experts of at least one token's top-k (the default
+    for ``truncate``, where a non-union expert would be a wasted slot). docs/design.md §3.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if candidates is None:
+        return reference.default_candidates(policy)
+    if not isinstance(candidates, str) or candidates not in reference.CANDIDATES:
+        raise ValueError(f"candidates must be one of {reference.CANDIDATES} or None (the policy's default: "
+                         f"'all' for substitute, 'union' for truncate), got {candidates!r}")
+    return candidates
+
+
 def _resolve_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> bool:
     """True when the op should run the CUDA kernel ``kernel``."""
     if backend not in _BACKENDS:
@@ -309,20 +328,21 @@ def budget_routing(
     min_budget: Optional[int] = None,
     *,
     token_mask: Optional[torch.Tensor] = None,
+    candidates: Optional[str] = None,
     backend: str = "auto",
 ) -> BudgetedRouting:
     """Softmax top-k routing of one forward call under an expert budget (docs/design.md §3).
 
     The budget is a cap: when the union of the tokens' top-k experts has at most ``budget``
     experts, ids and weights are bit-identical to unbudgeted routing. Otherwise the ``budget``
-    union experts with the highest score (ties to the lower id) are kept, and
+    candidate experts with the highest score (ties to the lower id) are kept, and
 
     - ``policy="substitute"``: each token takes its top-k among the kept experts, weighted by
       its original full-softmax probabilities, then renormalised if ``renormalize``;
     - ``policy="truncate"``: each token keeps its top-k; pairs outside the kept set get weight
       0, then the survivors are renormalised if ``renormalize`` (all dropped: all zero).
 
-    ``coverage=tau`` keeps the smallest set of union experts reaching ``tau`` of their score
+    ``coverage=tau`` keeps the smallest set of candidates reaching ``tau`` of their score
     mass, clamped to ``[min_budget (default top_k), budget]``. ``budget=None`` without coverage
     means no budget.
 
@@ -331,6 +351,9 @@ def budget_routing(
         top_k: experts per token, ``1 <= top_k <= E``.
         token_mask: optional ``[T]`` bool, False for padding: padding tokens count neither
             towards the union nor the scores and, under a budget, get zero weights.
+        candidates: the experts the kept set is chosen from: ``"all"`` (every expert, MoE-Spec's
+            rule), ``"union"`` (the union of the tokens' top-k), or None for the policy's default
+            (`validate_candidates`).
 
     Returns:
         `BudgetedRouting` (``topk_ids [T,k]`` int64, ``topk_weights [T,k]`` fp32,
@@ -339,14 +362,16 @@ def budget_routing(
     """
     budget, top_k, min_budget = _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget,
                                                     token_mask)
+    candidates = validate_candidates(candidates, policy)
     coverage = None if coverage is None else float(coverage)
     # The CUDA plan has no token mask: masked routing runs the reference (on the same device).
     if _resolve_backend(backend, router_logits, "budget_routing") and token_mask is None:
         from . import kernels
 
-        return kernels.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget)
+        return kernels.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget,
+                                      candidates)
     return reference.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget,
-                                    token_mask)
+                                    token_mask, candidates)
 
 
 def _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget, token_mask):
@@ -371,6 +396,7 @@ def budget_routing_masked(
     min_budget: Optional[int] = None,
     *,
     token_mask: Optional[torch.Tensor] = None,
+    candidates: Optional[str] = None,
     backend: str = "auto",
 ) -> RoutingMasks:
     """`budget_routing` with fixed output shapes and no host synchronisation.
@@ -386,10 +412,11 @@ def budget_routing_masked(
     """
     budget, top_k, min_budget = _check_routing_args(router_logits, top_k, budget, policy, score, coverage, min_budget,
                                                     token_mask)
+    candidates = validate_candidates(candidates, policy)
     _check_backend(backend, router_logits, "budget_routing")
     return RoutingMasks(*custom_ops.budget_routing_masked(
         router_logits, top_k, budget, policy, renormalize, score,
-        None if coverage is None else float(coverage), min_budget, token_mask, backend))
+        None if coverage is None else float(coverage), min_budget, token_mask, candidates, backend))
 
 
 def _check_experts(
@@ -503,6 +530,7 @@ def budgeted_moe(
     *,
     b_gate_up: Optional[torch.Tensor] = None,
     b_down: Optional[torch.Tensor] = None,
+    candidates: Optional[str] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, BudgetedRouting]:
     """Routing, budget and experts in one call, for custom softmax top-k MoE layers.
@@ -523,7 +551,7 @@ def budgeted_moe(
             f"router_logits has {router_logits.shape[1]} experts but w_gate_up has {w_gate_up.shape[0]}")
     _same_device("x", x, router_logits=router_logits)
     routing = budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget,
-                             backend=backend)
+                             candidates=candidates, backend=backend)
     y = moe_experts(x, w_gate_up, w_down, routing.topk_ids, routing.topk_weights, routing.kept_experts,
                     deterministic, layout, b_gate_up=b_gate_up, b_down=b_down, backend=backend)
     return y, routing

@@ -41,6 +41,7 @@ struct PlanArgs {
   int budget = -1;
   double coverage = -1.0;
   int min_budget = 0;
+  int all_candidates = 0;  // 1: candidates "all" (every expert), 0: "union"
   int policy = 0;
   int csr_mode = 0;
   uintptr_t ids = 0, weights = 0, row_max = 0, row_sum = 0, scores = 0, meta = 0;

@@ -63,6 +63,7 @@ struct PlanParams {
   int budget;       // -1: none
   float coverage;   // <= 0: none
   int min_budget;   // lower clamp for coverage
+  int all_candidates;  // 1: the kept set is chosen among all E experts; 0: among the union
   int policy;       // Policy
   int csr_mode;     // CsrMode
   // ---- outputs (device, worst-case sized)
@@ -296,13 +297,17 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
     for (int e = tid; e < E; e += kThreads) s_keep[e] = s_present[e];
   }
   if (want_budget) {
-    // Rank of each union expert among the union by (score desc, id asc); s_offs is the sorted list.
-    for (int j = tid; j < U; j += kThreads) {
-      const int e = s_union[j];
+    // Candidates: every expert (MoE-Spec's rule) or the union; cand(j) is the j-th in ascending id.
+    const bool all_cand = p.all_candidates != 0;
+    const int NC = all_cand ? E : U;
+    auto cand = [&](int j) { return all_cand ? j : s_union[j]; };
+    // Rank of each candidate by (score desc, id asc); s_offs is the sorted list.
+    for (int j = tid; j < NC; j += kThreads) {
+      const int e = cand(j);
       const float v = s_score[e];
       int r = 0;
-      for (int j2 = 0; j2 < U; ++j2) {
-        const int e2 = s_union[j2];
+      for (int j2 = 0; j2 < NC; ++j2) {
+        const int e2 = cand(j2);
         r += better(s_score[e2], e2, v, e) ? 1 : 0;
       }
       s_cnt[e] = r;
@@ -310,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
     }
     __syncthreads();
     if (tid == 0) {
-      const int upper = p.budget >= 0 ? p.budget : U;
+      const int upper = p.budget >= 0 ? p.budget : NC;
       int C = upper;
       if (p.coverage > 0.f) {
         // Exactly reference._kept_count on the CPU: torch.cumsum of fp32 accumulates in double in
@@ -318,27 +323,28 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
         // fp32; a prefix counts while its mass is strictly below the target. The prefixes replace
         // the scores in place (s_score is not read after the ranking above).
         double acc = 0.0;
-        for (int r = 0; r < U; ++r) {
+        for (int r = 0; r < NC; ++r) {
           const int e = s_offs[r];
           acc += (double)s_score[e];
           s_score[e] = (float)acc;
         }
         const float target = p.coverage * (float)acc;
         int below = 0;  // number of prefixes whose mass is below the target
-        for (int r = 0; r < U; ++r) below += s_score[s_offs[r]] < target ? 1 : 0;
+        for (int r = 0; r < NC; ++r) below += s_score[s_offs[r]] < target ? 1 : 0;
         int n = below + 1;
-        n = n < U ? n : U;
+        n = n < NC ? n : NC;
         C = n < upper ? n : upper;
         C = C > p.min_budget ? C : p.min_budget;
-        if (U == 0) C = p.min_budget;
+        if (NC == 0) C = p.min_budget;
       }
       s_flags[0] = C;
+      // A budget is a cap: routing changes only when the union does not fit.
       s_flags[1] = U > C ? 1 : 0;
     }
     __syncthreads();
     const int C = s_flags[0];
     if (U > C) {
-      for (int e = tid; e < E; e += kThreads) s_keep[e] = s_present[e] && s_cnt[e] < C;
+      for (int e = tid; e < E; e += kThreads) s_keep[e] = (all_cand || s_present[e]) && s_cnt[e] < C;
     }
   } else if (tid == 0) {
     s_flags[1] = 0;

@@ -42,6 +42,7 @@ class LayerBudgets:
         coverage: adaptive budget share in ``(0, 1]`` (None: fixed caps).
         min_budget: lower clamp of the adaptive budget (None: the layer's top_k).
         backend: the `moespec.ops` backend of budgeted calls' routing and experts ops.
+        candidates: ``"all"`` or ``"union"``, resolved (docs/design.md §3).
     """
 
     caps: tuple[Optional[int], ...]
@@ -50,6 +51,7 @@ class LayerBudgets:
     coverage: Optional[float] = None
     min_budget: Optional[int] = None
     backend: str = "auto"
+    candidates: str = "all"
 
     def cap(self, layer: int) -> Optional[int]:
         """The cap of MoE layer ``layer``."""
@@ -77,6 +79,8 @@ class BudgetConfig:
             kernels on CUDA tensors, the reference elsewhere), ``"reference"``, ``"cuda"`` or
             ``"emu"`` (the kernels on the CPU emulator of an emulation build). `resolve` checks
             the name; `moespec.patch` checks that it can run where the model is.
+        candidates: the experts a kept set is chosen from: ``"all"``, ``"union"``, or None for
+            the policy's default (`moespec.ops.validate_candidates`).
     """
 
     budget: BudgetSpec = None
@@ -85,13 +89,15 @@ class BudgetConfig:
     coverage: Optional[float] = None
     min_budget: Optional[int] = None
     backend: str = "auto"
+    candidates: Optional[str] = None
 
     def resolve(self, top_ks: Sequence[int]) -> LayerBudgets:
         """Validate against MoE layers with the given top-k and return per-layer caps.
 
         Raises:
             ValueError: a malformed budget (wrong list length, non-int entries, below top-k),
-                an unknown policy, score mode or backend, or a coverage outside ``(0, 1]``.
+                an unknown policy, score mode, candidate set or backend, or a coverage outside
+                ``(0, 1]``.
         """
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"moespec: backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -105,8 +111,13 @@ class BudgetConfig:
                 where = f"MoE layer {i}: " if n > 1 and not _scalar(self.budget) else ""
                 raise ValueError(f"moespec: invalid budget settings: {where}{err}") from None
         caps = tuple(caps)
+        try:
+            candidates = ops.validate_candidates(self.candidates, self.policy)
+        except ValueError as err:
+            raise ValueError(f"moespec: invalid budget settings: {err}") from None
         return LayerBudgets(caps, self.policy, self.score,
-                            None if self.coverage is None else float(self.coverage), self.min_budget, self.backend)
+                            None if self.coverage is None else float(self.coverage), self.min_budget, self.backend,
+                            candidates)
 
     def _caps(self, n: int) -> tuple[Optional[int], ...]:
         b = self.budget

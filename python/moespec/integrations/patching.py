@@ -176,15 +176,28 @@ class _PatchedLayer:
         r = budget_router_output(self.info.router, logits, weights, ids, cap, settings,
                                  self.spec.correction_bias(self.router), mask)
         if stats is not None:
-            self._record(stats, ids.shape[0] if mask is None else mask.sum(), r.union_size, r.kept_mask, cap, True)
+            E = self.info.num_experts
+            # Experts actually read: those with a live (nonzero-weight) pair; a spare slot E
+            # swallows the dead pairs (fixed shapes, no host sync).
+            live = torch.where(r.topk_weights != 0, r.topk_ids, torch.full_like(r.topk_ids, E))
+            read = torch.zeros(E + 1, dtype=torch.bool, device=ids.device).index_fill(0, live.reshape(-1), True)[:E]
+            # Unbudgeted routing weight that sat on dropped experts (the model's own weights).
+            w = weights.float().abs()
+            if mask is not None:
+                w = w * mask.reshape(-1, 1)
+            lost = (w * (~r.kept_mask[ids.long()])).sum() / w.sum().clamp(min=1e-30)
+            self._record(stats, ids.shape[0] if mask is None else mask.sum(), r.union_size, r.kept_mask, cap, True,
+                         read & r.kept_mask, torch.where(r.budgeted, lost, torch.zeros_like(lost)))
         return logits, r.topk_weights, r.topk_ids
 
     def _record(self, stats: CallStats, tokens, union_size, kept_mask: torch.Tensor,
-                cap: Optional[int], budgeted: bool) -> None:
+                cap: Optional[int], budgeted: bool, read_mask: Optional[torch.Tensor] = None,
+                dropped_mass=0.0) -> None:
         # Device tensors, read when asked; bytes use the weights' current dtype (the model
         # may have been cast after patching).
         stats.layers.append(LayerStats(self.info.ordinal, tokens, union_size, kept_mask.clone(),
-                                       bytes_per_expert(self.experts), budget=cap, budgeted=budgeted))
+                                       bytes_per_expert(self.experts), budget=cap, budgeted=budgeted,
+                                       read_experts=read_mask, dropped_mass=dropped_mass))
 
 
 def _router_hook_for(layer: _PatchedLayer):
@@ -262,18 +275,20 @@ class PatchHandle:
 
     def set_budget(self, budget: BudgetSpec = None, policy: str = "substitute", score: str = "prob",
                    coverage: Optional[float] = None, min_budget: Optional[int] = None,
-                   when: Optional[str] = None) -> None:
+                   when: Optional[str] = None, candidates: Optional[str] = None) -> None:
         """Replace the default budget (and optionally the mode) of the patched model."""
-        self.default = self.resolve(BudgetConfig(budget, policy, score, coverage, min_budget, self.backend))
+        self.default = self.resolve(BudgetConfig(budget, policy, score, coverage, min_budget, self.backend,
+                                                 candidates))
         if when is not None:
             self.when = _check_when(when)
 
     @contextlib.contextmanager
     def budget(self, budget: BudgetSpec, policy: str = "substitute", score: Optional[str] = None,
-               coverage: Optional[float] = None, min_budget: Optional[int] = None) -> Iterator["PatchHandle"]:
+               coverage: Optional[float] = None, min_budget: Optional[int] = None,
+               candidates: Optional[str] = None) -> Iterator["PatchHandle"]:
         """Context manager: every forward inside uses this budget (see `expert_budget`)."""
         settings = self.resolve(BudgetConfig(budget, policy, self.default.score if score is None else score,
-                                             coverage, min_budget, self.backend))
+                                             coverage, min_budget, self.backend, candidates))
         self._overrides.append(settings)
         try:
             yield self
@@ -552,6 +567,7 @@ def patch(
     min_budget: Optional[int] = None,
     when: str = "auto",
     backend: str = "auto",
+    candidates: Optional[str] = None,
 ) -> PatchHandle:
     """Make a loaded transformers MoE model run budgeted MoE layers (docs/design.md §3).
 
@@ -576,6 +592,9 @@ def patch(
             ``MOESPEC_CUDA=EMU``; slow, for testing kernels without a GPU). Unbudgeted calls run
             the model's own experts whatever the backend. The ops' own fallbacks still apply
             (e.g. fp32 experts run the reference: the experts kernels are bf16/fp16).
+        candidates: the experts a kept set is chosen from: ``"all"`` (every expert, MoE-Spec's
+            rule; the default for ``substitute``), ``"union"`` (the union of the call's top-k;
+            the default for ``truncate``). Either way a layer whose union fits is untouched.
 
     Returns:
         `PatchHandle` (``.stats``, ``.unpatch()``, usable as a context manager).
@@ -607,7 +626,8 @@ def patch(
                 f"moespec.patch: the MoE block {name or type(block).__name__!r} is already patched through "
                 f"{what} ({relation}); unpatch that handle first (moespec.integrations.get_handle(...).unpatch()) "
                 "instead of stacking two patches on the same routers")
-    handle = PatchHandle(model, blocks, BudgetConfig(budget, policy, score, coverage, min_budget, backend), when)
+    handle = PatchHandle(model, blocks, BudgetConfig(budget, policy, score, coverage, min_budget, backend, candidates),
+                         when)
     _check_backend_can_run(handle.backend, blocks)
     handle._install(model)
     _HANDLES[model] = handle
@@ -631,6 +651,7 @@ def expert_budget(
     score: Optional[str] = None,
     coverage: Optional[float] = None,
     min_budget: Optional[int] = None,
+    candidates: Optional[str] = None,
 ) -> Iterator[PatchHandle]:
     """Context manager: every forward of ``model`` inside uses this budget.
 
@@ -639,7 +660,7 @@ def expert_budget(
     An unpatched model is patched on entry and restored on exit.
 
     Args:
-        budget, policy, coverage, min_budget: as in `patch`.
+        budget, policy, coverage, min_budget, candidates: as in `patch`.
         score: as in `patch`; None keeps the patch's score mode.
 
     Yields:
@@ -650,7 +671,7 @@ def expert_budget(
     if created:
         handle = patch(model)
     try:
-        with handle.budget(budget, policy, score, coverage, min_budget):
+        with handle.budget(budget, policy, score, coverage, min_budget, candidates):
             yield handle
     finally:
         if created:

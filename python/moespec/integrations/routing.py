@@ -1,6 +1,7 @@
 """Budgeted routing for each family of router found in transformers' MoE models (docs/design.md §3).
 
 Torch only; `architectures` says which rule a given transformers router follows. Every rule
+chooses the kept set among the settings' candidates (every expert, or the union); it
 takes the router's own unbudgeted output ``(logits, weights, ids)`` and returns a
 `RoutingMasks` of fixed shapes, without host synchronisation (the drop-in compiles and exports):
 when nothing is dropped it returns that output unchanged (bitwise), so a budget is a cap and
@@ -76,7 +77,7 @@ def budget_router_output(
         logits: ``[T, E]`` router logits as the model returns them.
         weights, ids: ``[T, k]`` the model's unbudgeted top-k weights and ids.
         cap: this layer's cap (None: coverage only).
-        settings: policy, score mode, coverage, min_budget, and the ops backend (the
+        settings: policy, score mode, coverage, min_budget, candidates, and the ops backend (the
             ``softmax_topk`` rule's `moespec.ops.budget_routing_masked`; the other rules are
             plain torch ops on the logits' device).
         correction_bias: ``[E]`` DeepSeek-V3's ``e_score_correction_bias``.
@@ -93,7 +94,7 @@ def budget_router_output(
     if spec.kind == "softmax_topk":
         r = ops.budget_routing_masked(logits, spec.top_k, cap, settings.policy, spec.renormalize, settings.score,
                                       settings.coverage, settings.min_budget, token_mask=token_mask,
-                                      backend=settings.backend)
+                                      candidates=settings.candidates, backend=settings.backend)
         new_ids, new_w, kept, union, budgeted = r
     else:
         umask = reference.union_mask(ids, E, token_mask)
@@ -106,7 +107,8 @@ def budget_router_output(
             share = (_sigmoid_selection_share(logits, correction_bias) if spec.kind == "sigmoid_group_topk"
                      else torch.softmax(logits.float(), dim=-1))
             scores = (share if rows is None else share * rows).sum(dim=0)
-        kept, kept_count = reference.select_kept_mask(scores, umask, cap, settings.coverage, min_budget)
+        cmask = umask if settings.candidates == "union" else torch.ones_like(umask)
+        kept, kept_count = reference.select_kept_mask(scores, cmask, cap, settings.coverage, min_budget)
         budgeted = kept_count < union
         if spec.kind == "sigmoid_group_topk":
             new_ids, new_w = _reroute_sigmoid_group(spec, logits, ids, kept, settings.policy, correction_bias)

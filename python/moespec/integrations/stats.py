@@ -28,18 +28,25 @@ class LayerStats:
         tokens: tokens routed by the layer in this call (batch x new tokens, padding excluded
             when the call had a 2-D attention mask).
         union_size: distinct experts in the (real) tokens' unbudgeted top-k routing.
-        kept_size: experts whose weights were read (``union_size`` when nothing was dropped).
+        kept_size: experts in the kept set (``union_size`` when nothing was dropped).
         kept_experts: sorted ids of those experts.
-        expert_bytes: ``kept_size`` x bytes of one routed expert's weights (and biases) in their
+        read_size: kept experts that at least one (token, slot) pair was routed to: the experts
+            whose weights were read. Below ``kept_size`` when a kept expert got no token (a
+            non-union candidate that no re-routed token picked, or any under ``truncate``).
+        expert_bytes: ``read_size`` x bytes of one routed expert's weights (and biases) in their
             dtype; shared experts, which never count against a budget, are not included.
+        dropped_mass: share of the call's unbudgeted top-k routing weight that sat on experts
+            outside the kept set (0.0 when nothing was dropped).
         budget: the cap in effect for this layer in this call (None: no cap; with
             ``coverage`` and no cap, ``kept_size`` says how many were kept).
         budgeted: the budget (or coverage) was applied to this layer in this call.
     """
 
     def __init__(self, layer: int, tokens, union_size, kept_experts, bytes_per_expert: int,
-                 budget: Optional[int] = None, budgeted: bool = False) -> None:
-        """``tokens`` and ``union_size``: ints or 0-d tensors; ``kept_experts``: ids or an ``[E]`` bool mask."""
+                 budget: Optional[int] = None, budgeted: bool = False, read_experts=None,
+                 dropped_mass=0.0) -> None:
+        """``tokens``, ``union_size`` and ``dropped_mass``: numbers or 0-d tensors; ``kept_experts`` and
+        ``read_experts`` (default: the kept set): ids or an ``[E]`` bool mask."""
         self.layer = layer
         self.budget = budget
         self.budgeted = budgeted
@@ -47,6 +54,8 @@ class LayerStats:
         self._tokens = tokens
         self._union_size = union_size
         self._kept = kept_experts
+        self._read = read_experts
+        self._dropped_mass = dropped_mass
 
     @property
     def tokens(self) -> int:
@@ -72,8 +81,22 @@ class LayerStats:
         return len(self.kept_experts)
 
     @property
+    def read_size(self) -> int:
+        if self._read is None:
+            return self.kept_size
+        if isinstance(self._read, torch.Tensor):
+            self._read = _as_int(self._read.sum()) if self._read.dtype == torch.bool else self._read.numel()
+        return int(self._read)
+
+    @property
+    def dropped_mass(self) -> float:
+        if isinstance(self._dropped_mass, torch.Tensor):
+            self._dropped_mass = float(self._dropped_mass.item())
+        return float(self._dropped_mass)
+
+    @property
     def expert_bytes(self) -> int:
-        return self.kept_size * self.bytes_per_expert
+        return self.read_size * self.bytes_per_expert
 
     @property
     def dropped(self) -> int:
@@ -88,7 +111,9 @@ class LayerStats:
             "union_size": self.union_size,
             "kept_size": self.kept_size,
             "kept_experts": list(self.kept_experts),
+            "read_size": self.read_size,
             "expert_bytes": self.expert_bytes,
+            "dropped_mass": round(self.dropped_mass, 6),
             "budget": self.budget,
             "budgeted": self.budgeted,
         }

@@ -84,10 +84,20 @@ def acceptance(target, draft_model, prompts, max_new) -> list[dict]:
 @torch.no_grad()
 def chunked_perplexity(target, ids: torch.Tensor, chunk: int, budget, policy: str, windows: int,
                        seq_len: int = 256, prefix: int = 32) -> float:
-    """Perplexity of held-out text fed as verification-sized chunks under an expert budget."""
+    """Perplexity of held-out text fed as verification-sized chunks under an expert budget.
+
+    ``budget``: a cap (with ``policy``), None, or a whole rule (`moespec.integrations.BudgetConfig`)."""
     from transformers import DynamicCache
 
     import moespec
+    from moespec.integrations import BudgetConfig
+
+    if isinstance(budget, BudgetConfig):
+        rule = {"policy": budget.policy, "score": budget.score, "coverage": budget.coverage,
+                "min_budget": budget.min_budget, "candidates": budget.candidates}
+        budget = budget.budget
+    else:
+        rule = {"policy": policy}
 
     total, count = 0.0, 0
     for w in range(windows):
@@ -97,7 +107,7 @@ def chunked_perplexity(target, ids: torch.Tensor, chunk: int, budget, policy: st
             out = target(input_ids=x[:, :prefix], **forward_kwargs(target, cache, use_cache=True))
         logits = [out.logits[:, -1:]]
         for s in range(prefix, seq_len, chunk):
-            with moespec.expert_budget(target, budget, policy=policy):
+            with moespec.expert_budget(target, budget, **rule):
                 out = target(input_ids=x[:, s:min(s + chunk, seq_len)], **forward_kwargs(target, cache, use_cache=True))
             logits.append(out.logits)
         lg = torch.cat(logits, dim=1)[0, :-1].float()  # predictions for tokens prefix .. seq_len-1

@@ -3,7 +3,7 @@
 Contract assumed (integration side):
     moespec.integrations.patch(model, budget=None, policy=..., when=...) -> PatchHandle
     moespec.integrations.get_handle(model) -> PatchHandle | None
-    moespec.integrations.expert_budget(model, budget, policy=...)  # context manager
+    moespec.integrations.expert_budget(model, budget, policy=..., candidates=..., coverage=...)  # context manager
     moespec.integrations.verification()  # marks verification forwards for "auto" patches
     PatchHandle.unpatch(); PatchHandle.stats.calls -> list[CallStats]
     CallStats.layers[i]: .layer .tokens .union_size .kept_size .kept_experts .expert_bytes .budget
@@ -13,7 +13,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-__all__ = ["BudgetSession", "integration_available", "num_experts"]
+__all__ = ["BudgetSession", "integration_available", "num_experts", "is_budget_config"]
+
+
+def is_budget_config(budget: Any) -> bool:
+    """True for a `moespec.integrations.BudgetConfig` (a whole budget rule, not just a cap)."""
+    integ = _integrations()
+    return integ is not None and isinstance(budget, getattr(integ, "BudgetConfig", ()))
 
 
 def _integrations():
@@ -51,7 +57,9 @@ def _layer_dict(ls) -> dict:
         "union_size": getattr(ls, "union_size", None),
         "kept_size": getattr(ls, "kept_size", None),
         "kept_experts": list(kept) if kept is not None else None,
+        "read_size": getattr(ls, "read_size", None),
         "expert_bytes": getattr(ls, "expert_bytes", None),
+        "dropped_mass": getattr(ls, "dropped_mass", None),
         "budget": getattr(ls, "budget", None),
         "budgeted": bool(getattr(ls, "budgeted", False)),
     }
@@ -63,9 +71,11 @@ class BudgetSession:
 
     active=False (no integration, or nothing asked for) makes every method a no-op."""
 
-    def __init__(self, model, policy: str = "substitute", need_budget: bool = False, **patch_kwargs: Any):
+    def __init__(self, model, policy: str = "substitute", need_budget: bool = False,
+                 candidates: str | None = None, **patch_kwargs: Any):
         self.model = model
         self.policy = policy
+        self.candidates = candidates
         self.handle = None
         self._owned = False
         integ = _integrations()
@@ -103,7 +113,7 @@ class BudgetSession:
             return
         start = self._mark()
         if budget is not None:
-            ctx = self._integ.expert_budget(self.model, budget, policy=self.policy)
+            ctx = self._integ.expert_budget(self.model, **self.budget_kwargs(budget))
         elif not verification:
             ctx = self._integ.expert_budget(self.model, None)
         else:
@@ -115,6 +125,14 @@ class BudgetSession:
         info["layers"] = [_layer_dict(ls) for c in calls for ls in getattr(c, "layers", [])]
         info["budgeted"] = any(bool(getattr(c, "budgeted", False)) for c in calls)
         info["expert_bytes"] = sum(int(getattr(c, "expert_bytes", 0) or 0) for c in calls)
+
+    def budget_kwargs(self, budget: Any) -> dict:
+        """`expert_budget` arguments for ``budget``: a whole rule (a `BudgetConfig`: cap, policy, score,
+        coverage, candidates) or a cap under the session's policy and candidate set."""
+        if is_budget_config(budget):
+            return {"budget": budget.budget, "policy": budget.policy, "score": budget.score,
+                    "coverage": budget.coverage, "min_budget": budget.min_budget, "candidates": budget.candidates}
+        return {"budget": budget, "policy": self.policy, "candidates": self.candidates}
 
     def close(self) -> None:
         """Undo our own patch (a user's patch is left alone)."""

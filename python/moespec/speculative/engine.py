@@ -123,6 +123,7 @@ def generate(
     controller_options: dict | None = None,
     routing_stats: bool | None = None,
     threads: int | None = None,
+    candidates: str | None = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Speculative decoding with draft trees, optional expert budgets and a speculation controller.
 
@@ -134,9 +135,13 @@ def generate(
         max_new_tokens: tokens to generate (fewer if `eos_token_id` is produced).
         draft: `DraftConfig` (chain or tree), an int K (chain), or a dict of DraftConfig fields;
             for the Cascade controllers it is the largest shape (K_max = its node count).
-        budget: expert budget C for verification forwards (int, per-layer list or callable; None =
-            unbudgeted). Prefill and plain one-token decode are never budgeted.
+        budget: expert budget for verification forwards: a cap C (int, per-layer list or callable),
+            a whole rule (`moespec.integrations.BudgetConfig`: cap, coverage, policy, candidates),
+            ``"auto"`` (the measured default rule, `moespec.integrations.auto_budget`), or None
+            (unbudgeted). Prefill and plain one-token decode are never budgeted.
         policy: re-routing policy passed to the integration ("substitute" or "truncate").
+        candidates: the experts a kept set is chosen from ("all", "union"; None: the policy's
+            default); a `BudgetConfig` budget carries its own policy and candidates.
         controller: "static", "cascade" (picks K), "cascade+budget" (picks K and C), or an object
             with `next() -> Decision` and `observe(accepted, t_iter)`.
         do_sample / temperature / seed: sampling with multi-branch speculative sampling, which
@@ -169,10 +174,7 @@ def generate(
     for name in ("begin", "propose", "commit"):
         if not callable(getattr(drafter, name, None)):
             raise TypeError(f"drafter must implement the Drafter protocol (missing {name}())")
-    if budget is not None and not isinstance(budget, (list, tuple)) and not callable(budget):
-        from ..ops import as_int
-
-        budget = as_int("budget", budget)  # numpy / 0-d tensor budgets become ints; bools are refused
+    budget = _coerce_budget(model, budget, policy, candidates)
     target_rows, _ = vocab_sizes(model)
     _check_prompt_ids(prompt, target_rows)
     if isinstance(drafter, DraftModelDrafter):
@@ -197,14 +199,35 @@ def generate(
     with _thread_scope(threads, model, device):
         return _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_rows, max_new_tokens,
                          budget, policy, controller, do_sample, temperature, seed, eos, cost_model, clock,
-                         routing_stats)
+                         routing_stats, candidates)
+
+
+def _coerce_budget(model, budget, policy: str, candidates):
+    """Validate the ``budget`` argument of `generate`; "auto" becomes the measured `BudgetConfig`."""
+    from ..ops import as_int, validate_candidates
+
+    validate_candidates(candidates, policy)
+    if budget is None or isinstance(budget, (list, tuple)) or callable(budget):
+        return budget
+    if isinstance(budget, str):
+        if budget != "auto":
+            raise ValueError(f"budget must be an int, a per-layer list, a callable, a BudgetConfig, 'auto' or None; "
+                             f"got {budget!r}")
+        from ..integrations import auto_budget
+
+        return auto_budget(model)
+    from .budget import is_budget_config
+
+    if is_budget_config(budget):
+        return budget
+    return as_int("budget", budget)  # numpy / 0-d tensor budgets become ints; bools are refused
 
 
 def _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_rows, max_new_tokens, budget, policy,
-              controller, do_sample, temperature, seed, eos, cost_model, clock, routing_stats):
+              controller, do_sample, temperature, seed, eos, cost_model, clock, routing_stats, candidates=None):
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     stats = SpecStats(config={
-        "draft": cfg.to_dict(), "budget": budget, "policy": policy,
+        "draft": cfg.to_dict(), "budget": budget, "policy": policy, "candidates": candidates,
         "controller": controller if isinstance(controller, str) else type(controller).__name__,
         "do_sample": bool(do_sample), "temperature": float(temperature), "max_new_tokens": int(max_new_tokens),
         "drafter": type(drafter).__name__, "threads": torch.get_num_threads() if device.type == "cpu" else None,
@@ -217,7 +240,8 @@ def _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_row
 
     from transformers import DynamicCache
 
-    session = BudgetSession(model, policy=policy, need_budget=need_budget or bool(routing_stats))
+    session = BudgetSession(model, policy=policy, need_budget=need_budget or bool(routing_stats),
+                            candidates=candidates)
     t_begin = clock()
     try:
         ctx = prompt[0].tolist()

@@ -1,0 +1,399 @@
+"""What an expert budget costs: a fine sweep of budget rules on the shipped demo models.
+
+    moespec bench quality --out bench/results/cpu          # or: python -m moespec.models.budget_sweep
+
+For every draft shape (a chain and a tree) and every budget rule -- a fixed cap C from k to the
+largest union seen, a coverage target tau, each under both policies and both candidate sets --
+greedy speculative decoding with the shipped draft model is compared with the same run without a
+budget:
+
+- acceptance: tokens emitted per verification;
+- agreement: greedy token match with the unbudgeted output, and the first divergence;
+- perplexity: held-out text fed in chunks of the draft size, each chunk one budgeted forward over
+  the KV cache (as verification sees it);
+- expert bytes per emitted token (routed experts actually read, over the decode loop);
+- per MoE layer: how often the budget binds, and the share of the unbudgeted routing weight that
+  sat on dropped experts, per verification.
+
+The rule recommended for ``budget="auto"`` is the cheapest (fewest expert bytes per token) that
+keeps acceptance within 2 % of unbudgeted and greedy agreement >= 95 % on every shape
+(`recommend`). Writes ``budget_sweep.json``, ``budget_sweep.md`` and ``budget_sweep.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["Rule", "sweep_rules", "run_sweep", "recommend", "to_markdown", "plot_sweep", "main"]
+
+COVERAGES = (0.8, 0.9, 0.95, 0.98, 0.99)
+POLICIES = ("substitute", "truncate")
+CANDIDATE_SETS = ("all", "union")
+# Acceptance within this share of unbudgeted, and at least this greedy agreement (issue 13's bar).
+ACCEPTANCE_TOLERANCE = 0.02
+MIN_AGREEMENT = 0.95
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One budget rule: a fixed cap, or a coverage target (clamped to ``[k, cap]``), with its policy
+    and candidate set. ``kind="none"`` is the unbudgeted baseline."""
+
+    kind: str  # "none" | "fixed" | "coverage"
+    budget: Optional[int] = None
+    coverage: Optional[float] = None
+    policy: str = "substitute"
+    candidates: str = "all"
+
+    @property
+    def name(self) -> str:
+        if self.kind == "none":
+            return "none"
+        what = f"C={self.budget}" if self.kind == "fixed" else f"tau={self.coverage}"
+        return f"{what} {self.policy}/{self.candidates}"
+
+    @property
+    def family(self) -> str:
+        """The line a rule belongs to in the plot (all values of one rule kind, policy, candidates)."""
+        if self.kind == "none":
+            return "none"
+        return f"{'fixed C' if self.kind == 'fixed' else 'coverage'} {self.policy}/{self.candidates}"
+
+    def config(self):
+        """The `moespec.integrations.BudgetConfig` that runs this rule (None for the baseline)."""
+        if self.kind == "none":
+            return None
+        from ..integrations import BudgetConfig
+
+        return BudgetConfig(self.budget, self.policy, "prob", self.coverage, None, "auto", self.candidates)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "budget": self.budget, "coverage": self.coverage,
+                "policy": self.policy, "candidates": self.candidates}
+
+
+def sweep_rules(top_k: int, max_union: int, coverages: Sequence[float] = COVERAGES) -> list[Rule]:
+    """The baseline, every fixed C in ``[top_k, max_union - 1]`` (C >= the largest union never binds)
+    and every coverage target, each under both policies and both candidate sets."""
+    rules = [Rule("none")]
+    for policy in POLICIES:
+        for cand in CANDIDATE_SETS:
+            rules += [Rule("fixed", budget=c, policy=policy, candidates=cand) for c in range(top_k, max_union)]
+            rules += [Rule("coverage", coverage=t, policy=policy, candidates=cand) for t in coverages]
+    return rules
+
+
+def _run_shape(target, draft_model, prompts, max_new, shape, rule: Rule, base_out=None):
+    from moespec import speculative as spec
+
+    outs, emitted, iters, accepted, nbytes, tokens = [], 0, 0, 0, 0, 0
+    per_layer: dict[int, dict] = {}
+    unions = []
+    for p in prompts:
+        toks, st = spec.generate(target, p, drafter=spec.DraftModelDrafter(draft_model), max_new_tokens=max_new,
+                                 draft=shape, budget=rule.config(), routing_stats=True)
+        outs.append(toks[0, p.numel():].tolist())
+        for r in st.iterations:
+            nbytes += int(r.expert_bytes or 0)
+            tokens += r.emitted
+            if r.draft_size == 0:
+                continue
+            iters += 1
+            emitted += r.emitted
+            accepted += r.accepted
+            for layer in r.layers or []:
+                d = per_layer.setdefault(layer["layer"], {"calls": 0, "binds": 0, "dropped_mass": 0.0, "union": 0,
+                                                          "kept": 0, "read": 0})
+                d["calls"] += 1
+                d["binds"] += int(layer["budgeted"] and layer["kept_size"] < layer["union_size"])
+                d["dropped_mass"] += float(layer.get("dropped_mass") or 0.0)
+                d["union"] += layer["union_size"]
+                d["kept"] += layer["kept_size"]
+                d["read"] += layer.get("read_size", layer["kept_size"])
+                unions.append(layer["union_size"])
+    row = {
+        "tokens_per_verification": round(emitted / max(iters, 1), 4),
+        "mean_accepted": round(accepted / max(iters, 1), 4),
+        "expert_bytes_per_token": round(nbytes / max(tokens, 1), 1),
+        "max_union": max(unions) if unions else 0,
+        "layers": [{"layer": i, "bind_rate": round(d["binds"] / d["calls"], 4),
+                    "dropped_mass": round(d["dropped_mass"] / d["calls"], 5),
+                    "mean_union": round(d["union"] / d["calls"], 2), "mean_kept": round(d["kept"] / d["calls"], 2),
+                    "mean_read": round(d["read"] / d["calls"], 2)}
+                   for i, d in sorted(per_layer.items())],
+    }
+    if base_out is not None:
+        match, first, total = 0, [], 0
+        for out, ref in zip(outs, base_out):
+            same = [a == b for a, b in zip(out, ref)]
+            match += sum(same)
+            total += len(ref)
+            first.append(same.index(False) if False in same else len(same))
+        row["token_match_rate"] = round(match / max(total, 1), 4)
+        row["mean_first_divergence"] = round(sum(first) / len(first), 2)
+    return row, outs
+
+
+def _perplexity(target, stream, chunk: int, rule: Rule, windows: int) -> float:
+    from .evaluate import chunked_perplexity
+
+    cfg = rule.config()
+    if cfg is None:
+        return chunked_perplexity(target, stream, chunk, None, "substitute", windows)
+    return chunked_perplexity(target, stream, chunk, cfg, cfg.policy, windows)
+
+
+def run_sweep(target, draft_model, prompts, stream, shapes, max_new: int, windows: int,
+              coverages: Sequence[float] = COVERAGES, progress=None) -> dict:
+    """Every rule of `sweep_rules` on every shape; returns ``{"shapes": [...], "rows": [...]}``."""
+    cfg = target.config
+    k = int(cfg.num_experts_per_tok)
+    shapes_out, rows = [], []
+    for name, shape in shapes:
+        base_row, base_out = _run_shape(target, draft_model, prompts, max_new, shape, Rule("none"))
+        base_row.update(token_match_rate=1.0, mean_first_divergence=float(max_new))
+        chunk = shape.size
+        base_row["heldout_ppl"] = round(_perplexity(target, stream, chunk, Rule("none"), windows), 4)
+        max_union = base_row["max_union"]
+        shapes_out.append({"name": name, "shape": shape.to_dict(), "nodes": shape.size, "chunk": chunk,
+                           "max_union": max_union})
+        rules = sweep_rules(k, max_union, coverages)
+        for i, rule in enumerate(rules):
+            if rule.kind == "none":
+                row = dict(base_row)
+            else:
+                row, _ = _run_shape(target, draft_model, prompts, max_new, shape, rule, base_out)
+                row["heldout_ppl"] = round(_perplexity(target, stream, chunk, rule, windows), 4)
+            row.update(shape=name, rule=rule.to_dict())
+            rows.append(row)
+            if progress is not None:
+                progress(f"[{name} {i + 1}/{len(rules)}] {rule.name}: tpv {row['tokens_per_verification']} "
+                         f"match {row['token_match_rate']} bytes/token {row['expert_bytes_per_token']} "
+                         f"ppl {row['heldout_ppl']}")
+    return {"shapes": shapes_out, "rows": rows}
+
+
+def _rule_key(rule: dict) -> tuple:
+    return (rule["kind"], rule["budget"], rule["coverage"], rule["policy"], rule["candidates"])
+
+
+def recommend(result: dict, acceptance_tolerance: float = ACCEPTANCE_TOLERANCE,
+              min_agreement: float = MIN_AGREEMENT) -> dict:
+    """The cheapest rule that passes on every shape.
+
+    A rule passes a shape when its tokens per verification are at least ``1 - acceptance_tolerance``
+    of the unbudgeted run's and its greedy token match is at least ``min_agreement``. Cost: expert
+    bytes per token relative to unbudgeted, averaged over the shapes. Returns the rule, its cost and
+    per-shape numbers, plus the cheapest passing rule of each family (for the report).
+    """
+    base = {r["shape"]: r for r in result["rows"] if r["rule"]["kind"] == "none"}
+    by_rule: dict[tuple, list] = {}
+    for r in result["rows"]:
+        if r["rule"]["kind"] != "none":
+            by_rule.setdefault(_rule_key(r["rule"]), []).append(r)
+    passing = []
+    for key, rows in by_rule.items():
+        if len(rows) != len(base):
+            continue
+        ok = all(r["tokens_per_verification"] >= (1 - acceptance_tolerance) * base[r["shape"]]["tokens_per_verification"]
+                 and r["token_match_rate"] >= min_agreement for r in rows)
+        if ok:
+            cost = sum(r["expert_bytes_per_token"] / base[r["shape"]]["expert_bytes_per_token"] for r in rows) / len(rows)
+            passing.append((round(cost, 4), key, rows))
+    if not passing:
+        return {"rule": None, "reason": "no budgeted rule met the bar on every shape"}
+    passing.sort(key=lambda p: (p[0], p[1][0] != "fixed", str(p[1])))
+    best = passing[0]
+    families: dict[str, dict] = {}
+    for cost, key, rows in passing:
+        rule = rows[0]["rule"]
+        fam = f"{'fixed C' if rule['kind'] == 'fixed' else 'coverage'} {rule['policy']}/{rule['candidates']}"
+        if fam not in families:
+            families[fam] = {"rule": rule, "relative_bytes": cost}
+    return {
+        "rule": best[2][0]["rule"], "relative_bytes": best[0],
+        "per_shape": {r["shape"]: {k: r[k] for k in ("tokens_per_verification", "token_match_rate",
+                                                      "expert_bytes_per_token", "heldout_ppl")} for r in best[2]},
+        "criteria": {"acceptance_within": acceptance_tolerance, "min_token_match": min_agreement},
+        "cheapest_per_family": families,
+    }
+
+
+def to_markdown(rep: dict) -> str:
+    res = rep["result"]
+    lines = ["# What an expert budget costs (shipped demo models, CPU)", "",
+             f"`{rep['command']}` on {rep['device']}, {rep['date']}, commit `{rep['git_commit']}`; "
+             f"{rep['config']['prompts']} held-out prompts x {rep['config']['max_new']} new tokens, greedy; "
+             f"perplexity over {rep['config']['windows']} held-out windows in chunks of the draft size.", ""]
+    rec = rep["recommendation"]
+    if rec.get("rule"):
+        r = rec["rule"]
+        lines += [f"**Recommended (`budget=\"auto\"`): {r['name']}**: {rec['relative_bytes']:.1%} of the unbudgeted "
+                  f"expert bytes per token, acceptance within {rec['criteria']['acceptance_within']:.0%} and greedy "
+                  f"agreement >= {rec['criteria']['min_token_match']:.0%} on every shape.", "",
+                  "Cheapest passing rule per family:", "", "| family | rule | expert bytes vs unbudgeted |",
+                  "|---|---|---|"]
+        for fam, d in rec["cheapest_per_family"].items():
+            lines.append(f"| {fam} | {d['rule']['name']} | {d['relative_bytes']:.1%} |")
+        lines.append("")
+    else:
+        lines += [f"No recommendation: {rec.get('reason')}", ""]
+    for sh in res["shapes"]:
+        rows = [r for r in res["rows"] if r["shape"] == sh["name"]]
+        base = rows[0]
+        lines += [f"## {sh['name']} ({sh['nodes']} draft nodes; largest union {sh['max_union']} experts)", "",
+                  "| rule | tokens/verification | token match | first divergence | held-out ppl | "
+                  "expert MB/token | vs none |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            rel = r["expert_bytes_per_token"] / base["expert_bytes_per_token"]
+            lines.append(f"| {r['rule']['name']} | {r['tokens_per_verification']} | {r['token_match_rate']} | "
+                         f"{r['mean_first_divergence']} | {r['heldout_ppl']} | "
+                         f"{r['expert_bytes_per_token'] / 1e6:.3f} | {rel:.1%} |")
+        lines.append("")
+        if rec.get("rule"):
+            rr = next((r for r in rows if r["rule"]["name"] == rec["rule"]["name"]), None)
+            if rr is not None:
+                lines += [f"Per layer under {rr['rule']['name']}:", "",
+                          "| layer | cap binds (share of verifications) | routing weight dropped per verification | "
+                          "union | kept | read |", "|---|---|---|---|---|---|"]
+                for L in rr["layers"]:
+                    lines.append(f"| {L['layer']} | {L['bind_rate']:.1%} | {L['dropped_mass']:.2%} | "
+                                 f"{L['mean_union']} | {L['mean_kept']} | {L['mean_read']} |")
+                lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rep: dict, path: Path) -> Optional[Path]:
+    """Acceptance and agreement against expert bytes per token, one line per rule family and shape."""
+    from ..bench import report
+
+    plt = report.matplotlib_pyplot()
+    if plt is None:
+        return None
+    res = rep["result"]
+    shapes = [s["name"] for s in res["shapes"]]
+    fig, axes = plt.subplots(2, len(shapes), figsize=(6.5 * len(shapes), 8.5), squeeze=False)
+    for j, shape in enumerate(shapes):
+        rows = [r for r in res["rows"] if r["shape"] == shape]
+        base = rows[0]
+        fams: dict[str, list] = {}
+        for r in rows[1:]:
+            rule = r["rule"]
+            fam = f"{'fixed C' if rule['kind'] == 'fixed' else 'coverage'} {rule['policy']}/{rule['candidates']}"
+            fams.setdefault(fam, []).append(r)
+        for i, (metric, label) in enumerate((("tokens_per_verification", "tokens per verification"),
+                                             ("token_match_rate", "greedy agreement (token match)"))):
+            ax = axes[i][j]
+            for fam, rs in sorted(fams.items()):
+                rs = sorted(rs, key=lambda r: r["expert_bytes_per_token"])
+                ax.plot([r["expert_bytes_per_token"] / 1e6 for r in rs], [r[metric] for r in rs],
+                        marker="o" if fam.startswith("fixed") else "s", markersize=3, linewidth=1, label=fam)
+            ax.scatter([base["expert_bytes_per_token"] / 1e6], [base[metric]], color="black", zorder=5,
+                       label="no budget")
+            if metric == "tokens_per_verification":
+                ax.axhline((1 - ACCEPTANCE_TOLERANCE) * base[metric], color="grey", linestyle=":", linewidth=1)
+            else:
+                ax.axhline(MIN_AGREEMENT, color="grey", linestyle=":", linewidth=1)
+            ax.set_xlabel("expert MB read per emitted token")
+            ax.set_ylabel(label)
+            ax.set_title(f"{shape}: {label}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Budget rules on the shipped demo models (dotted: the bar for budget=\"auto\")")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def default_shapes():
+    from moespec.speculative import DraftConfig
+
+    return [("chain K=8", DraftConfig.chain(8)), ("tree 16 nodes", DraftConfig.tree(4, 3, 16))]
+
+
+def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m moespec.models.budget_sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/results/cpu"),
+                   help="output folder for budget_sweep.json/.md/.png (default bench/results/cpu)")
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
+    p.add_argument("--prompt-len", type=int, default=48)
+    p.add_argument("--max-new", type=int, default=48, help="new tokens per prompt (default 48)")
+    p.add_argument("--windows", type=int, default=4, help="256-token held-out windows for perplexity (default 4)")
+    p.add_argument("--shapes", default="chain,tree", help="comma list of chain, tree (default both)")
+    p.add_argument("--coverages", default=",".join(str(c) for c in COVERAGES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--models", type=Path, default=None, help="model folder (default: the shipped assets)")
+    return p
+
+
+def run(args, argv_text: str) -> int:
+    from . import load_draft, load_target, load_tokenizer
+    from .evaluate import heldout_ids, make_prompts
+
+    for name in ("prompts", "prompt_len", "max_new", "windows", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    kinds = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    shapes = [s for s in default_shapes() if s[0].split()[0] in kinds]
+    if not shapes or len(shapes) != len(kinds):
+        raise ValueError(f"--shapes takes a comma list of chain, tree; got {args.shapes!r}")
+    coverages = tuple(float(c) for c in args.coverages.split(",") if c.strip())
+    if not all(0 < c <= 1 for c in coverages):
+        raise ValueError(f"--coverages must lie in (0, 1], got {args.coverages!r}")
+    from ..cli import prepare_output_dir
+
+    prepare_output_dir(args.out)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    target, draft_model = load_target(root=args.models), load_draft(root=args.models)
+    tok = load_tokenizer(root=args.models)
+    stream = heldout_ids(tok, 64 * 256 + 1)
+    prompts = make_prompts(stream, args.prompts, args.prompt_len)
+    result = run_sweep(target, draft_model, prompts, stream, shapes, args.max_new, args.windows, coverages,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    from ..bench.report import git_commit
+
+    rep = {
+        "command": argv_text,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))",
+        "git_commit": git_commit(),
+        "config": {"prompts": args.prompts, "prompt_len": args.prompt_len, "max_new": args.max_new,
+                   "windows": args.windows, "coverages": list(coverages),
+                   "model": {"experts": int(target.config.num_experts), "top_k": int(target.config.num_experts_per_tok),
+                             "moe_layers": int(target.config.num_hidden_layers)}},
+        "result": result,
+    }
+    rep["recommendation"] = recommend(result)
+    rep["seconds"] = round(time.time() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "budget_sweep.json").write_text(json.dumps(rep, indent=1) + "\n")
+    (args.out / "budget_sweep.md").write_text(to_markdown(rep))
+    plot_sweep(rep, args.out / "budget_sweep.png")
+    print(to_markdown(rep))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        return run(args, "python -m moespec.models.budget_sweep " + " ".join(argv if argv is not None else sys.argv[1:]))
+    except ValueError as exc:
+        p.error(str(exc))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
