@@ -146,6 +146,16 @@ def int_at_least(lo: int):
 
 
 _pos_int = int_at_least(1)
+
+
+def budget_or_auto(text: str):
+    """argparse type for ``--budget``: an integer C >= 1, or ``auto`` (the measured default rule)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _pos_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer budget >= 1 or 'auto', got {text!r}") from None
 nonneg_int = int_at_least(0)
 
 
@@ -250,6 +260,7 @@ _OUTPUTS = {
     "_demo": [("json", "file")],
     "_bench_layer": [("out", "dir"), ("name", "stem")],
     "_bench_generate": [("out", "dir"), ("name", "stem")],
+    "_bench_quality": [("out", "dir")],
     "_generate": [("json", "file")],
     "_capture": [("out", "file")],
 }
@@ -497,6 +508,12 @@ def _bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_quality(args: argparse.Namespace) -> int:
+    from .models import budget_sweep
+
+    return budget_sweep.run(args, "moespec " + " ".join(args.argv))
+
+
 # ----------------------------------------------------------------------------- generate
 
 
@@ -511,7 +528,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty")
     model, codec, target_label = g.load_target(args.target, args.dtype, device)
     require_tokenizer(codec, args.target)
-    if args.budget is not None:
+    if args.budget is not None and args.budget != "auto":
         check_budgets_for_top_k([args.budget], _top_k(model), "--budget")
     factory, drafter_label = g.make_drafter_factory(args.drafter, args.target, args.dtype, device)
     drafter = factory()
@@ -522,7 +539,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"the prompt {prompt!r} encodes to zero tokens with the target's tokenizer")
     kind = {"static": "static" if args.budget is None else "budget"}.get(args.controller, args.controller)
     mode = g.Mode("ar" if args.k == 0 and kind == "static" else kind, args.k, args.budget)
-    new, st = g.run_one(model, ids, drafter, mode, args.max_new_tokens, args.policy, codec.eos_token_id)
+    new, st = g.run_one(model, ids, drafter, mode, args.max_new_tokens, args.policy, codec.eos_token_id,
+                        candidates=args.candidates)
     summ = st["summary"]
     drafted = [it for it in st["iterations"] if it.get("draft_size", 0) > 0]
     union, kept = g._layer_means(drafted or st["iterations"])
@@ -767,6 +785,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print every column (by default the table is cut to 120 columns; the Markdown file has all)")
     bg.set_defaults(func=_bench_generate)
 
+    from .models import budget_sweep
+
+    bq = bsub.add_parser("quality", help="price every budget rule on the shipped demo models (acceptance, "
+                                         "agreement, perplexity, expert bytes) and recommend budget='auto'",
+                         description=budget_sweep.__doc__.split("\n\n")[0].strip() + " Writes budget_sweep.json, "
+                                     ".md and .png into --out. About 35 minutes on one CPU thread with the "
+                                     "defaults.",
+                         epilog=_OUTPUT_RULES)
+    budget_sweep.build_parser(bq)
+    bq.set_defaults(func=_bench_quality, out=budget_sweep.Path("moespec_results"))
+
     pg = sub.add_parser("generate", help="generate from one prompt with speculative decoding, print statistics",
                         description="Generate a continuation of one prompt with moespec.speculative.generate "
                                     "(greedy): a static draft of --k tokens, an expert budget at verification "
@@ -778,9 +807,14 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--prompt", help="prompt text (default: a built-in Python prompt)")
     pg.add_argument("--max-new-tokens", type=_pos_int, default=64)
     pg.add_argument("--k", type=nonneg_int, default=4, help="draft length (K_max for Cascade; 0 = autoregressive)")
-    pg.add_argument("--budget", type=_pos_int, help="expert budget C at verification (default none; >= the "
-                                                    "target's top-k, as in moespec.ops)")
+    pg.add_argument("--budget", type=budget_or_auto,
+                    help="expert budget at verification: C (>= the target's top-k, as in moespec.ops) or 'auto' "
+                         "(the rule chosen by measurement, see docs/budget-rules.md; it sets policy and "
+                         "candidates itself); default none")
     pg.add_argument("--policy", default="substitute", choices=["substitute", "truncate"])
+    pg.add_argument("--candidates", choices=["all", "union"],
+                    help="experts a kept set is chosen from: all (MoE-Spec's rule) or the union of the draft "
+                         "tokens' top-k (default: all for substitute, union for truncate)")
     pg.add_argument("--controller", default="static", choices=["static", "cascade", "cascade+budget"])
     pg.add_argument("--json", metavar="PATH", help="also write text and statistics as JSON (folders are created, "
                                                    "an existing file is overwritten)")
@@ -840,7 +874,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = getattr(args, "_parser", parser)
     for name in _POSITIVE:
         val = getattr(args, name, None)
-        if val is not None and not isinstance(val, list) and val < 1:
+        if isinstance(val, int) and val < 1:
             sub.error(f"--{name.replace('_', '-')} must be >= 1, got {val}")
     try:
         _prepare_outputs(args)

@@ -287,12 +287,13 @@ def _layer_means(iterations: Sequence[dict]) -> tuple[Optional[float], Optional[
 
 
 def run_one(model, prompt_ids: Sequence[int], drafter, mode: Mode, max_new_tokens: int, policy: str = "substitute",
-            eos_token_id=None, budget_choices=None) -> tuple[list[int], dict]:
+            eos_token_id=None, budget_choices=None, candidates: Optional[str] = None) -> tuple[list[int], dict]:
     """One greedy `moespec.speculative.generate` call for ``mode``; returns (new token ids, stats dict)."""
     from ..speculative import generate
 
     kw = dict(drafter=drafter, max_new_tokens=max_new_tokens, draft=mode.k, policy=policy,
-              controller=mode.controller, do_sample=False, eos_token_id=eos_token_id, routing_stats=True)
+              controller=mode.controller, do_sample=False, eos_token_id=eos_token_id, routing_stats=True,
+              candidates=candidates)
     if mode.kind == "budget":
         kw["budget"] = mode.budget
     if mode.kind == "cascade+budget" and budget_choices:

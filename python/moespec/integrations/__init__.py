@@ -10,13 +10,14 @@
 
 Modules: `patching` (patch/unpatch, call scope), `architectures` (the supported transformers
 blocks), `routing` (per-router budget rules), `experts` (the ``"moespec"`` experts
-implementation), `config` (budget settings), `stats` (routing statistics), `tiny` (tiny random
+implementation), `config` (budget settings), `auto_budget` (the measured ``budget="auto"`` rule), `stats` (routing statistics), `tiny` (tiny random
 models), `calls` (call-shape detection), `hf_compat` (argument names that differ between
 transformers versions).
 """
 from __future__ import annotations
 
 from .architectures import SUPPORTED_BLOCKS, supported_architectures
+from .auto_budget import AUTO_RULE, auto_budget
 from .config import BudgetConfig, LayerBudgets
 from .patching import (MoELayerInfo, PatchHandle, UnsupportedModelError, expert_budget, get_handle, patch,
                        verification)
@@ -31,6 +32,8 @@ __all__ = [
     "MoELayerInfo",
     "UnsupportedModelError",
     "BudgetConfig",
+    "auto_budget",
+    "AUTO_RULE",
     "LayerBudgets",
     "RoutingStats",
     "CallStats",

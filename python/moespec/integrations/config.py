@@ -23,7 +23,7 @@ def _scalar(b) -> bool:
 __all__ = ["BudgetConfig", "LayerBudgets", "BudgetSpec", "WHEN_MODES", "BACKENDS"]
 
 # int for all layers, one entry per MoE layer, or a function of the MoE layer ordinal.
-BudgetSpec = Union[None, int, Sequence[Optional[int]], Callable[[int], Optional[int]]]
+BudgetSpec = Union[None, int, str, Sequence[Optional[int]], Callable[[int], Optional[int]]]
 
 WHEN_MODES = ("auto", "always")
 
@@ -73,7 +73,9 @@ class BudgetConfig:
 
     Attributes:
         budget: None, an int for every MoE layer, a list with one int-or-None per MoE layer,
-            or a callable ``f(layer_ordinal) -> int | None``.
+            a callable ``f(layer_ordinal) -> int | None``, or ``"auto"``: the rule chosen by
+            measurement (`moespec.integrations.auto_budget.AUTO_RULE`), which then sets the
+            cap, coverage, policy and candidates (the other fields except ``backend`` are ignored).
         policy, score, coverage, min_budget: as in `moespec.ops.budget_routing`.
         backend: where budgeted calls run moespec's ops (one of `BACKENDS`): ``"auto"`` (the
             kernels on CUDA tensors, the reference elsewhere), ``"reference"``, ``"cuda"`` or
@@ -101,6 +103,14 @@ class BudgetConfig:
         """
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"moespec: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.budget, str):
+            if self.budget != "auto":
+                raise ValueError(f"moespec: budget must be None, an int, a per-layer list, a callable or 'auto', "
+                                 f"got {self.budget!r}")
+            # The whole measured rule (cap, coverage, policy, candidates) replaces these settings.
+            from .auto_budget import auto_config
+
+            return auto_config(top_ks, self.backend).resolve(top_ks)
         n = len(top_ks)
         caps = []
         for i, (cap, k) in enumerate(zip(self._caps(n), top_ks)):

@@ -81,13 +81,16 @@ class Rule:
                 "policy": self.policy, "candidates": self.candidates}
 
 
-def sweep_rules(top_k: int, max_union: int, coverages: Sequence[float] = COVERAGES) -> list[Rule]:
-    """The baseline, every fixed C in ``[top_k, max_union - 1]`` (C >= the largest union never binds)
-    and every coverage target, each under both policies and both candidate sets."""
+def sweep_rules(top_k: int, max_union: int, coverages: Sequence[float] = COVERAGES,
+                caps: Optional[Sequence[int]] = None) -> list[Rule]:
+    """The baseline, every fixed C in ``[top_k, max_union - 1]`` (C >= the largest union never binds;
+    ``caps`` replaces that range) and every coverage target, each under both policies and both
+    candidate sets."""
+    caps = list(range(top_k, max_union)) if caps is None else [int(c) for c in caps]
     rules = [Rule("none")]
     for policy in POLICIES:
         for cand in CANDIDATE_SETS:
-            rules += [Rule("fixed", budget=c, policy=policy, candidates=cand) for c in range(top_k, max_union)]
+            rules += [Rule("fixed", budget=c, policy=policy, candidates=cand) for c in caps]
             rules += [Rule("coverage", coverage=t, policy=policy, candidates=cand) for t in coverages]
     return rules
 
@@ -100,7 +103,8 @@ def _run_shape(target, draft_model, prompts, max_new, shape, rule: Rule, base_ou
     unions = []
     for p in prompts:
         toks, st = spec.generate(target, p, drafter=spec.DraftModelDrafter(draft_model), max_new_tokens=max_new,
-                                 draft=shape, budget=rule.config(), routing_stats=True)
+                                 draft=shape, budget=rule.config(), routing_stats=True,
+                                 threads=torch.get_num_threads())
         outs.append(toks[0, p.numel():].tolist())
         for r in st.iterations:
             nbytes += int(r.expert_bytes or 0)
@@ -153,8 +157,13 @@ def _perplexity(target, stream, chunk: int, rule: Rule, windows: int) -> float:
 
 
 def run_sweep(target, draft_model, prompts, stream, shapes, max_new: int, windows: int,
-              coverages: Sequence[float] = COVERAGES, progress=None) -> dict:
-    """Every rule of `sweep_rules` on every shape; returns ``{"shapes": [...], "rows": [...]}``."""
+              coverages: Sequence[float] = COVERAGES, progress=None, caps: Optional[Sequence[int]] = None) -> dict:
+    """Every rule of `sweep_rules` on every shape; returns ``{"shapes": [...], "rows": [...]}``.
+
+    Args:
+        target, draft_model: transformers causal LMs (the target an MoE); prompts: ``[S]`` id tensors;
+        stream: held-out ids for the perplexity; shapes: ``(name, DraftConfig)`` pairs; caps: fixed
+        caps to try (default every C from top-k to the shape's largest unbudgeted union - 1)."""
     cfg = target.config
     k = int(cfg.num_experts_per_tok)
     shapes_out, rows = [], []
@@ -166,7 +175,7 @@ def run_sweep(target, draft_model, prompts, stream, shapes, max_new: int, window
         max_union = base_row["max_union"]
         shapes_out.append({"name": name, "shape": shape.to_dict(), "nodes": shape.size, "chunk": chunk,
                            "max_union": max_union})
-        rules = sweep_rules(k, max_union, coverages)
+        rules = sweep_rules(k, max_union, coverages, caps)
         for i, rule in enumerate(rules):
             if rule.kind == "none":
                 row = dict(base_row)
@@ -325,7 +334,8 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p = p or argparse.ArgumentParser(prog="python -m moespec.models.budget_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/results/cpu"),
-                   help="output folder for budget_sweep.json/.md/.png (default bench/results/cpu)")
+                   help="output folder for budget_sweep.json/.md/.png (default: bench/results/cpu for "
+                        "`python -m moespec.models.budget_sweep`, ./moespec_results for `moespec bench quality`)")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts (default 8)")
     p.add_argument("--prompt-len", type=int, default=48)
     p.add_argument("--max-new", type=int, default=48, help="new tokens per prompt (default 48)")
@@ -348,7 +358,10 @@ def run(args, argv_text: str) -> int:
     shapes = [s for s in default_shapes() if s[0].split()[0] in kinds]
     if not shapes or len(shapes) != len(kinds):
         raise ValueError(f"--shapes takes a comma list of chain, tree; got {args.shapes!r}")
-    coverages = tuple(float(c) for c in args.coverages.split(",") if c.strip())
+    try:
+        coverages = tuple(float(c) for c in args.coverages.split(",") if c.strip())
+    except ValueError:
+        raise ValueError(f"--coverages takes a comma list of numbers in (0, 1], got {args.coverages!r}") from None
     if not all(0 < c <= 1 for c in coverages):
         raise ValueError(f"--coverages must lie in (0, 1], got {args.coverages!r}")
     from ..cli import prepare_output_dir

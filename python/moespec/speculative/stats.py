@@ -1,6 +1,7 @@
 """JSON-serialisable statistics of a speculative `generate` call."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -9,9 +10,12 @@ __all__ = ["IterationStats", "SpecStats", "jsonable"]
 
 
 def jsonable(value: Any) -> Any:
-    """`value` if JSON can hold it (budgets are None, ints or lists), else its repr (callables)."""
+    """`value` if JSON can hold it (budgets are None, ints or lists), a dict for a dataclass (a budget
+    rule), else its repr (callables)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, dict):
