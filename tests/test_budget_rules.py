@@ -64,6 +64,28 @@ def test_recommend_applies_both_bars():
     assert rec["rule"] is None and "no budgeted rule" in rec["reason"]
 
 
+def test_merge_per_shape_reports(tmp_path):
+    res = _synthetic()
+    parts = []
+    for shape in ("chain", "tree"):
+        parts.append({"command": f"sweep {shape}", "date": "d", "device": "cpu", "git_commit": "c",
+                      "config": {"prompts": 1, "max_new": 4, "windows": 1},
+                      "result": {"shapes": [s for s in res["shapes"] if s["name"] == shape],
+                                 "rows": [r for r in res["rows"] if r["shape"] == shape]}})
+    # Per shape alone the truncate/union C=6 rule passes the chain; merged, the tree rules it out.
+    assert bs.recommend(parts[0]["result"])["rule"]["name"] == "C=6 truncate/union"
+    merged = bs.merge_reports(parts)
+    assert merged["recommendation"]["rule"]["name"] == "tau=0.9 substitute/all"
+    assert merged["command"] == "sweep chain ; sweep tree"
+    with pytest.raises(ValueError, match="more than one report"):
+        bs.merge_reports([parts[0], parts[0]])
+    other = dict(parts[1], config={"prompts": 2, "max_new": 4, "windows": 1})
+    with pytest.raises(ValueError, match="different settings"):
+        bs.merge_reports([parts[0], other])
+    bs.write_report(merged, tmp_path)
+    assert (tmp_path / "budget_sweep.md").read_text().count("## ") == 2
+
+
 def test_sweep_rules_cover_every_cap_policy_and_candidate_set():
     rules = bs.sweep_rules(4, 9, coverages=(0.9, 0.99))
     assert rules[0].kind == "none"

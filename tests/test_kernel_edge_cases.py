@@ -273,32 +273,42 @@ def _boundary_taus(csum, U, gen, n=4):
     return sorted(set(out)), exact
 
 
+@pytest.mark.parametrize("candidates", ["union", "all"])
 @pytest.mark.parametrize("T,E,k,score", [(17, 128, 4, "prob"), (64, 256, 8, "topk"), (6, 1024, 8, "prob"),
                                          (200, 64, 2, "prob")])
-def test_coverage_boundary_matches_reference_cumsum(T, E, k, score, kdev, gen):
+def test_coverage_boundary_matches_reference_cumsum(T, E, k, score, candidates, kdev, gen):
     """The kept count from the kernel's own scores equals `reference.select_kept_mask` on those
-    scores for coverages placed exactly on (and one fp32 step around) the prefix masses."""
+    scores for coverages placed exactly on (and one fp32 step around) the prefix masses of the
+    candidates (the union, or every expert)."""
     z = _logits(gen, T, E, scale=1.0)
     zd = z.to(kdev.device)
-    plan = kernels.plan_routing(zd, k, None, coverage=1.0, score=score, csr=False)
+    plan = kernels.plan_routing(zd, k, None, coverage=1.0, score=score, csr=False, candidates=candidates)
     c = plan.counts()
     U = c["union"]
     scores = plan.scores.cpu().clone()
     mask = torch.zeros(E, dtype=torch.bool)
-    mask[plan.union_experts[:U].cpu().long()] = True
+    if candidates == "all":
+        mask[:] = True
+    else:
+        mask[plan.union_experts[:U].cpu().long()] = True
+    n_cand = int(mask.sum())
     csum = _sorted_prefix(scores, mask)
-    taus, exact = _boundary_taus(csum, U, gen)
+    taus, exact = _boundary_taus(csum, n_cand, gen)
     assert exact > 0, "no coverage hit a prefix mass exactly: the test lost its point"
     for tau in taus:
         for budget in (None, U - 1):
             if budget is not None and budget < k:
                 continue
             want_mask, want_n = reference.select_kept_mask(scores, mask, budget, tau, k)
-            kernels.plan_routing(zd, k, budget, coverage=tau, score=score, csr=False, plan=plan)
+            kernels.plan_routing(zd, k, budget, coverage=tau, score=score, csr=False, plan=plan,
+                                 candidates=candidates)
             got = plan.counts()
             kept = plan.kept_experts[: got["kept"]].cpu().long()
             assert torch.equal(plan.scores.cpu(), scores), "scores must be deterministic"
-            assert got["kept"] == int(want_n), (tau, budget, got["kept"], int(want_n))
+            if int(want_n) >= U:  # the union fits: untouched, the kept set is the union
+                assert not got["budgeted"] and got["kept"] == U, (tau, budget)
+                continue
+            assert got["budgeted"] and got["kept"] == int(want_n), (tau, budget, got["kept"], int(want_n))
             assert torch.equal(kept, want_mask.nonzero().reshape(-1)), (tau, budget)
 
 

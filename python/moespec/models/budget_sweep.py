@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["Rule", "sweep_rules", "run_sweep", "recommend", "to_markdown", "plot_sweep", "main"]
+__all__ = ["Rule", "sweep_rules", "run_sweep", "recommend", "merge_reports", "to_markdown", "plot_sweep",
+           "write_report", "main"]
 
 COVERAGES = (0.8, 0.9, 0.95, 0.98, 0.99)
 POLICIES = ("substitute", "truncate")
@@ -390,17 +391,54 @@ def run(args, argv_text: str) -> int:
     }
     rep["recommendation"] = recommend(result)
     rep["seconds"] = round(time.time() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "budget_sweep.json").write_text(json.dumps(rep, indent=1) + "\n")
-    (args.out / "budget_sweep.md").write_text(to_markdown(rep))
-    plot_sweep(rep, args.out / "budget_sweep.png")
+    write_report(rep, args.out)
     print(to_markdown(rep))
     return 0
 
 
+def merge_reports(reports: Sequence[dict]) -> dict:
+    """One report from sweeps run separately per shape (e.g. in parallel processes) with the same
+    settings; the recommendation is recomputed over all shapes."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    keys = ("prompts", "prompt_len", "max_new", "windows", "coverages", "model")
+    first = reports[0]
+    for rep in reports[1:]:
+        if any(rep["config"].get(k) != first["config"].get(k) for k in keys):
+            raise ValueError("the reports were run with different settings; merge only sweeps of one configuration")
+    names = [sh["name"] for rep in reports for sh in rep["result"]["shapes"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a shape appears in more than one report: {names}")
+    result = {"shapes": [sh for rep in reports for sh in rep["result"]["shapes"]],
+              "rows": [r for rep in reports for r in rep["result"]["rows"]]}
+    merged = dict(first, result=result, command=" ; ".join(rep["command"] for rep in reports),
+                  git_commit=",".join(sorted({rep["git_commit"] for rep in reports})),
+                  seconds=round(sum(rep.get("seconds", 0) for rep in reports), 1))
+    merged["recommendation"] = recommend(result)
+    return merged
+
+
+def write_report(rep: dict, out: Path) -> None:
+    """``budget_sweep.json``, ``.md`` and ``.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budget_sweep.json").write_text(json.dumps(rep, indent=1) + "\n")
+    (out / "budget_sweep.md").write_text(to_markdown(rep))
+    plot_sweep(rep, out / "budget_sweep.png")
+
+
 def main(argv=None) -> int:
     p = build_parser()
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="instead of sweeping, merge budget_sweep.json files of separate per-shape runs into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        try:
+            rep = merge_reports([json.loads(f.read_text()) for f in args.merge])
+        except (OSError, ValueError, KeyError) as exc:
+            p.error(f"cannot merge: {exc}")
+        write_report(rep, args.out)
+        print(to_markdown(rep))
+        return 0
     try:
         return run(args, "python -m moespec.models.budget_sweep " + " ".join(argv if argv is not None else sys.argv[1:]))
     except ValueError as exc:
