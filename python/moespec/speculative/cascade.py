@@ -565,9 +565,10 @@ class CascadeController:
             self.same_streak = 0
             set_len = min(self.max_set_iters, self.set_iters * 2 ** min(self.zero_streak - 1, 30))
         else:
-            # A point chosen again and again is stable: test it less often (set phases double up to
-            # max_set_win_iters); a set phase that turns clearly worse ends early (see observe).
-            self.same_streak = self.same_streak + 1 if best_p == self.last_choice else 0
+            # A point chosen again and again with a clear gain is stable: test it less often (set phases
+            # double up to max_set_win_iters); a set phase that turns clearly worse ends early (observe).
+            clear = best_u > 1.0 + self.min_change
+            self.same_streak = self.same_streak + 1 if best_p == self.last_choice and clear else 0
             self.zero_streak = 0
             set_len = min(self.max_set_win_iters, self.set_iters * 2 ** min(self.same_streak, 30))
         self.last_choice = best_p
