@@ -200,3 +200,33 @@ def test_memory_decays_and_is_forgotten():
     ctrl.iteration += 1000  # ten half-lives: under a quarter of an iteration's weight
     ctrl._forget_stale()
     assert (3, 0) not in ctrl.utility_seen
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_losing_stream_under_a_drifting_machine_load(seed):
+    """A shared machine: every 37 iterations the load changes (x1 to x3) and each iteration jitters by
+    +-10 %. t_iter(0) measured in a slow spell must not make a trial in a fast spell look like a gain."""
+    accepted_of, base = losing(seed)
+    rng = random.Random(seed + 100)
+    load = {"i": 0, "f": 1.0}
+
+    def time_of(k, b):
+        load["i"] += 1
+        if load["i"] % 37 == 0:
+            load["f"] = rng.choice([1.0, 1.5, 2.0, 3.0])
+        return base(k, b) * load["f"] * rng.uniform(0.9, 1.1)
+
+    state, spec_t, ar_t = None, 0.0, 0.0
+    for _ in range(64):
+        ctrl = CascadeController(k_max=8)
+        if state is not None:
+            ctrl.load_state_dict(state)
+        n = 0
+        while n < 32:
+            d = ctrl.next()
+            a, t = accepted_of(d.k, None), time_of(d.k, None)
+            ctrl.observe(a, t)
+            e = min(a + 1, 32 - n)
+            spec_t, ar_t, n = spec_t + t, ar_t + e * load["f"], n + e  # AR pays the same load per token
+        state = ctrl.state_dict()
+    assert ar_t / spec_t >= 0.98

@@ -97,6 +97,9 @@ class CascadeController:
     trial_iters:     most iterations per test trial (4); max_trials per test phase (4);
     min_trial_iters: iterations after which a trial may stop early (2); z: how many standard errors
                      make a difference "clear" (2.0);
+    max_trial_iters: a trial that decides whether to speculate at all and shows an unclear gain goes
+                     on up to this many iterations (16), with a K=0 iteration every trial_iters; a gain
+                     still within z standard errors of 1 then leaves speculation off;
     set_iters:       base set-phase length (16), doubled on each consecutive K=0 decision up to
                      max_set_iters (256), and on each repeated decision of the same K>0 point up to
                      max_set_win_iters (64);
@@ -113,7 +116,7 @@ class CascadeController:
                  budget_init: int = 0, trial_iters: int = 4, max_trials: int = 4, set_iters: int = 16,
                  min_change: float = 0.10, refresh_every: int = 50, step: int = 1, min_trial_iters: int = 2,
                  z: float = 2.0, max_set_iters: int = 256, t0_samples: int = 4, half_life: int = 512,
-                 memory_iters: int = 64, max_set_win_iters: int = 64):
+                 memory_iters: int = 64, max_set_win_iters: int = 64, max_trial_iters: int = 16):
         if k_max < 1:
             raise ValueError("Cascade needs k_max >= 1")
         for name, v in (("trial_iters", trial_iters), ("max_trials", max_trials), ("set_iters", set_iters),
@@ -132,6 +135,7 @@ class CascadeController:
         self.budget_init = int(budget_init)
         self.trial_iters = int(trial_iters)
         self.min_trial_iters = min(int(min_trial_iters), self.trial_iters)
+        self.max_trial_iters = max(int(max_trial_iters), self.trial_iters)
         self.z = float(z)
         self.max_trials = int(max_trials)
         self.set_iters = int(set_iters)
@@ -235,8 +239,17 @@ class CascadeController:
             tr.times.append(t_iter)
             if k > 0:
                 tr.ratios.append(self._ratio(accepted, t_iter))
-            if len(tr.times) >= self.trial_iters or (tr.kind == "test" and self._clear(tr)):
+            n = len(tr.times)
+            if tr.kind == "test" and self._clear(tr):
                 self._finish_trial()
+            elif n >= self.trial_iters:
+                if self._extend(tr):
+                    if n % self.trial_iters == 0:
+                        # An extended trial spans more time: keep t_iter(0) measured beside it, so a
+                        # change of the machine's load does not pass for a gain or a loss.
+                        self._probe = True
+                else:
+                    self._finish_trial()
         # Keep t_iter(0) fresh while speculating: one plain iteration, not a trial.
         if (self._phase == "set" and self._set_point[0] > 0 and self._set_left > 0
                 and self._since_t0 >= self.refresh_every):
@@ -380,6 +393,20 @@ class CascadeController:
         u = self.utility(self._set_acc, self._set_times)
         return u + self.z * math.sqrt(self._var[0] / self._var[1] / n) < mem[0]
 
+    def _extend(self, tr: _Trial) -> bool:
+        """Keep a trial going past trial_iters? Only when it decides whether to speculate at all (its
+        reference is K=0's utility 1), it looks like a gain and that gain is not yet clear."""
+        return (tr.kind == "test" and tr.ref <= 1.0 and len(tr.ratios) < self.max_trial_iters
+                and self.utility(tr.accepted, tr.times) > 1.0)
+
+    def _proven(self, point: tuple[int, int]) -> bool:
+        """Is the remembered utility of `point` above 1 by `z` standard errors of its evidence?"""
+        m = self._memory.get(point)
+        if m is None:
+            return False
+        var = self._var[0] / self._var[1] if self._var[1] > 0 else 0.0
+        return m[0] - self.z * math.sqrt(var / max(m[1], 1.0)) > 1.0
+
     def _pool_variance(self, ratios: Sequence[float]) -> None:
         n = len(ratios)
         if n < 2:
@@ -440,7 +467,7 @@ class CascadeController:
             if nxt is None:
                 self._decide()
             else:
-                self._trial = _Trial(nxt, "test", ref=u)
+                self._trial = _Trial(nxt, "test", ref=max(1.0, u))
             return
         self._clear_set()
         self._trial = _Trial(self._start_point(), "test", ref=1.0)
@@ -477,7 +504,8 @@ class CascadeController:
         if nxt is None or self._ran >= self.max_trials:
             self._decide()
         else:
-            self._trial = _Trial(nxt, "test", ref=self._cur[1] if self._cur is not None else 1.0)
+            # Against a losing incumbent the alternative is K=0, whose utility is 1.
+            self._trial = _Trial(nxt, "test", ref=max(1.0, self._cur[1]) if self._cur is not None else 1.0)
 
     def _neighbours(self, point: tuple[int, int], u: float) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """Candidate (next point, direction) moves from `point`, preferred first."""
@@ -559,6 +587,8 @@ class CascadeController:
 
     def _decide(self) -> None:
         best_p, best_u = max(self._trials, key=lambda t: (t[1], -t[0][0]))
+        if best_u > 1.0 and not self._proven(best_p):
+            best_u = 1.0  # a gain within the noise: K=0 (U=1 exactly) is the safe choice
         if best_u <= 1.0:  # K=0 has U=1 by definition; a tie goes to the cheaper K=0
             best_p = (0, best_p[1])
             self.zero_streak += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -32,23 +33,43 @@ STATE_FORMAT = "moespec.cascade_state"
 STATE_FILE_VERSION = 1
 
 
+# model -> (signature, fingerprint): the hash is computed once per model and weights version, since
+# generate asks for it on every call of a stream (hashing the config costs about a millisecond).
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model) -> str:
     """A short hash of a model's class, config and a sample of its weights.
 
     Two models with the same architecture but other weights (another checkpoint, another seed) get
     other fingerprints; the same weights get the same one in every process.
     """
+    params = list(model.parameters())
+    sample = (params[0], params[len(params) // 2], params[-1]) if params else ()
+    # In-place weight updates (load_state_dict, training) bump a tensor's _version; dtype/device moves
+    # replace the tensor. Either changes the signature and the fingerprint is recomputed.
+    sig = (len(params), tuple((id(p), p._version, p.data_ptr(), p.dtype, str(p.device)) for p in sample))
+    try:
+        cached = _FINGERPRINTS.get(model)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == sig:
+        return cached[1]
     h = hashlib.sha1(type(model).__name__.encode())
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"):
         d = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    params = [p for p in model.parameters()]
     h.update(str(sum(p.numel() for p in params)).encode())
     # A few values of the first, middle and last tensors: cheap, and enough to tell weights apart.
-    for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
+    for p in sample:
         h.update(p.detach().reshape(-1)[:32].to("cpu", torch.float32).numpy().tobytes())
-    return h.hexdigest()[:16]
+    fp = h.hexdigest()[:16]
+    try:
+        _FINGERPRINTS[model] = (sig, fp)
+    except TypeError:
+        pass
+    return fp
 
 
 def _drafter_fingerprint(drafter) -> dict:
