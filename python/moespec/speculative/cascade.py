@@ -85,7 +85,6 @@ class _Trial:
     ref: float = 1.0  # utility it is compared with (sequential stop)
     accepted: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
 
 
 class CascadeController:
@@ -170,6 +169,7 @@ class CascadeController:
         self._set_times: list[float] = []
         self._set_ratios: list[float] = []
         self._probe = False  # the next iteration is a single K=0 probe (t_iter(0) refresh)
+        self._phase_t0s: list[float] = []  # K=0 probes of the current test phase
 
         # Per request: what happened during this request (reset by load_state_dict).
         self.decisions: list[dict] = []  # one per completed test phase
@@ -224,6 +224,8 @@ class CascadeController:
             self._since_t0 += 1
         if self._probe:
             self._probe = False
+            if self._phase == "test":
+                self._phase_t0s.append(t_iter)
             self.trials_log.append({"iteration": self.iteration, "kind": "baseline", "t0": self.t0})
         elif self._phase == "set":
             self._set_left -= 1
@@ -237,8 +239,6 @@ class CascadeController:
             tr = self._trial
             tr.accepted.append(int(accepted))
             tr.times.append(t_iter)
-            if k > 0:
-                tr.ratios.append(self._ratio(accepted, t_iter))
             n = len(tr.times)
             if tr.kind == "test" and self._clear(tr):
                 self._finish_trial()
@@ -255,11 +255,11 @@ class CascadeController:
                 and self._since_t0 >= self.refresh_every):
             self._probe = True
 
-    def utility(self, accepted: Sequence[int], times: Sequence[float]) -> float:
-        """U = ETR / (t_iter / t_iter(0)) over a trial's iterations."""
+    def utility(self, accepted: Sequence[int], times: Sequence[float], t0: float | None = None) -> float:
+        """U = ETR / (t_iter / t_iter(0)) over a trial's iterations (t0: t_iter(0), default `self.t0`)."""
         etr = sum(a + 1 for a in accepted) / len(accepted)
         t = sum(times) / len(times)
-        t0 = self.t0
+        t0 = self.t0 if t0 is None else t0
         if t0 is None or t <= 0:
             return etr
         return etr / (t / t0)
@@ -295,7 +295,8 @@ class CascadeController:
             "phase": self._phase,
             "trial": None if tr is None else {
                 "point": list(tr.point), "kind": tr.kind, "ref": tr.ref, "accepted": list(tr.accepted),
-                "times": list(tr.times), "ratios": list(tr.ratios)},
+                "times": list(tr.times)},
+            "phase_t0s": list(self._phase_t0s),
             "trials": [[p[0], p[1], u] for p, u in self._trials],
             "ran": self._ran,
             "cur": None if self._cur is None else [self._cur[0][0], self._cur[0][1], self._cur[1]],
@@ -337,7 +338,8 @@ class CascadeController:
             t = state["trial"]
             self._trial = None if t is None else _Trial(
                 (int(t["point"][0]), int(t["point"][1])), t["kind"], float(t["ref"]), [int(a) for a in t["accepted"]],
-                [float(x) for x in t["times"]], [float(x) for x in t["ratios"]])
+                [float(x) for x in t["times"]])
+            self._phase_t0s = [float(x) for x in state["phase_t0s"]]
             self._trials = [((int(k), int(c)), float(u)) for k, c, u in state["trials"]]
             self._ran = int(state["ran"])
             cur = state["cur"]
@@ -368,19 +370,38 @@ class CascadeController:
             return float(accepted + 1)
         return (accepted + 1) * t0 / t_iter
 
+    def _trial_t0(self, tr: _Trial) -> float | None:
+        """t_iter(0) for a trial: measured beside it when this test phase ran K=0 probes (the machine's
+        load may have changed since the last K=0 phase), else the controller's."""
+        if not self._phase_t0s:
+            return self.t0
+        s = sorted(self._phase_t0s[-self.t0_samples:])
+        n = len(s)
+        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+    def _trial_ratios(self, tr: _Trial) -> list[float]:
+        t0 = self._trial_t0(tr)
+        if t0 is None:
+            return [float(a + 1) for a in tr.accepted]
+        return [(a + 1) * t0 / t if t > 0 else float(a + 1) for a, t in zip(tr.accepted, tr.times)]
+
+    def _trial_utility(self, tr: _Trial) -> float:
+        return self.utility(tr.accepted, tr.times, self._trial_t0(tr))
+
     def _clear(self, tr: _Trial) -> bool:
         """Sequential test: is this trial's utility already clearly below or above its reference?"""
-        n = len(tr.ratios)
+        ratios = self._trial_ratios(tr)
+        n = len(ratios)
         if n < self.min_trial_iters:
             return False
-        mean = sum(tr.ratios) / n
-        var = sum((r - mean) ** 2 for r in tr.ratios) / (n - 1) if n > 1 else 0.0
+        mean = sum(ratios) / n
+        var = sum((r - mean) ** 2 for r in ratios) / (n - 1) if n > 1 else 0.0
         if self._var[1] > 0:
             var = max(var, self._var[0] / self._var[1])
         # Clear = beyond z standard errors AND by more than min_change: stopping on a small gap would
         # bias close challengers low (the unlucky ones stop, the lucky ones regress to the mean).
         margin = max(self.z * math.sqrt(var / n), self.min_change * tr.ref)
-        u = self.utility(tr.accepted, tr.times)
+        u = self._trial_utility(tr)
         return u + margin < tr.ref or u - margin > tr.ref
 
     def _set_worse(self) -> bool:
@@ -396,8 +417,8 @@ class CascadeController:
     def _extend(self, tr: _Trial) -> bool:
         """Keep a trial going past trial_iters? Only when it decides whether to speculate at all (its
         reference is K=0's utility 1), it looks like a gain and that gain is not yet clear."""
-        return (tr.kind == "test" and tr.ref <= 1.0 and len(tr.ratios) < self.max_trial_iters
-                and self.utility(tr.accepted, tr.times) > 1.0)
+        return (tr.kind == "test" and tr.ref <= 1.0 and len(tr.times) < self.max_trial_iters
+                and self._trial_utility(tr) > 1.0)
 
     def _proven(self, point: tuple[int, int]) -> bool:
         """Is the remembered utility of `point` above 1 by `z` standard errors of its evidence?"""
@@ -446,6 +467,7 @@ class CascadeController:
     # --- phases ------------------------------------------------------------------------------
     def _start_test(self) -> None:
         self._phase = "test"
+        self._phase_t0s = []
         self._trials, self._ran = [], 0
         self._cur, self._dir, self._turned = None, None, False
         self._forget_stale()
@@ -467,10 +489,16 @@ class CascadeController:
             if nxt is None:
                 self._decide()
             else:
-                self._trial = _Trial(nxt, "test", ref=max(1.0, u))
+                self._new_trial(nxt, max(1.0, u))
             return
         self._clear_set()
-        self._trial = _Trial(self._start_point(), "test", ref=1.0)
+        self._new_trial(self._start_point(), 1.0)
+
+    def _new_trial(self, point: tuple[int, int], ref: float) -> None:
+        self._trial = _Trial(point, "test", ref=ref)
+        if ref <= 1.0 and self._since_t0 >= self.trial_iters:
+            # This trial decides whether to speculate at all: measure t_iter(0) right beside it.
+            self._probe = True
 
     def _clear_set(self) -> None:
         self._set_acc, self._set_times, self._set_ratios = [], [], []
@@ -489,10 +517,10 @@ class CascadeController:
         if tr.kind == "baseline":
             # t_iter(0) was measured by `observe`; now test from the usual start point.
             self.trials_log.append({"iteration": self.iteration, "kind": "baseline", "t0": self.t0})
-            self._trial = _Trial(self._start_point(), "test", ref=1.0)
+            self._new_trial(self._start_point(), 1.0)
             return
-        raw = self.utility(tr.accepted, tr.times)
-        self._pool_variance(tr.ratios)
+        raw = self._trial_utility(tr)
+        self._pool_variance(self._trial_ratios(tr))
         u = self._remember(tr.point, raw, len(tr.times))
         self._trials.append((tr.point, u))
         self._ran += 1
@@ -505,7 +533,7 @@ class CascadeController:
             self._decide()
         else:
             # Against a losing incumbent the alternative is K=0, whose utility is 1.
-            self._trial = _Trial(nxt, "test", ref=max(1.0, self._cur[1]) if self._cur is not None else 1.0)
+            self._new_trial(nxt, max(1.0, self._cur[1]) if self._cur is not None else 1.0)
 
     def _neighbours(self, point: tuple[int, int], u: float) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """Candidate (next point, direction) moves from `point`, preferred first."""
