@@ -114,10 +114,14 @@ def test_phase_structure_and_baseline_refresh():
     assert sets[-1] == (3, 64)
     baselines = [t["iteration"] for t in ctrl.trials_log if t["kind"] == "baseline"]
     assert baselines[0] == 4 and ks[:4] == [0] * 4  # t_iter(0) measured first, by a 4-iteration K=0 trial
+    # The first trial decides whether to speculate at all: it alternates with K=0 iterations.
+    first = ctrl.decisions[0]["iteration"]
+    assert 1 <= sum(4 < b <= first for b in baselines) <= 4 and ctrl.decisions[0]["k"] > 0
     # Then t_iter(0) stays fresh through single K=0 iterations, one per refresh_every iterations at K>0
     # (in set phases: one falling due during a test phase waits for the set phase).
-    gaps = [b - a for a, b in zip(baselines, baselines[1:])]
-    assert len(baselines) >= 10 and all(ctrl.refresh_every + 1 <= g <= ctrl.refresh_every + 16 for g in gaps), gaps
+    later = [b for b in baselines if b > first]
+    gaps = [b - a for a, b in zip(later, later[1:])]
+    assert len(later) >= 10 and all(ctrl.refresh_every + 1 <= g <= ctrl.refresh_every + 16 for g in gaps), gaps
     assert gaps.count(ctrl.refresh_every + 1) >= len(gaps) // 2
     assert ks[4:].count(0) == len(baselines) - 1
     # Deterministic costs: every trial stops at min_trial_iters iterations (its difference is clear at once).

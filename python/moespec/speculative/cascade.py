@@ -19,6 +19,10 @@ What makes the tests cheap:
   below or above the reference (the incumbent, or 1 when speculation is off): beyond `z` standard
   errors of the per-iteration ratios (accepted + 1) * t_iter(0) / t_iter, with the variance pooled over
   past trials so that two lucky iterations do not decide alone.
+- Switching speculation on is held to more: a trial whose alternative is K=0 alternates with K=0
+  iterations (its own t_iter(0), measured beside it), runs up to `max_trial_iters` while its gain is
+  unclear, and a point turns speculation on only if its remembered utility is above 1 by `z_on`
+  standard errors.
 - While speculation is off, a test phase is one probe at the best K>0 remembered; it ends there when
   the probe loses.
 - t_iter(0) is fresh without K=0 trials while speculating: one K=0 iteration every `refresh_every`
@@ -96,9 +100,11 @@ class CascadeController:
     trial_iters:     most iterations per test trial (4); max_trials per test phase (4);
     min_trial_iters: iterations after which a trial may stop early (2); z: how many standard errors
                      make a difference "clear" (2.0);
-    max_trial_iters: a trial that decides whether to speculate at all and shows an unclear gain goes
-                     on up to this many iterations (16), with a K=0 iteration every trial_iters; a gain
-                     still within z standard errors of 1 then leaves speculation off;
+    max_trial_iters: a trial that decides whether to speculate at all alternates with K=0 iterations
+                     (its own t_iter(0)) and, while its gain is unclear, goes on up to this many
+                     iterations (16); a gain still within z_on standard errors of 1 leaves speculation off;
+    z_on:            standard errors a gain needs to switch speculation on (2.5): stricter than z,
+                     since a false gain costs where "never lose much" is decided;
     set_iters:       base set-phase length (16), doubled on each consecutive K=0 decision up to
                      max_set_iters (256), and on each repeated decision of the same K>0 point up to
                      max_set_win_iters (64);
@@ -115,7 +121,8 @@ class CascadeController:
                  budget_init: int = 0, trial_iters: int = 4, max_trials: int = 4, set_iters: int = 16,
                  min_change: float = 0.10, refresh_every: int = 50, step: int = 1, min_trial_iters: int = 2,
                  z: float = 2.0, max_set_iters: int = 256, t0_samples: int = 4, half_life: int = 512,
-                 memory_iters: int = 64, max_set_win_iters: int = 64, max_trial_iters: int = 16):
+                 memory_iters: int = 64, max_set_win_iters: int = 64, max_trial_iters: int = 16,
+                 z_on: float = 2.5):
         if k_max < 1:
             raise ValueError("Cascade needs k_max >= 1")
         for name, v in (("trial_iters", trial_iters), ("max_trials", max_trials), ("set_iters", set_iters),
@@ -136,6 +143,7 @@ class CascadeController:
         self.min_trial_iters = min(int(min_trial_iters), self.trial_iters)
         self.max_trial_iters = max(int(max_trial_iters), self.trial_iters)
         self.z = float(z)
+        self.z_on = float(z_on)
         self.max_trials = int(max_trials)
         self.set_iters = int(set_iters)
         self.max_set_iters = int(max_set_iters)
@@ -242,14 +250,14 @@ class CascadeController:
             n = len(tr.times)
             if tr.kind == "test" and self._clear(tr):
                 self._finish_trial()
-            elif n >= self.trial_iters:
-                if self._extend(tr):
-                    if n % self.trial_iters == 0:
-                        # An extended trial spans more time: keep t_iter(0) measured beside it, so a
-                        # change of the machine's load does not pass for a gain or a loss.
-                        self._probe = True
-                else:
-                    self._finish_trial()
+            elif n >= self.trial_iters and not self._extend(tr):
+                self._finish_trial()
+            elif tr.kind == "test" and tr.ref <= 1.0:
+                # A trial that decides whether to speculate at all alternates with K=0 iterations, so
+                # t_iter(0) is measured beside it: on a shared machine the load changes within a
+                # second, and a K=0 phase measured in a slow spell would make any K look like a gain.
+                # While speculation is off these K=0 iterations are what would run anyway.
+                self._probe = True
         # Keep t_iter(0) fresh while speculating: one plain iteration, not a trial.
         if (self._phase == "set" and self._set_point[0] > 0 and self._set_left > 0
                 and self._since_t0 >= self.refresh_every):
@@ -400,9 +408,14 @@ class CascadeController:
             var = max(var, self._var[0] / self._var[1])
         # Clear = beyond z standard errors AND by more than min_change: stopping on a small gap would
         # bias close challengers low (the unlucky ones stop, the lucky ones regress to the mean).
-        margin = max(self.z * math.sqrt(var / n), self.min_change * tr.ref)
+        se = math.sqrt(var / n)
+        margin = max(self.z * se, self.min_change * tr.ref)
         u = self._trial_utility(tr)
-        return u + margin < tr.ref or u - margin > tr.ref
+        if u + margin < tr.ref:
+            return True
+        # A gain that would switch speculation on must clear the stricter z_on.
+        up = max(self.z_on * se, self.min_change * tr.ref) if tr.ref <= 1.0 else margin
+        return u - up > tr.ref
 
     def _set_worse(self) -> bool:
         """A set phase at K>0 whose utility is clearly below what the point is remembered at (the
@@ -426,7 +439,7 @@ class CascadeController:
         if m is None:
             return False
         var = self._var[0] / self._var[1] if self._var[1] > 0 else 0.0
-        return m[0] - self.z * math.sqrt(var / max(m[1], 1.0)) > 1.0
+        return m[0] - self.z_on * math.sqrt(var / max(m[1], 1.0)) > 1.0
 
     def _pool_variance(self, ratios: Sequence[float]) -> None:
         n = len(ratios)
@@ -496,7 +509,7 @@ class CascadeController:
 
     def _new_trial(self, point: tuple[int, int], ref: float) -> None:
         self._trial = _Trial(point, "test", ref=ref)
-        if ref <= 1.0 and self._since_t0 >= self.trial_iters:
+        if ref <= 1.0 and self._since_t0 > 0:
             # This trial decides whether to speculate at all: measure t_iter(0) right beside it.
             self._probe = True
 
