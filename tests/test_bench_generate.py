@@ -292,3 +292,20 @@ def test_generate_cascade_state_file(tmp_path, capsys):
     assert cli.main(argv) == 2 and "version 0" in capsys.readouterr().err
     assert cli.main(argv[:5] + ["--cascade-state", str(path)]) == 2  # a static run has no Cascade state
     assert "--controller cascade" in capsys.readouterr().err
+
+
+def test_cascade_targets_lines():
+    def row(mode, kind, sp, lo, hi):
+        return {"mode": mode, "kind": kind, "speedup": sp, "speedup_min": lo, "speedup_max": hi}
+    losing = {"modes": [row("ar", "ar", 1.0, 1.0, 1.0), row("static K=2", "static", 0.85, 0.8, 0.9),
+                        row("cascade Kmax=8", "cascade", 0.985, 0.97, 1.0),
+                        row("cascade+budget Kmax=8", "cascade+budget", 0.95, 0.9, 0.97)]}
+    lines = g.cascade_targets(losing)
+    assert "against >= 0.980 for ar" in lines[0] and "met" in lines[0]
+    assert "missed by 0.030" in lines[1]
+    assert "cascade+budget >= cascade: 0.950 against 0.985, missed by 0.035" in lines[2] and "overlap" in lines[2]
+    winning = {"modes": [row("ar", "ar", 1.0, 1.0, 1.0), row("static K=4", "static", 1.5, 1.45, 1.55),
+                         row("cascade Kmax=8", "cascade", 1.44, 1.4, 1.5)]}
+    (line,) = g.cascade_targets(winning)
+    assert "against >= 1.425 for static K=4 (0.95 x 1.50): met" in line
+    assert g.cascade_targets({"modes": winning["modes"][:2]}) == []  # no Cascade row

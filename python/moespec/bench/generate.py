@@ -617,11 +617,44 @@ def generate_notes(result: dict) -> list[str]:
         "earliest differing position (none = identical everywhere); '-' = no meaning for the row (ar is the "
         "reference).",
     ]
+    notes += cascade_targets(result)
     example = _acceptance_example(result["modes"])
     if example:
         i = next(i for i, n in enumerate(notes) if n.startswith("accept:"))
         notes[i] = notes[i][:-1] + f" ({example})."
     return notes
+
+
+def cascade_targets(result: dict) -> list[str]:
+    """Lines checking Cascade's promise (docs/cascade.md) on the mode rows: >= 0.98x ``ar`` where every
+    static K loses, >= 0.95x the best static K where one wins, and ``cascade+budget`` >= ``cascade``
+    (medians, with each mode's min-max). Empty without Cascade or static rows."""
+    rows = result["modes"]
+    static = [r for r in rows if r.get("kind") == "static" and r.get("speedup") is not None]
+    casc = [r for r in rows if r.get("kind") in ("cascade", "cascade+budget") and r.get("speedup") is not None]
+    if not static or not casc:
+        return []
+    best = max(static, key=lambda r: r["speedup"])
+    loses = best["speedup"] < 1.0
+    target = 0.98 if loses else 0.95 * best["speedup"]
+    ref = "ar (every static K loses here)" if loses else f"{best['mode']} (0.95 x {best['speedup']:.2f})"
+    out = []
+    for r in casc:
+        gap = target - r["speedup"]
+        verdict = "met" if gap <= 0 else f"missed by {gap:.3f}"
+        out.append(f"Cascade target: {r['mode']} {r['speedup']:.3f} (min-max {r['speedup_min']:.2f}-"
+                   f"{r['speedup_max']:.2f}) against >= {target:.3f} for {ref}: {verdict} on the median.")
+    pair = {r["kind"]: r for r in casc}
+    if len(pair) == 2:
+        c, j = pair["cascade"], pair["cascade+budget"]
+        d = j["speedup"] - c["speedup"]
+        out.append(f"Cascade target: cascade+budget >= cascade: {j['speedup']:.3f} against {c['speedup']:.3f}, "
+                   + ("met" if d >= 0 else f"missed by {-d:.3f}") + " on the median"
+                   + ("" if result.get("spread", {}).get("checked") is False else
+                      "; their min-max ranges overlap, so this run does not order them"
+                      if not (j["speedup_min"] > c["speedup_max"] or c["speedup_min"] > j["speedup_max"]) else "")
+                   + ".")
+    return out
 
 
 def _unit(cfg: dict) -> str:
