@@ -532,7 +532,7 @@ def _generate(args: argparse.Namespace) -> int:
     kind = {"static": "static" if args.budget is None else "budget"}.get(args.controller, args.controller)
     mode = g.Mode("ar" if args.k == 0 and kind == "static" else kind, args.k, args.budget)
     new, st = g.run_one(model, ids, drafter, mode, args.max_new_tokens, args.policy, codec.eos_token_id,
-                        cascade_state=state if state is not None else False)
+                        cascade_state=state)  # None: the process-wide state (one request here, so cold)
     if state is not None:
         print(f"cascade state: {'warm' if st['controller'].get('warm') else 'cold'} start; saved to "
               f"{state.save(args.cascade_state)}")
