@@ -222,7 +222,7 @@ def test_table_fits_120_columns_with_dashes_for_the_reference_row():
 PARSER_ERRORS = [
     ["--repeats", "0"], ["--repeats", "-2"], ["--repeats", "x"], ["--num-prompts", "0"], ["--num-prompts", "-3"],
     ["--max-new-tokens", "-1"], ["--budget-k", "0"], ["--k-max", "-1"], ["--ks", "0,2"], ["--budgets", "0"],
-    ["--budgets", "8,8"], ["--budgets", "none"],
+    ["--budgets", "8,8"], ["--budgets", "none"], ["--requests", "0"],
 ]
 
 
@@ -258,3 +258,54 @@ def test_num_prompts_beyond_a_prompts_file(tmp_path, capsys):
                      "--num-prompts", "3", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(prompts) in err and "holds 2" in err
+
+
+def test_bench_generate_stream_keeps_cascade_state_per_repeat(tmp_path, capsys):
+    rc = cli.main(["bench", "generate", "--threads", "1", "--target", "tiny:qwen3_moe", "--drafter", "prompt-lookup",
+                   "--num-prompts", "2", "--requests", "5", "--max-new-tokens", "6", "--modes", "cascade",
+                   "--ks", "2", "--repeats", "2", "--out", str(tmp_path), "--quiet", "--no-warmup", "--no-png"])
+    assert rc == 0
+    assert "a stream of 5 requests" in capsys.readouterr().out
+    data = json.loads((tmp_path / "bench_generate.json").read_text())
+    assert data["config"]["requests"] == 5 and data["config"]["prompts"] == 2
+    runs = [r for r in data["runs"] if r["mode"] == "cascade Kmax=2"]
+    assert len(runs) == 2 * 5 and [r["prompt_index"] for r in runs[:5]] == [0, 1, 0, 1, 0]
+    # Each repeat's stream starts cold and every later request continues warm.
+    for rep in (0, 1):
+        warm = [r["controller"]["warm"] for r in runs if r["repeat"] == rep]
+        assert warm == [False, True, True, True, True]
+    assert all(not r["controller"].get("warm") for r in data["runs"] if r["mode"] == "ar")
+    modes = {m["mode"]: m for m in data["modes"]}
+    assert modes["cascade Kmax=2"]["match_rate"] == 1.0 and modes["cascade Kmax=2"]["new_tokens"] == 2 * 5 * 6
+    assert "a stream of 5 requests" in (tmp_path / "bench_generate.md").read_text()
+
+
+def test_generate_cascade_state_file(tmp_path, capsys):
+    path = tmp_path / "state" / "cascade.json"
+    argv = ["generate", "--threads", "1", "--target", "tiny:qwen3_moe", "--drafter", "prompt-lookup",
+            "--controller", "cascade", "--max-new-tokens", "8", "--cascade-state", str(path)]
+    assert cli.main(argv) == 0 and "cold start" in capsys.readouterr().out
+    assert cli.main(argv) == 0 and "warm start" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["format"] == "moespec.cascade_state" and data["entries"][0]["requests"] == 2
+    path.write_text('{"format": "moespec.cascade_state", "version": 0}')
+    assert cli.main(argv) == 2 and "version 0" in capsys.readouterr().err
+    assert cli.main(argv[:5] + ["--cascade-state", str(path)]) == 2  # a static run has no Cascade state
+    assert "--controller cascade" in capsys.readouterr().err
+
+
+def test_cascade_targets_lines():
+    def row(mode, kind, sp, lo, hi):
+        return {"mode": mode, "kind": kind, "speedup": sp, "speedup_min": lo, "speedup_max": hi}
+    losing = {"modes": [row("ar", "ar", 1.0, 1.0, 1.0), row("static K=2", "static", 0.85, 0.8, 0.9),
+                        row("cascade Kmax=8", "cascade", 0.985, 0.97, 1.0),
+                        row("cascade+budget Kmax=8", "cascade+budget", 0.95, 0.9, 0.97)]}
+    lines = g.cascade_targets(losing)
+    assert "against >= 0.980 for ar" in lines[0] and "met" in lines[0]
+    assert "missed by 0.030" in lines[1]
+    assert "cascade+budget >= cascade: 0.950 against 0.985, missed by 0.035" in lines[2] and "overlap" in lines[2]
+    winning = {"modes": [row("ar", "ar", 1.0, 1.0, 1.0), row("static K=4", "static", 1.5, 1.45, 1.55),
+                         row("cascade Kmax=8", "cascade", 1.44, 1.4, 1.5)]}
+    (line,) = g.cascade_targets(winning)
+    assert "against >= 1.425 for static K=4 (0.95 x 1.50): met" in line
+    assert g.cascade_targets({"modes": winning["modes"][:2]}) == []  # no Cascade row

@@ -261,7 +261,7 @@ _OUTPUTS = {
     "_bench_layer": [("out", "dir"), ("name", "stem")],
     "_bench_generate": [("out", "dir"), ("name", "stem")],
     "_bench_quality": [("out", "dir")],
-    "_generate": [("json", "file")],
+    "_generate": [("json", "file"), ("cascade_state", "file")],
     "_capture": [("out", "file")],
 }
 
@@ -495,7 +495,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
     result = g.run_generate_bench(
         model, codec, factory, prompts, modes, max_new_tokens=args.max_new_tokens, policy=args.policy,
         budget_choices=choices, warmup=not args.no_warmup, progress=not args.quiet,
-        keep_iterations=args.save_iterations, argv=args.argv, repeats=args.repeats,
+        keep_iterations=args.save_iterations, argv=args.argv, repeats=args.repeats, requests=args.requests,
         config={"target": target_label, "drafter": drafter_label, "target_spec": args.target,
                 "drafter_spec": args.drafter, "dtype": args.dtype, "budget_choices": choices})
     print(g.generate_table(result, max_width=None if args.wide else g.report.TERMINAL_WIDTH))
@@ -526,6 +526,15 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--controller {args.controller} needs --k >= 1 (its largest draft)")
     if args.prompt is not None and not args.prompt:
         raise ValueError("--prompt is empty")
+    state = None
+    if args.cascade_state:  # read before loading models: a bad file fails fast
+        from pathlib import Path
+
+        from .speculative import CascadeState
+
+        if args.controller == "static":
+            raise ValueError("--cascade-state needs --controller cascade or cascade+budget")
+        state = CascadeState.load(args.cascade_state) if Path(args.cascade_state).exists() else CascadeState()
     model, codec, target_label = g.load_target(args.target, args.dtype, device)
     require_tokenizer(codec, args.target)
     if args.budget is not None and args.budget != "auto":
@@ -539,8 +548,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"the prompt {prompt!r} encodes to zero tokens with the target's tokenizer")
     kind = {"static": "static" if args.budget is None else "budget"}.get(args.controller, args.controller)
     mode = g.Mode("ar" if args.k == 0 and kind == "static" else kind, args.k, args.budget)
+    # cascade_state None: the process-wide state (one request here, so cold).
     new, st = g.run_one(model, ids, drafter, mode, args.max_new_tokens, args.policy, codec.eos_token_id,
-                        candidates=args.candidates)
+                        cascade_state=state, candidates=args.candidates)
+    if state is not None:
+        print(f"cascade state: {'warm' if st['controller'].get('warm') else 'cold'} start; saved to "
+              f"{state.save(args.cascade_state)}")
     summ = st["summary"]
     drafted = [it for it in st["iterations"] if it.get("draft_size", 0) > 0]
     union, kept = g._layer_means(drafted or st["iterations"])
@@ -766,6 +779,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"run the whole prompt set N times per mode, interleaved across modes; tok/s and "
                          f"speed-up are reported as median and min-max, with a flag when the spread is too wide "
                          f"to rank the modes (default {DEFAULT_REPEATS})")
+    bg.add_argument("--requests", type=_pos_int,
+                    help="stream mode: N requests in sequence, taking the prompts in turn; each Cascade mode keeps "
+                         "its learned state across the stream (fresh per repeat). Default: one request per prompt, "
+                         "Cascade cold on each")
     bg.add_argument("--modes", type=_names(MODE_FAMILIES),
                     help=f"mode families (default all: {','.join(MODE_FAMILIES)}); ar is always run")
     bg.add_argument("--ks", type=_ints, help="static draft lengths K (default 2,4,8)")
@@ -816,6 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="experts a kept set is chosen from: all (MoE-Spec's rule) or the union of the draft "
                          "tokens' top-k (default: all for substitute, union for truncate)")
     pg.add_argument("--controller", default="static", choices=["static", "cascade", "cascade+budget"])
+    pg.add_argument("--cascade-state", metavar="PATH",
+                    help="Cascade warm start: read what the controller learned from PATH (if it exists) and write "
+                         "it back after the run (JSON, see moespec.speculative.CascadeState)")
     pg.add_argument("--json", metavar="PATH", help="also write text and statistics as JSON (folders are created, "
                                                    "an existing file is overwritten)")
     pg.set_defaults(func=_generate)

@@ -8,6 +8,11 @@ Modes (each run on every prompt, greedy):
 - ``cascade``: utility-driven K (docs/design.md §4), unbudgeted;
 - ``cascade+budget``: Cascade choosing K and the budget C together.
 
+Stream mode (``requests``): a stream of N short requests (the prompts in turn), the serving case; each
+Cascade mode keeps one `moespec.speculative.CascadeState` across the requests of a stream (fresh per
+repeat, so the cold start is paid and measured). Without it every prompt is an independent request and
+Cascade starts cold on each.
+
 Per mode: tokens/s and speed-up over ``ar`` (median and min-max over interleaved repeats, with a flag
 when the spread is too wide to rank the modes: `moespec.bench.timing.rank_check`), mean acceptance
 length, tokens per iteration, mean union and kept experts per MoE layer per verification forward,
@@ -287,13 +292,18 @@ def _layer_means(iterations: Sequence[dict]) -> tuple[Optional[float], Optional[
 
 
 def run_one(model, prompt_ids: Sequence[int], drafter, mode: Mode, max_new_tokens: int, policy: str = "substitute",
-            eos_token_id=None, budget_choices=None, candidates: Optional[str] = None) -> tuple[list[int], dict]:
-    """One greedy `moespec.speculative.generate` call for ``mode``; returns (new token ids, stats dict)."""
+            eos_token_id=None, budget_choices=None, cascade_state=False,
+            candidates: Optional[str] = None) -> tuple[list[int], dict]:
+    """One greedy `moespec.speculative.generate` call for ``mode``; returns (new token ids, stats dict).
+
+    ``cascade_state``: passed to `generate` (default False: a Cascade mode starts cold);
+    ``candidates``: the budget's candidate set (None: the policy's default).
+    """
     from ..speculative import generate
 
     kw = dict(drafter=drafter, max_new_tokens=max_new_tokens, draft=mode.k, policy=policy,
               controller=mode.controller, do_sample=False, eos_token_id=eos_token_id, routing_stats=True,
-              candidates=candidates)
+              cascade_state=cascade_state, candidates=candidates)
     if mode.kind == "budget":
         kw["budget"] = mode.budget
     if mode.kind == "cascade+budget" and budget_choices:
@@ -330,6 +340,7 @@ def summarise(mode: Mode, runs: Sequence[dict]) -> dict:
         "first_divergence_min": min(firsts) if firsts else None,
         "first_divergence_mean": sum(firsts) / len(firsts) if firsts else None,
         "budgets_used": sorted({str(it.get("budget")) for it in drafted}),
+        "speculating_share": len(drafted) / len(its) if its else None,  # iterations with a draft
     }
 
 
@@ -404,7 +415,7 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
                        budget_choices=None, warmup: bool = True, progress: bool = True,
                        keep_iterations: bool = False, argv: Optional[Sequence[str]] = None,
                        config: Optional[dict] = None, repeats: int = DEFAULT_REPEATS,
-                       tie: float = timing.TIE_TOLERANCE) -> dict:
+                       tie: float = timing.TIE_TOLERANCE, requests: Optional[int] = None) -> dict:
     """Run every mode on every prompt ``repeats`` times; returns ``{"meta", "config", "modes", "spread", "runs"}``.
 
     Interleaved: each repeat takes the prompts in turn and runs every mode on the prompt before moving
@@ -415,6 +426,10 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
     row's ``order`` is ``"?"`` where it could not rank the mode, ``"ok"`` where it could, None with
     one repeat). Token agreement is against ``ar`` of the same repeat and prompt.
 
+    ``requests``: stream mode, N requests taking the prompts in turn (request r is prompt r mod P); each
+    Cascade mode keeps one `CascadeState` across a repeat's requests (a fresh one per repeat). None: one
+    request per prompt, Cascade cold on each.
+
     ``modes`` rows: see `summarise`, plus ``repeats``, ``tokens_per_s`` / ``speedup`` (medians),
     ``*_min``, ``*_max``, ``*_per_repeat`` and ``order``. ``runs``: one per (repeat, mode, prompt)
     with repeat, new_tokens, wall_time_s, tokens_per_s, mean_accepted, match_rate, first_divergence,
@@ -424,37 +439,48 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if not modes or modes[0].kind != "ar":
         raise ValueError("modes must start with the 'ar' mode (the reference of speed-up and agreement)")
+    if requests is not None and (isinstance(requests, bool) or not isinstance(requests, int) or requests < 1):
+        raise ValueError(f"requests must be an int >= 1, got {requests!r}")
     device = next(model.parameters()).device
     prompt_ids = [codec.encode(p) for p in prompts]
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("a prompt encodes to zero tokens")
+    stream = requests is not None
+    request_ids = [prompt_ids[r % len(prompt_ids)] for r in range(requests)] if stream else prompt_ids
     eos = codec.eos_token_id
     if warmup:
         # The first call pays one-time costs (patching, allocator, kernels); keep them out of the timings.
         run_one(model, prompt_ids[0][:16], drafter_factory(), Mode("static", max(m.k for m in modes) or 1),
                 min(4, max_new_tokens), policy, eos, budget_choices)
-    n_modes, n_prompts = len(modes), len(prompt_ids)
-    grid: dict[tuple[int, int, int], dict] = {}  # (repeat, mode index, prompt index) -> run
+    from ..speculative import CascadeState
+
+    n_modes, n_prompts = len(modes), len(request_ids)
+    grid: dict[tuple[int, int, int], dict] = {}  # (repeat, mode index, request index) -> run
     bar = _Progress(repeats * n_modes * n_prompts, progress)
     try:
         for rep in range(repeats):
-            for i, ids in enumerate(prompt_ids):
+            # Stream mode: one state per Cascade mode and repeat, kept across the requests.
+            states = {j: CascadeState() if stream and m.kind in ("cascade", "cascade+budget") else False
+                      for j, m in enumerate(modes)}
+            for i, ids in enumerate(request_ids):
                 first = (rep + i) % n_modes
                 for j in list(range(first, n_modes)) + list(range(first)):
                     mode = modes[j]
                     t0 = time.perf_counter()
                     new, st = run_one(model, ids, drafter_factory(), mode, max_new_tokens, policy, eos,
-                                      budget_choices)
+                                      budget_choices, cascade_state=states[j])
                     summ = st["summary"]
                     run = {
-                        "mode": mode.name, "repeat": rep, "prompt_index": i, "prompt_tokens": len(ids),
+                        "mode": mode.name, "repeat": rep, "prompt_index": i % len(prompt_ids), "request": i,
+                        "prompt_tokens": len(ids),
                         "new_tokens": len(new), "wall_time_s": summ["wall_time_s"],
                         "tokens_per_s": len(new) / summ["wall_time_s"] if summ["wall_time_s"] > 0 else None,
                         "mean_accepted": summ["mean_accepted"], "tokens": new, "summary": summ,
                         "controller": st.get("controller"), "iterations": st["iterations"],
                     }
                     grid[rep, j, i] = run
-                    bar.step(f"{rep + 1}/{repeats} {mode.name} p{i + 1}: {run['tokens_per_s'] or 0:.0f} tok/s "
+                    bar.step(f"{rep + 1}/{repeats} {mode.name} {'r' if stream else 'p'}{i + 1}: "
+                             f"{run['tokens_per_s'] or 0:.0f} tok/s "
                              f"({time.perf_counter() - t0:.1f} s)")
     finally:
         bar.close()
@@ -466,8 +492,12 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
     meta = report.run_meta(device, argv)
     meta["timing"] = ("wall-clock" if device.type != "cuda" else "wall-clock, device synchronised") + \
         f"; {repeats} interleaved repeat{'s' if repeats > 1 else ''}, median and min-max"
-    cfg = {"max_new_tokens": max_new_tokens, "policy": policy, "prompts": n_prompts, "repeats": repeats,
-           "interleaving": "per repeat, per prompt: every mode, order rotated by (repeat + prompt)",
+    cfg = {"max_new_tokens": max_new_tokens, "policy": policy, "prompts": len(prompt_ids), "repeats": repeats,
+           "requests": requests,
+           "cascade_state": ("one CascadeState per Cascade mode and repeat, kept across the stream's requests"
+                             if stream else "none: Cascade starts cold on every request"),
+           "interleaving": f"per repeat, per {'request' if stream else 'prompt'}: every mode, order rotated by "
+                           f"(repeat + {'request' if stream else 'prompt'})",
            "modes": [asdict(m) | {"name": m.name} for m in modes], **(config or {})}
     return {"meta": meta, "config": cfg, "modes": rows, "spread": check, "runs": runs}
 
@@ -566,9 +596,13 @@ def generate_notes(result: dict) -> list[str]:
     n = cfg.get("repeats", 1)
     tie = spread.get("tie", timing.TIE_TOLERANCE)
     notes = [
-        f"{cfg['prompts']} prompts x {cfg['max_new_tokens']} new tokens, greedy, policy {cfg['policy']}; {n} "
-        f"repeat{'s' if n > 1 else ''}, interleaved: each repeat runs every mode on a prompt before the next "
-        "prompt (mode order rotated), so slow phases of a shared machine hit all modes alike.",
+        f"{_workload(cfg)}, greedy, policy {cfg['policy']}; {n} "
+        f"repeat{'s' if n > 1 else ''}, interleaved: each repeat runs every mode on a {_unit(cfg)} before the next "
+        f"{_unit(cfg)} (mode order rotated), so slow phases of a shared machine hit all modes alike.",
+        ("stream: Cascade keeps what it learned (a CascadeState per mode, fresh per repeat) from one request to the "
+         "next, so the cold start of each repeat is paid and measured once per stream." if cfg.get("requests")
+         else "each prompt is an independent request: Cascade starts cold on every one (use --requests N for a "
+              "stream, where it keeps its state)."),
         "tok/s and speed-up: median over the repeats, min-max beside it; the speed-up is computed per repeat "
         "against that repeat's ar run.",
         f"order: '?' = this run does not rank the mode: its speed-up range overlaps another mode's (ar counts as "
@@ -585,10 +619,55 @@ def generate_notes(result: dict) -> list[str]:
         "earliest differing position (none = identical everywhere); '-' = no meaning for the row (ar is the "
         "reference).",
     ]
+    notes += cascade_targets(result)
     example = _acceptance_example(result["modes"])
     if example:
-        notes[3] = notes[3][:-1] + f" ({example})."
+        i = next(i for i, n in enumerate(notes) if n.startswith("accept:"))
+        notes[i] = notes[i][:-1] + f" ({example})."
     return notes
+
+
+def cascade_targets(result: dict) -> list[str]:
+    """Lines checking Cascade's promise (docs/cascade.md) on the mode rows: >= 0.98x ``ar`` where every
+    static K loses, >= 0.95x the best static K where one wins, and ``cascade+budget`` >= ``cascade``
+    (medians, with each mode's min-max). Empty without Cascade or static rows."""
+    rows = result["modes"]
+    static = [r for r in rows if r.get("kind") == "static" and r.get("speedup") is not None]
+    casc = [r for r in rows if r.get("kind") in ("cascade", "cascade+budget") and r.get("speedup") is not None]
+    if not static or not casc:
+        return []
+    best = max(static, key=lambda r: r["speedup"])
+    loses = best["speedup"] < 1.0
+    target = 0.98 if loses else 0.95 * best["speedup"]
+    ref = "ar (every static K loses here)" if loses else f"{best['mode']} (0.95 x {best['speedup']:.2f})"
+    out = []
+    for r in casc:
+        gap = target - r["speedup"]
+        verdict = "met" if gap <= 0 else f"missed by {gap:.3f}"
+        out.append(f"Cascade target: {r['mode']} {r['speedup']:.3f} (min-max {r['speedup_min']:.2f}-"
+                   f"{r['speedup_max']:.2f}) against >= {target:.3f} for {ref}: {verdict} on the median.")
+    pair = {r["kind"]: r for r in casc}
+    if len(pair) == 2:
+        c, j = pair["cascade"], pair["cascade+budget"]
+        d = j["speedup"] - c["speedup"]
+        out.append(f"Cascade target: cascade+budget >= cascade: {j['speedup']:.3f} against {c['speedup']:.3f}, "
+                   + ("met" if d >= 0 else f"missed by {-d:.3f}") + " on the median"
+                   + ("" if result.get("spread", {}).get("checked") is False else
+                      "; their min-max ranges overlap, so this run does not order them"
+                      if not (j["speedup_min"] > c["speedup_max"] or c["speedup_min"] > j["speedup_max"]) else "")
+                   + ".")
+    return out
+
+
+def _unit(cfg: dict) -> str:
+    return "request" if cfg.get("requests") else "prompt"
+
+
+def _workload(cfg: dict) -> str:
+    if cfg.get("requests"):
+        return (f"a stream of {cfg['requests']} requests ({cfg['prompts']} prompts in turn) x "
+                f"{cfg['max_new_tokens']} new tokens")
+    return f"{cfg['prompts']} prompts x {cfg['max_new_tokens']} new tokens"
 
 
 def spread_warning(result: dict) -> Optional[str]:
@@ -614,7 +693,7 @@ def generate_markdown(result: dict) -> str:
     """The Markdown report of a `run_generate_bench` result (every column, notes under the table)."""
     meta, cfg = result["meta"], result["config"]
     extra = [f"target: {cfg.get('target')}; drafter: {cfg.get('drafter')}",
-             f"{cfg['prompts']} prompts x {cfg['max_new_tokens']} new tokens, greedy; policy {cfg['policy']}; "
+             f"{_workload(cfg)}, greedy; policy {cfg['policy']}; "
              f"timing: {meta['timing']}",
              "every mode runs the target patched by `moespec.patch` (routing statistics; budgets where asked), so "
              "all modes share one MoE implementation"]

@@ -11,6 +11,7 @@ import torch
 from ..integrations.hf_compat import forward_kwargs
 from .budget import BudgetSession, num_experts
 from .cascade import CascadeController, make_controller
+from .cascade_state import cascade_key, resolve_state
 from .drafters import DraftModelDrafter, Drafter, PromptLookupDrafter, check_drafter_vocab, vocab_sizes
 from .stats import IterationStats, SpecStats
 from .tree import DraftConfig, DraftTree
@@ -124,6 +125,7 @@ def generate(
     routing_stats: bool | None = None,
     threads: int | None = None,
     candidates: str | None = None,
+    cascade_state: Any = None,
 ) -> tuple[torch.Tensor, SpecStats]:
     """Speculative decoding with draft trees, optional expert budgets and a speculation controller.
 
@@ -157,6 +159,10 @@ def generate(
         threads: torch CPU threads for this call (restored afterwards). None (default) leaves torch's
             setting alone; on the CPU with a small target (< `SMALL_MODEL_PARAMS`) and several threads
             it warns once per process that ``threads=1`` is usually much faster.
+        cascade_state: what the Cascade controllers learned, kept across calls (a `CascadeState`, see
+            `moespec.speculative.cascade_state`): a request resumes at the last decided point. None
+            (default): the process-wide `default_cascade_state()`, unless a cost model or another clock
+            supplies the times (then each call starts cold); False: cold; True: the process-wide one.
 
     A draft model must share the target's token ids: a smaller draft vocabulary is refused, a larger
     one is restricted to the target's ids (see `check_drafter_vocab`); prompt ids outside the target's
@@ -195,11 +201,20 @@ def generate(
     need_budget = budget is not None or joint or (
         isinstance(ctrl, CascadeController) and any(b is not None for b in ctrl.budgets))
 
+    store = resolve_state(cascade_state, ctrl, isinstance(controller, str),
+                          cost_model is None and clock is time.perf_counter)
+
     device = next(model.parameters()).device
     with _thread_scope(threads, model, device):
-        return _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_rows, max_new_tokens,
-                         budget, policy, controller, do_sample, temperature, seed, eos, cost_model, clock,
-                         routing_stats, candidates)
+        key = cascade_key(model, drafter, cfg.to_dict(), ctrl) if store is not None else None  # threads are in it
+        if store is not None:
+            store.restore(key, ctrl)
+        out = _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_rows, max_new_tokens,
+                        budget, policy, controller, do_sample, temperature, seed, eos, cost_model, clock,
+                        routing_stats, candidates)
+        if store is not None:
+            store.put(key, ctrl.state_dict())
+        return out
 
 
 def _coerce_budget(model, budget, policy: str, candidates):
