@@ -86,6 +86,19 @@ def test_merge_per_shape_reports(tmp_path):
     assert (tmp_path / "budget_sweep.md").read_text().count("## ") == 2
 
 
+def test_compare_candidates_pairs_equal_caps():
+    res = _synthetic()
+    for c, (m_all, m_union) in {7: (0.5, 0.7), 8: (0.9, 0.6), 9: (0.4, 0.8)}.items():
+        for cand, m in (("all", m_all), ("union", m_union)):
+            res["rows"].append(_row("chain", bs.Rule("fixed", budget=c, candidates=cand), 2.0, m, 90.0))
+    cmp_ = bs.compare_candidates(res)
+    e = cmp_["substitute / chain"]
+    # The later C=8 "all" row replaces _synthetic's; C=7, 8 and 9 pair up.
+    assert e["caps"] == 3 and (e["all_wins_match"], e["union_wins_match"]) == (1, 2)
+    assert e["all_token_match_rate"] == pytest.approx(0.6) and e["union_token_match_rate"] == pytest.approx(0.7)
+    assert "truncate / chain" not in cmp_  # no truncate pair with both candidate sets
+
+
 def test_sweep_rules_cover_every_cap_policy_and_candidate_set():
     rules = bs.sweep_rules(4, 9, coverages=(0.9, 0.99))
     assert rules[0].kind == "none"

@@ -53,7 +53,7 @@ def _kept_set(score, union, cap, coverage=None, min_budget=None, candidates="uni
 
 
 def _candidates(policy, candidates):
-    return candidates or ("all" if policy == "substitute" else "union")
+    return candidates or "union"  # the default of both policies (moespec.reference.default_candidates)
 
 
 def _softmax_router(block, x, cap, policy, score_mode, renorm, coverage=None, min_budget=None, candidates=None):

@@ -22,10 +22,9 @@ def softmax_rows(z):
 def naive_budget(z, k, budget, policy, renormalize, score="prob", coverage=None, min_budget=None, candidates=None):
     """Plain-Python docs/design.md §3: returns (ids per token, weights per token, kept list, union size).
 
-    ``candidates``: "all" (every expert, MoE-Spec), "union", or None: "all" for substitute, "union"
-    for truncate."""
+    ``candidates``: "all" (every expert, MoE-Spec), "union", or None: the default, "union"."""
     if candidates is None:
-        candidates = "all" if policy == "substitute" else "union"
+        candidates = "union"
     P = softmax_rows(z)
     T, E = len(P), len(P[0])
     nat = [sorted(range(E), key=lambda e: (-P[t][e], e))[:k] for t in range(T)]
@@ -205,8 +204,8 @@ def test_all_candidates_keep_a_non_union_expert_with_mass():
     # The three tokens whose favourite is dropped take the shared runner-up under "all".
     assert r_all.topk_ids[:, 0].tolist() == [4, 3, 3, 3]
     assert r_all.kept_experts.tolist() == naive_budget(z, 1, 2, "substitute", False, candidates="all")[2]
-    # The default follows the policy.
-    assert torch.equal(ops.budget_routing(z, 1, 2).kept_experts, r_all.kept_experts)
+    # The default is the union, for both policies.
+    assert torch.equal(ops.budget_routing(z, 1, 2).kept_experts, r_union.kept_experts)
     assert torch.equal(ops.budget_routing(z, 1, 2, policy="truncate").kept_experts,
                        ops.budget_routing(z, 1, 2, policy="truncate", candidates="union").kept_experts)
 

@@ -831,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--policy", default="substitute", choices=["substitute", "truncate"])
     pg.add_argument("--candidates", choices=["all", "union"],
                     help="experts a kept set is chosen from: all (MoE-Spec's rule) or the union of the draft "
-                         "tokens' top-k (default: all for substitute, union for truncate)")
+                         "tokens' top-k (default: union, chosen by measurement; see docs/budget-rules.md)")
     pg.add_argument("--controller", default="static", choices=["static", "cascade", "cascade+budget"])
     pg.add_argument("--cascade-state", metavar="PATH",
                     help="Cascade warm start: read what the controller learned from PATH (if it exists) and write "

@@ -199,9 +199,9 @@ def validate_budget(
 def validate_candidates(candidates: Optional[str], policy: str = "substitute") -> str:
     """Resolve the candidate set of a budget: ``"all"``, ``"union"``, or None for the policy's default.
 
-    ``"all"``: the kept set is chosen among every expert (MoE-Spec's rule; the default for
-    ``substitute``); ``"union"``: among the experts of at least one token's top-k (the default
-    for ``truncate``, where a non-union expert would be a wasted slot). docs/design.md §3.
+    ``"all"``: the kept set is chosen among every expert (MoE-Spec's rule); ``"union"``: among
+    the experts of at least one token's top-k (the default, `reference.default_candidates`: it
+    measured better on the shipped models; docs/budget-rules.md).
 
     Raises:
         ValueError: anything else.
@@ -209,8 +209,8 @@ def validate_candidates(candidates: Optional[str], policy: str = "substitute") -
     if candidates is None:
         return reference.default_candidates(policy)
     if not isinstance(candidates, str) or candidates not in reference.CANDIDATES:
-        raise ValueError(f"candidates must be one of {reference.CANDIDATES} or None (the policy's default: "
-                         f"'all' for substitute, 'union' for truncate), got {candidates!r}")
+        raise ValueError(f"candidates must be one of {reference.CANDIDATES} or None (the default, "
+                         f"{reference.default_candidates(policy)!r}), got {candidates!r}")
     return candidates
 
 

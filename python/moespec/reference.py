@@ -8,9 +8,9 @@ Conventions:
 - routing math is done in fp32 (router logits of any float dtype are upcast first);
 - top-k follows ``torch.topk`` on the fp32 probabilities, exactly as transformers' routers do;
 - the kept set is chosen among the *candidates*, ranked by score, ties to the lower expert id:
-  every expert (``candidates="all"``, MoE-Spec's rule, the default for ``substitute``) or the
-  union only (``"union"``, the experts in at least one token's top-k; the default for
-  ``truncate``); either way a budget applies only when the union has more experts than it;
+  every expert (``candidates="all"``, MoE-Spec's rule) or the union only (``"union"``, the
+  experts in at least one token's top-k; the default, chosen by measurement); either way a
+  budget applies only when the union has more experts than it;
 - expert math accumulates in fp32; the SwiGLU intermediate is rounded to the activation dtype
   (as a fused kernel that stores it in bf16 does); slots are combined in slot order.
 """
@@ -47,13 +47,16 @@ CANDIDATES = ("all", "union")
 
 
 def default_candidates(policy: str) -> str:
-    """The candidate set a policy uses unless told otherwise (docs/design.md §3).
+    """The candidate set a policy uses unless told otherwise (docs/budget-rules.md): ``"union"``.
 
-    ``substitute``: ``"all"`` (an expert that is nobody's top-k but carries probability mass is
-    the substitute the re-routed tokens need); ``truncate``: ``"union"`` (a non-union expert in
-    the kept set would be a wasted slot: no pair is routed to it).
+    Under ``truncate`` a non-union expert in the kept set would be a wasted slot (no pair is
+    routed to it). Under ``substitute`` MoE-Spec's ``"all"`` can keep an expert that is nobody's
+    top-k but the runner-up of many tokens; on the shipped models it lost to the union at equal
+    caps on greedy agreement and acceptance on both a chain and a tree draft
+    (bench/results/cpu/budget_sweep.md), so the union is the default there too. ``policy`` is
+    kept so that a measurement can give the policies different defaults.
     """
-    return "all" if policy == "substitute" else "union"
+    return "union"
 
 
 def _candidates(candidates: Optional[str], policy: str) -> str:

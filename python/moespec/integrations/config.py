@@ -51,7 +51,7 @@ class LayerBudgets:
     coverage: Optional[float] = None
     min_budget: Optional[int] = None
     backend: str = "auto"
-    candidates: str = "all"
+    candidates: str = "union"
 
     def cap(self, layer: int) -> Optional[int]:
         """The cap of MoE layer ``layer``."""

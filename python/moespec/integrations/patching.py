@@ -593,7 +593,7 @@ def patch(
             the model's own experts whatever the backend. The ops' own fallbacks still apply
             (e.g. fp32 experts run the reference: the experts kernels are bf16/fp16).
         candidates: the experts a kept set is chosen from: ``"all"`` (every expert, MoE-Spec's
-            rule; the default for ``substitute``), ``"union"`` (the union of the call's top-k;
+            rule), ``"union"`` (the union of the call's top-k; the default, chosen by measurement;
             the default for ``truncate``). Either way a layer whose union fits is untouched.
 
     Returns:

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["Rule", "sweep_rules", "run_sweep", "recommend", "merge_reports", "to_markdown", "plot_sweep",
+__all__ = ["Rule", "sweep_rules", "run_sweep", "recommend", "compare_candidates", "merge_reports", "to_markdown", "plot_sweep",
            "write_report", "main"]
 
 COVERAGES = (0.8, 0.9, 0.95, 0.98, 0.99)
@@ -202,16 +202,25 @@ def recommend(result: dict, acceptance_tolerance: float = ACCEPTANCE_TOLERANCE,
 
     A rule passes a shape when its tokens per verification are at least ``1 - acceptance_tolerance``
     of the unbudgeted run's and its greedy token match is at least ``min_agreement``. Cost: expert
-    bytes per token relative to unbudgeted, averaged over the shapes. Returns the rule, its cost and
-    per-shape numbers, plus the cheapest passing rule of each family (for the report).
+    bytes per token relative to unbudgeted, averaged over the shapes; among rules of equal cost (to
+    0.1 %) the most conservative wins (coverage before a fixed cap, then the highest tau or C, then
+    the union, then substitute). Returns the rule, its cost and per-shape numbers, plus the cheapest
+    passing rule of each family (for the report).
     """
     base = {r["shape"]: r for r in result["rows"] if r["rule"]["kind"] == "none"}
     by_rule: dict[tuple, list] = {}
     for r in result["rows"]:
         if r["rule"]["kind"] != "none":
             by_rule.setdefault(_rule_key(r["rule"]), []).append(r)
-    passing = []
+    passing, per_shape_best = [], {}
     for key, rows in by_rule.items():
+        for r in rows:  # the cheapest rule that passes each shape on its own (a near miss overall)
+            b = base[r["shape"]]
+            rel = r["expert_bytes_per_token"] / b["expert_bytes_per_token"]
+            if (r["tokens_per_verification"] >= (1 - acceptance_tolerance) * b["tokens_per_verification"]
+                    and r["token_match_rate"] >= min_agreement
+                    and rel < per_shape_best.get(r["shape"], {}).get("relative_bytes", float("inf"))):
+                per_shape_best[r["shape"]] = {"rule": r["rule"], "relative_bytes": round(rel, 4)}
         if len(rows) != len(base):
             continue
         ok = all(r["tokens_per_verification"] >= (1 - acceptance_tolerance) * base[r["shape"]]["tokens_per_verification"]
@@ -220,8 +229,15 @@ def recommend(result: dict, acceptance_tolerance: float = ACCEPTANCE_TOLERANCE,
             cost = sum(r["expert_bytes_per_token"] / base[r["shape"]]["expert_bytes_per_token"] for r in rows) / len(rows)
             passing.append((round(cost, 4), key, rows))
     if not passing:
-        return {"rule": None, "reason": "no budgeted rule met the bar on every shape"}
-    passing.sort(key=lambda p: (p[0], p[1][0] != "fixed", str(p[1])))
+        return {"rule": None, "reason": "no budgeted rule met the bar on every shape", "per_shape_best": per_shape_best}
+    # Equal cost (to 0.1 %): the most conservative rule, i.e. a coverage target (it adapts per layer
+    # and call) with the highest tau, else the largest C; then the default candidates, then substitute.
+    def order(p):
+        kind, budget, coverage, policy, cand = p[1]
+        loose = -(coverage or 0.0) if kind == "coverage" else -(budget or 0)
+        return (round(p[0], 3), kind != "coverage", loose, cand != "union", policy != "substitute")
+
+    passing.sort(key=order)
     best = passing[0]
     families: dict[str, dict] = {}
     for cost, key, rows in passing:
@@ -235,7 +251,33 @@ def recommend(result: dict, acceptance_tolerance: float = ACCEPTANCE_TOLERANCE,
                                                       "expert_bytes_per_token", "heldout_ppl")} for r in best[2]},
         "criteria": {"acceptance_within": acceptance_tolerance, "min_token_match": min_agreement},
         "cheapest_per_family": families,
+        "per_shape_best": per_shape_best,
     }
+
+
+def compare_candidates(result: dict) -> dict:
+    """MoE-Spec's candidate set ("all") against the union, per policy and shape, over the fixed caps
+    that bind (the rows where both sets were run): mean greedy token match, tokens per verification,
+    held-out perplexity and expert bytes per token, and how often "all" has the higher token match."""
+    out: dict = {}
+    for policy in POLICIES:
+        for sh in result["shapes"]:
+            pairs = {}
+            for r in result["rows"]:
+                rule = r["rule"]
+                if r["shape"] == sh["name"] and rule["kind"] == "fixed" and rule["policy"] == policy:
+                    pairs.setdefault(rule["budget"], {})[rule["candidates"]] = r
+            both = [p for c, p in sorted(pairs.items()) if len(p) == 2]
+            if not both:
+                continue
+            entry = {"caps": len(both)}
+            for cand in CANDIDATE_SETS:
+                for key in ("token_match_rate", "tokens_per_verification", "heldout_ppl", "expert_bytes_per_token"):
+                    entry[f"{cand}_{key}"] = round(sum(p[cand][key] for p in both) / len(both), 4)
+            entry["all_wins_match"] = sum(p["all"]["token_match_rate"] > p["union"]["token_match_rate"] for p in both)
+            entry["union_wins_match"] = sum(p["union"]["token_match_rate"] > p["all"]["token_match_rate"] for p in both)
+            out[f"{policy} / {sh['name']}"] = entry
+    return out
 
 
 def to_markdown(rep: dict) -> str:
@@ -243,7 +285,8 @@ def to_markdown(rep: dict) -> str:
     lines = ["# What an expert budget costs (shipped demo models, CPU)", "",
              f"`{rep['command']}` on {rep['device']}, {rep['date']}, commit `{rep['git_commit']}`; "
              f"{rep['config']['prompts']} held-out prompts x {rep['config']['max_new']} new tokens, greedy; "
-             f"perplexity over {rep['config']['windows']} held-out windows in chunks of the draft size.", ""]
+             f"perplexity over {rep['config']['windows']} held-out windows in chunks of the draft size."
+             + (f" Merged by `{rep['merged_by']}`." if rep.get("merged_by") else ""), ""]
     rec = rep["recommendation"]
     if rec.get("rule"):
         r = rec["rule"]
@@ -255,8 +298,28 @@ def to_markdown(rep: dict) -> str:
         for fam, d in rec["cheapest_per_family"].items():
             lines.append(f"| {fam} | {d['rule']['name']} | {d['relative_bytes']:.1%} |")
         lines.append("")
+    if rec.get("per_shape_best"):
+        lines += ["Cheapest rule meeting the bar on one shape alone:", "", "| shape | rule | expert bytes vs unbudgeted |",
+                  "|---|---|---|"]
+        for shape, d in rec["per_shape_best"].items():
+            lines.append(f"| {shape} | {d['rule']['name']} | {d['relative_bytes']:.1%} |")
+        lines.append("")
     else:
         lines += [f"No recommendation: {rec.get('reason')}", ""]
+    cmp_ = compare_candidates(res)
+    if cmp_:
+        lines += ["Candidate sets at equal fixed C (means over every C both were run with; wins = caps where one set "
+                  "has the higher token match):", "",
+                  "| policy / shape | caps | token match all / union | tokens per verification all / union | "
+                  "held-out ppl all / union | expert MB/token all / union | wins all / union |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, e in cmp_.items():
+            lines.append(f"| {name} | {e['caps']} | {e['all_token_match_rate']} / {e['union_token_match_rate']} | "
+                         f"{e['all_tokens_per_verification']} / {e['union_tokens_per_verification']} | "
+                         f"{e['all_heldout_ppl']} / {e['union_heldout_ppl']} | "
+                         f"{e['all_expert_bytes_per_token'] / 1e6:.3f} / {e['union_expert_bytes_per_token'] / 1e6:.3f} | "
+                         f"{e['all_wins_match']} / {e['union_wins_match']} |")
+        lines.append("")
     for sh in res["shapes"]:
         rows = [r for r in res["rows"] if r["shape"] == sh["name"]]
         base = rows[0]
@@ -304,7 +367,8 @@ def plot_sweep(rep: dict, path: Path) -> Optional[Path]:
                                              ("token_match_rate", "greedy agreement (token match)"))):
             ax = axes[i][j]
             for fam, rs in sorted(fams.items()):
-                rs = sorted(rs, key=lambda r: r["expert_bytes_per_token"])
+                # In the order of the rule's own knob (C, or tau), from tight to loose.
+                rs = sorted(rs, key=lambda r: r["rule"]["budget"] or r["rule"]["coverage"] or 0)
                 ax.plot([r["expert_bytes_per_token"] / 1e6 for r in rs], [r[metric] for r in rs],
                         marker="o" if fam.startswith("fixed") else "s", markersize=3, linewidth=1, label=fam)
             ax.scatter([base["expert_bytes_per_token"] / 1e6], [base[metric]], color="black", zorder=5,
@@ -368,6 +432,9 @@ def run(args, argv_text: str) -> int:
     from ..cli import prepare_output_dir
 
     prepare_output_dir(args.out)
+    from ..bench.report import git_commit
+
+    commit = git_commit()  # the code that runs: HEAD may move during a long sweep
     torch.set_num_threads(args.threads)
     t0 = time.time()
     target, draft_model = load_target(root=args.models), load_draft(root=args.models)
@@ -376,13 +443,11 @@ def run(args, argv_text: str) -> int:
     prompts = make_prompts(stream, args.prompts, args.prompt_len)
     result = run_sweep(target, draft_model, prompts, stream, shapes, args.max_new, args.windows, coverages,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
-    from ..bench.report import git_commit
-
     rep = {
         "command": argv_text,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))",
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "config": {"prompts": args.prompts, "prompt_len": args.prompt_len, "max_new": args.max_new,
                    "windows": args.windows, "coverages": list(coverages),
                    "model": {"experts": int(target.config.num_experts), "top_k": int(target.config.num_experts_per_tok),
@@ -390,6 +455,7 @@ def run(args, argv_text: str) -> int:
         "result": result,
     }
     rep["recommendation"] = recommend(result)
+    rep["candidates_comparison"] = compare_candidates(result)
     rep["seconds"] = round(time.time() - t0, 1)
     write_report(rep, args.out)
     print(to_markdown(rep))
@@ -415,6 +481,7 @@ def merge_reports(reports: Sequence[dict]) -> dict:
                   git_commit=",".join(sorted({rep["git_commit"] for rep in reports})),
                   seconds=round(sum(rep.get("seconds", 0) for rep in reports), 1))
     merged["recommendation"] = recommend(result)
+    merged["candidates_comparison"] = compare_candidates(result)
     return merged
 
 
@@ -436,6 +503,8 @@ def main(argv=None) -> int:
             rep = merge_reports([json.loads(f.read_text()) for f in args.merge])
         except (OSError, ValueError, KeyError) as exc:
             p.error(f"cannot merge: {exc}")
+        rep["merged_by"] = "python -m moespec.models.budget_sweep " + " ".join(
+            argv if argv is not None else sys.argv[1:])
         write_report(rep, args.out)
         print(to_markdown(rep))
         return 0
