@@ -1,0 +1,317 @@
+// The experts' work items, written once over a vector type `V` and compiled once per ISA level
+// (experts_scalar.cpp, experts_avx2.cpp, experts_avx512.cpp, experts_avx512bf16.cpp). Each
+// including file defines MOESPEC_ISA_NS and, inside moespec::cpu::MOESPEC_ISA_NS, a struct V:
+//   R (register type), W (fp32 lanes), zero(), set1(f), loadf(p), storef(p, r), fma(a, b, c),
+//   hsum(r), and load(p, TagF32 / TagBF16 / TagF16) converting W weights to fp32.
+// Everything here lives in that per-ISA namespace and has internal linkage, so no symbol compiled
+// with one ISA's instructions can be picked by the linker for another level.
+//
+// Summation order (determinism): every output element is one dot product over K, accumulated
+// in W lanes in K order, reduced by hsum, then the K tail in order; it does not depend on the
+// thread count or on which thread runs an item. Weights stream once per item: a tile of rows
+// (or columns) is loaded once per block of 4 tokens, which it serves from L1.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "convert.h"
+#include "experts_ctx.h"
+
+namespace moespec {
+namespace cpu {
+namespace MOESPEC_ISA_NS {
+namespace {
+
+struct TagF32 {
+  using T = float;
+  static constexpr bool kBf16 = false;
+  static float scalar(const float* p) { return *p; }
+};
+struct TagBF16 {
+  using T = uint16_t;
+  static constexpr bool kBf16 = true;
+  static float scalar(const uint16_t* p) { return bf16_to_float(*p); }
+};
+struct TagF16 {
+  using T = uint16_t;
+  static constexpr bool kBf16 = false;
+  static float scalar(const uint16_t* p) { return half_to_float(*p); }
+};
+
+inline int imin(int a, int b) { return a < b ? a : b; }
+
+// outs[t][r_off + r] = dot(w + r * ldw, xs[t], K) for r < RB, t < TB.
+template <class Tag, int RB, int TB>
+inline void dot_tile(const typename Tag::T* w, int64_t ldw, const float* const* xs, int K, float* const* outs,
+                     int r_off) {
+  typename V::R acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = V::zero();
+  int kk = 0;
+  for (; kk + V::W <= K; kk += V::W) {
+    typename V::R wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = V::load(w + r * ldw + kk, Tag());
+    for (int t = 0; t < TB; ++t) {
+      const typename V::R xv = V::loadf(xs[t] + kk);
+      for (int r = 0; r < RB; ++r) acc[r][t] = V::fma(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) {
+      float s = V::hsum(acc[r][t]);
+      for (int j = kk; j < K; ++j) s += Tag::scalar(w + r * ldw + j) * xs[t][j];
+      outs[t][r_off + r] = s;
+    }
+}
+
+// out[p * ldo + r] = dot(W row r, xs[p]) for rows [r0, r1) of w (row stride ldw) and p < n.
+template <class Tag>
+void dot_rows(const typename Tag::T* w, int64_t ldw, int r0, int r1, const float* const* xs, int n, int K,
+              float* out, int64_t ldo) {
+  float* outs[4];
+  for (int r = r0; r < r1; r += 4) {  // rows outer: each weight tile is read from memory once
+    const int rb = imin(4, r1 - r);
+    const typename Tag::T* wr = w + (int64_t)r * ldw;
+    for (int p = 0; p < n; p += 4) {
+      const int tb = imin(4, n - p);
+      for (int t = 0; t < tb; ++t) outs[t] = out + (int64_t)(p + t) * ldo;
+#define MOESPEC_DOT(RB, TB) \
+  case (RB - 1) * 4 + (TB - 1): dot_tile<Tag, RB, TB>(wr, ldw, xs + p, K, outs, r); break;
+      switch ((rb - 1) * 4 + (tb - 1)) {
+        MOESPEC_DOT(1, 1) MOESPEC_DOT(1, 2) MOESPEC_DOT(1, 3) MOESPEC_DOT(1, 4)
+        MOESPEC_DOT(2, 1) MOESPEC_DOT(2, 2) MOESPEC_DOT(2, 3) MOESPEC_DOT(2, 4)
+        MOESPEC_DOT(3, 1) MOESPEC_DOT(3, 2) MOESPEC_DOT(3, 3) MOESPEC_DOT(3, 4)
+        MOESPEC_DOT(4, 1) MOESPEC_DOT(4, 2) MOESPEC_DOT(4, 3) MOESPEC_DOT(4, 4)
+        default: break;
+      }
+#undef MOESPEC_DOT
+    }
+  }
+}
+
+// outs[t][c + j] = sum_k xs[t][k] * w[k * ldw + c + j] for j < CV * W, t < TB.
+template <class Tag, int CV, int TB>
+inline void axpy_tile(const typename Tag::T* w, int64_t ldw, int c, const float* const* xs, int K,
+                      float* const* outs) {
+  typename V::R acc[CV][TB];
+  for (int j = 0; j < CV; ++j)
+    for (int t = 0; t < TB; ++t) acc[j][t] = V::zero();
+  for (int kk = 0; kk < K; ++kk) {
+    const typename Tag::T* wr = w + (int64_t)kk * ldw + c;
+    typename V::R wv[CV];
+    for (int j = 0; j < CV; ++j) wv[j] = V::load(wr + j * V::W, Tag());
+    for (int t = 0; t < TB; ++t) {
+      const typename V::R xb = V::set1(xs[t][kk]);
+      for (int j = 0; j < CV; ++j) acc[j][t] = V::fma(wv[j], xb, acc[j][t]);
+    }
+  }
+  for (int j = 0; j < CV; ++j)
+    for (int t = 0; t < TB; ++t) V::storef(outs[t] + c + j * V::W, acc[j][t]);
+}
+
+// out[p * ldo + c] = sum_k xs[p][k] * w[k * ldw + c] for columns [c0, c1) and p < n
+// (transposed weights: K rows of ldw columns).
+template <class Tag>
+void axpy_cols(const typename Tag::T* w, int64_t ldw, int c0, int c1, const float* const* xs, int n, int K,
+               float* out, int64_t ldo) {
+  float* outs[4];
+  constexpr int kBlock = 4 * V::W;
+  int c = c0;
+  for (; c < c1; c += kBlock) {
+    const int cv = imin(4, (c1 - c) / V::W);
+    if (cv == 0) break;
+    for (int p = 0; p < n; p += 4) {
+      const int tb = imin(4, n - p);
+      for (int t = 0; t < tb; ++t) outs[t] = out + (int64_t)(p + t) * ldo;
+#define MOESPEC_AXPY(CV, TB) \
+  case (CV - 1) * 4 + (TB - 1): axpy_tile<Tag, CV, TB>(w, ldw, c, xs + p, K, outs); break;
+      switch ((cv - 1) * 4 + (tb - 1)) {
+        MOESPEC_AXPY(1, 1) MOESPEC_AXPY(1, 2) MOESPEC_AXPY(1, 3) MOESPEC_AXPY(1, 4)
+        MOESPEC_AXPY(2, 1) MOESPEC_AXPY(2, 2) MOESPEC_AXPY(2, 3) MOESPEC_AXPY(2, 4)
+        MOESPEC_AXPY(3, 1) MOESPEC_AXPY(3, 2) MOESPEC_AXPY(3, 3) MOESPEC_AXPY(3, 4)
+        MOESPEC_AXPY(4, 1) MOESPEC_AXPY(4, 2) MOESPEC_AXPY(4, 3) MOESPEC_AXPY(4, 4)
+        default: break;
+      }
+#undef MOESPEC_AXPY
+    }
+    if (cv < 4) {
+      c += cv * V::W;
+      break;
+    }
+  }
+  for (; c < c1; ++c)  // fewer than W columns left: one column at a time, K in order
+    for (int p = 0; p < n; ++p) {
+      float s = 0.f;
+      for (int kk = 0; kk < K; ++kk) s += xs[p][kk] * Tag::scalar(w + (int64_t)kk * ldw + c);
+      out[(int64_t)p * ldo + c] = s;
+    }
+}
+
+#ifdef MOESPEC_BF16_DOT
+// bf16 x bf16 dot products with VDPBF16PS (pairs of exact products, fp32 accumulation).
+template <int RB, int TB>
+inline void dot_tile_bf16(const uint16_t* w, int64_t ldw, const uint16_t* const* xs, int K, float* const* outs,
+                          int r_off) {
+  __m512 acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  int kk = 0;
+  for (; kk + 32 <= K; kk += 32) {
+    __m512i wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + kk);
+    for (int t = 0; t < TB; ++t) {
+      const __m512i xv = _mm512_loadu_si512(xs[t] + kk);
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  if (kk < K) {  // masked tail: the lanes past K load zeros and add nothing
+    const __mmask32 m = (__mmask32)((1ull << (K - kk)) - 1ull);
+    __m512i wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_maskz_loadu_epi16(m, w + r * ldw + kk);
+    for (int t = 0; t < TB; ++t) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(m, xs[t] + kk);
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) outs[t][r_off + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+void dot_rows_bf16(const uint16_t* w, int64_t ldw, int r0, int r1, const uint16_t* const* xs, int n, int K,
+                   float* out, int64_t ldo) {
+  float* outs[4];
+  for (int r = r0; r < r1; r += 4) {
+    const int rb = imin(4, r1 - r);
+    const uint16_t* wr = w + (int64_t)r * ldw;
+    for (int p = 0; p < n; p += 4) {
+      const int tb = imin(4, n - p);
+      for (int t = 0; t < tb; ++t) outs[t] = out + (int64_t)(p + t) * ldo;
+#define MOESPEC_DOT(RB, TB) \
+  case (RB - 1) * 4 + (TB - 1): dot_tile_bf16<RB, TB>(wr, ldw, xs + p, K, outs, r); break;
+      switch ((rb - 1) * 4 + (tb - 1)) {
+        MOESPEC_DOT(1, 1) MOESPEC_DOT(1, 2) MOESPEC_DOT(1, 3) MOESPEC_DOT(1, 4)
+        MOESPEC_DOT(2, 1) MOESPEC_DOT(2, 2) MOESPEC_DOT(2, 3) MOESPEC_DOT(2, 4)
+        MOESPEC_DOT(3, 1) MOESPEC_DOT(3, 2) MOESPEC_DOT(3, 3) MOESPEC_DOT(3, 4)
+        MOESPEC_DOT(4, 1) MOESPEC_DOT(4, 2) MOESPEC_DOT(4, 3) MOESPEC_DOT(4, 4)
+        default: break;
+      }
+#undef MOESPEC_DOT
+    }
+  }
+}
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+// The gated activation of one (gate, up) pair, as moespec.reference._gated_activation.
+inline float activate(const ExpertsCtx& c, float g, float u) {
+  if (c.activation == 0) return g / (1.f + std::exp(-g)) * u;
+  g = g > c.limit ? c.limit : g;  // comparisons keep NaN, like torch.clamp
+  u = u > c.limit ? c.limit : (u < -c.limit ? -c.limit : u);
+  return g * sigmoid(g * c.alpha) * (u + 1.f);
+}
+
+template <class Tag>
+void gemm1_t(const ExpertsCtx& c, int a, int i0, int i1) {
+  using T = typename Tag::T;
+  const int e = c.act_experts[a];
+  const int p0 = c.act_offsets[a];
+  const int n = c.act_offsets[a + 1] - p0;
+  const int H = c.H, I = c.I, I2 = 2 * c.I;
+  const T* w = static_cast<const T*>(c.w_gu) + (int64_t)e * I2 * H;
+  float* gu = c.gu + (int64_t)p0 * I2;
+  // Storage ranges holding this item's gate and up columns.
+  int ranges[2][2];
+  int nr = 0;
+  if (c.order == 2) {
+    ranges[nr][0] = 2 * i0, ranges[nr][1] = 2 * i1, ++nr;
+  } else {
+    ranges[nr][0] = i0, ranges[nr][1] = i1, ++nr;
+    ranges[nr][0] = I + i0, ranges[nr][1] = I + i1, ++nr;
+  }
+  for (int q = 0; q < nr; ++q) {
+    if (c.transposed) {
+      axpy_cols<Tag>(w, I2, ranges[q][0], ranges[q][1], c.xrows + p0, n, H, gu, I2);
+    } else {
+#ifdef MOESPEC_BF16_DOT
+      if (c.x16rows != nullptr) {
+        dot_rows_bf16(reinterpret_cast<const uint16_t*>(w), H, ranges[q][0], ranges[q][1], c.x16rows + p0, n, H, gu,
+                      I2);
+        continue;
+      }
+#endif
+      dot_rows<Tag>(w, H, ranges[q][0], ranges[q][1], c.xrows + p0, n, H, gu, I2);
+    }
+  }
+  const float* b = c.b_gu != nullptr ? c.b_gu + (int64_t)e * I2 : nullptr;
+  for (int p = 0; p < n; ++p) {
+    const float* row = gu + (int64_t)p * I2;
+    float* hrow = c.h + (int64_t)(p0 + p) * I;
+    for (int i = i0; i < i1; ++i) {
+      const int gi = c.order == 0 ? i : (c.order == 1 ? I + i : 2 * i);
+      const int ui = c.order == 0 ? I + i : (c.order == 1 ? i : 2 * i + 1);
+      float g = row[gi], u = row[ui];
+      if (b != nullptr) {
+        g += b[gi];
+        u += b[ui];
+      }
+      // The intermediate is stored in the activation dtype (as moespec.reference rounds it).
+      const float h = round_to(activate(c, g, u), c.dtype);
+      hrow[i] = h;
+      if (c.h16 != nullptr) c.h16[(int64_t)(p0 + p) * I + i] = float_to_bf16(h);
+    }
+  }
+}
+
+template <class Tag>
+void gemm2_t(const ExpertsCtx& c, int a, int h0, int h1) {
+  using T = typename Tag::T;
+  const int e = c.act_experts[a];
+  const int p0 = c.act_offsets[a];
+  const int n = c.act_offsets[a + 1] - p0;
+  const int H = c.H, I = c.I;
+  const T* w = static_cast<const T*>(c.w_down) + (int64_t)e * H * I;
+  float* y = c.y + (int64_t)p0 * H;
+  if (c.transposed) {
+    axpy_cols<Tag>(w, H, h0, h1, c.hrows + p0, n, I, y, H);
+  } else {
+#ifdef MOESPEC_BF16_DOT
+    if (c.h16rows != nullptr) {
+      dot_rows_bf16(reinterpret_cast<const uint16_t*>(w), I, h0, h1, c.h16rows + p0, n, I, y, H);
+    } else
+#endif
+      dot_rows<Tag>(w, I, h0, h1, c.hrows + p0, n, I, y, H);
+  }
+  const float* b = c.b_down != nullptr ? c.b_down + (int64_t)e * H : nullptr;
+  for (int p = 0; p < n; ++p) {
+    const int pair = p0 + p;
+    const float wt = c.weights[(int64_t)c.pair_token[pair] * c.k + c.pair_slot[pair]];
+    float* row = y + (int64_t)p * H;
+    if (b != nullptr) {
+      for (int j = h0; j < h1; ++j) row[j] = (row[j] + b[j]) * wt;
+    } else {
+      for (int j = h0; j < h1; ++j) row[j] = row[j] * wt;
+    }
+  }
+}
+
+void gemm1(const ExpertsCtx& c, int a, int i0, int i1) {
+  if (c.dtype == 1) return gemm1_t<TagBF16>(c, a, i0, i1);
+  if (c.dtype == 2) return gemm1_t<TagF16>(c, a, i0, i1);
+  return gemm1_t<TagF32>(c, a, i0, i1);
+}
+
+void gemm2(const ExpertsCtx& c, int a, int h0, int h1) {
+  if (c.dtype == 1) return gemm2_t<TagBF16>(c, a, h0, h1);
+  if (c.dtype == 2) return gemm2_t<TagF16>(c, a, h0, h1);
+  return gemm2_t<TagF32>(c, a, h0, h1);
+}
+
+}  // namespace
+}  // namespace MOESPEC_ISA_NS
+}  // namespace cpu
+}  // namespace moespec

@@ -1,0 +1,35 @@
+// Portable scalar level of the CPU experts (no vector intrinsics; any architecture).
+#include <cstdint>
+
+#include "convert.h"
+
+#define MOESPEC_ISA_NS isa_scalar
+namespace moespec {
+namespace cpu {
+namespace isa_scalar {
+struct V {
+  using R = float;
+  static constexpr int W = 1;
+  static R zero() { return 0.f; }
+  static R set1(float f) { return f; }
+  static R loadf(const float* p) { return *p; }
+  static void storef(float* p, R r) { *p = r; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static float hsum(R r) { return r; }
+  template <class Tag>
+  static R load(const typename Tag::T* p, Tag) { return Tag::scalar(p); }
+};
+}  // namespace isa_scalar
+}  // namespace cpu
+}  // namespace moespec
+
+#include "experts_impl.h"
+
+namespace moespec {
+namespace cpu {
+const IsaKernels* kernels_scalar() {
+  static const IsaKernels k{isa_scalar::gemm1, isa_scalar::gemm2, false};
+  return &k;
+}
+}  // namespace cpu
+}  // namespace moespec
