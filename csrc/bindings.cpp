@@ -115,7 +115,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<moespec::cpu::CpuPlanArgs>(m, "CpuPlanArgs")
       .def(py::init<>())
 #define MOESPEC_RW(name) .def_readwrite(#name, &moespec::cpu::CpuPlanArgs::name)
-      MOESPEC_RW(logits) MOESPEC_RW(logits_dtype) MOESPEC_RW(logits_stride) MOESPEC_RW(in_ids)
+      MOESPEC_RW(probs) MOESPEC_RW(probs_stride) MOESPEC_RW(in_ids)
       MOESPEC_RW(in_ids_type) MOESPEC_RW(in_weights) MOESPEC_RW(in_weights_dtype) MOESPEC_RW(in_kept)
       MOESPEC_RW(in_kept_type) MOESPEC_RW(n_in_kept) MOESPEC_RW(token_mask) MOESPEC_RW(T) MOESPEC_RW(E)
       MOESPEC_RW(k) MOESPEC_RW(route) MOESPEC_RW(renormalize) MOESPEC_RW(score_mode) MOESPEC_RW(budget)

@@ -22,15 +22,18 @@ std::vector<std::string> compiled_isas();  // levels compiled into this build, l
 int active_isa(std::string* err);
 
 // ---------------------------------------------------------------------------- routing plan
-// The same outputs and codes as moespec::PlanArgs (csrc/include/moespec/api.h), computed on the
-// host: dtypes 0 fp32, 1 bf16, 2 fp16; id types 0 int32, 1 int64; score_mode 0 none, 1 prob,
-// 2 topk; policy 0 substitute, 1 truncate; csr_mode 0 none, 1 all pairs, 2 active pairs.
+// The outputs and codes of moespec::PlanArgs (csrc/include/moespec/api.h), computed on the host:
+// dtypes 0 fp32, 1 bf16, 2 fp16; id types 0 int32, 1 int64; score_mode 0 none, 1 prob, 2 topk;
+// policy 0 substitute, 1 truncate; csr_mode 0 none, 1 all pairs, 2 active pairs.
+// Unlike the CUDA plan it starts from the softmax probabilities and the unbudgeted top-k that the
+// caller computed with torch (torch.softmax + torch.topk, exactly as the models' routers do), so
+// that an unbudgeted routing is bit-identical to the model's; route=1 means "in_ids/in_weights are
+// that routing and probs its probabilities". row_max/row_sum are not written.
 // Extras over the CUDA plan: all_candidates (1: the kept set is chosen among every expert,
 // 0: among the union) and an optional token mask (uint8 [T], 0 = padding).
 struct CpuPlanArgs {
-  uintptr_t logits = 0;
-  int logits_dtype = 0;
-  int64_t logits_stride = 0;
+  uintptr_t probs = 0;  // fp32 [T, E], row stride probs_stride; a row with a NaN is invalid
+  int64_t probs_stride = 0;
   uintptr_t in_ids = 0;
   int in_ids_type = 0;
   uintptr_t in_weights = 0;

@@ -1,9 +1,9 @@
 // The routing plan on the host: the semantics of the CUDA plan (csrc/include/moespec/routing.cuh)
 // and of moespec.reference.budget_routing_masked, computed sequentially (docs/cpu-kernels.md):
-//   softmax top-k -> union -> scores -> kept set among the candidates (top-C by score, ties to
-//   the lower id; coverage) -> re-routing (substitute / truncate) -> CSR of the active pairs.
-// Rows without a softmax (any NaN, any +inf, all -inf: row_sum is NaN) are padding, as in the CUDA
-// plan. The plan is cheap next to the experts (O(T*E) exps), so it runs on one thread; its
+//   (torch's softmax top-k, given) -> union -> scores -> kept set among the candidates (top-C by
+//   score, ties to the lower id; coverage) -> re-routing (substitute / truncate) -> CSR.
+// Rows without a softmax (a NaN probability: any NaN, any +inf or all -inf logits) are padding, as
+// in the CUDA plan. The plan is cheap next to the experts (O(T*E)), so it runs on one thread; its
 // scratch lives in thread-local buffers that only grow (no allocation once warm).
 #include <algorithm>
 #include <cmath>
@@ -72,24 +72,23 @@ std::string routing_plan(const CpuPlanArgs& a) {
   if (a.T < 1) return "cpu routing plan: T must be >= 1";
   if (a.E < 1) return "cpu routing plan: E must be >= 1, got " + std::to_string(a.E);
   if (a.k < 1 || a.k > a.E) return "cpu routing plan: k must be in [1, E], got " + std::to_string(a.k);
-  if (a.route && a.logits == 0) return "cpu routing plan: route=1 needs router logits";
-  if (a.score_mode == kScoreProb && a.logits == 0) return "cpu routing plan: score mode 'prob' needs router logits";
-  if (a.score_mode == kScoreTopk && !a.route && a.in_ids == 0) return "cpu routing plan: score mode 'topk' needs ids";
-  if (a.csr_mode != kCsrNone && !a.route && a.in_ids == 0) return "cpu routing plan: a CSR needs a routing";
-  if (a.logits != 0 && (a.logits_dtype < 0 || a.logits_dtype > 2)) return "cpu routing plan: bad logits dtype code";
-  if (a.ids == 0 || a.weights == 0 || a.row_max == 0 || a.row_sum == 0 || a.scores == 0 || a.meta == 0 ||
+  if (a.route && (a.probs == 0 || a.in_ids == 0 || a.in_weights == 0))
+    return "cpu routing plan: route=1 needs the probabilities and the unbudgeted top-k ids and weights";
+  if (a.score_mode == kScoreProb && a.probs == 0) return "cpu routing plan: score mode 'prob' needs probabilities";
+  if (a.score_mode == kScoreTopk && a.in_ids == 0) return "cpu routing plan: score mode 'topk' needs ids";
+  if (a.csr_mode != kCsrNone && a.in_ids == 0) return "cpu routing plan: a CSR needs a routing";
+  if (a.probs != 0 && a.probs_stride < a.E) return "cpu routing plan: probability rows overlap (stride < E)";
+  if (a.ids == 0 || a.weights == 0 || a.scores == 0 || a.meta == 0 ||
       a.union_experts == 0 || a.kept_experts == 0 || a.act_experts == 0 || a.act_offsets == 0 ||
       a.pair_token == 0 || a.pair_slot == 0 || a.pair_position == 0)
     return "cpu routing plan: an output buffer is missing";
 
   const int T = a.T, E = a.E, k = a.k;
   const int64_t P = (int64_t)T * k;
-  const void* logits = reinterpret_cast<const void*>(a.logits);
+  const float* probs = reinterpret_cast<const float*>(a.probs);
   const uint8_t* tmask = reinterpret_cast<const uint8_t*>(a.token_mask);
   int* ids = reinterpret_cast<int*>(a.ids);
   float* weights = reinterpret_cast<float*>(a.weights);
-  float* row_max = reinterpret_cast<float*>(a.row_max);
-  float* row_sum = reinterpret_cast<float*>(a.row_sum);
   float* scores = reinterpret_cast<float*>(a.scores);
   int* meta = reinterpret_cast<int*>(a.meta);
   int* union_experts = reinterpret_cast<int*>(a.union_experts);
@@ -101,7 +100,7 @@ std::string routing_plan(const CpuPlanArgs& a) {
   int* pair_position = reinterpret_cast<int*>(a.pair_position);
 
   static thread_local Scratch s;
-  Scratch::fit(s.prob, logits != nullptr ? (size_t)T * E : 1);
+  Scratch::fit(s.prob, (size_t)T);  // row validity
   Scratch::fit(s.score, E);
   Scratch::fit(s.present, E);
   Scratch::fit(s.keep, E);
@@ -110,55 +109,35 @@ std::string routing_plan(const CpuPlanArgs& a) {
   Scratch::fit(s.cnt, E);
   Scratch::fit(s.lv, k);
   Scratch::fit(s.li, k);
-  float* prob = s.prob.data();
+  float* valid = s.prob.data();
   const float inf = std::numeric_limits<float>::infinity();
   auto unmasked = [&](int t) { return tmask == nullptr || tmask[t] != 0; };
 
-  // ---- phase A: per token: softmax statistics and probabilities, top-k or the given routing
+  // ---- phase A: per token: validity, and the given routing (-1 for out-of-range ids)
   for (int t = 0; t < T; ++t) {
-    if (logits != nullptr) {
-      const int64_t row = (int64_t)t * a.logits_stride;
-      float m = -inf;
-      for (int e = 0; e < E; ++e) m = std::fmax(m, load_as_float(logits, a.logits_dtype, row + e));
-      float sum = 0.f;
-      float* pr = prob + (int64_t)t * E;
-      for (int e = 0; e < E; ++e) {
-        pr[e] = std::exp(load_as_float(logits, a.logits_dtype, row + e) - m);
-        sum += pr[e];
-      }
-      for (int e = 0; e < E; ++e) pr[e] /= sum;
-      row_max[t] = m;
-      row_sum[t] = sum;
-      if (a.route && std::isnan(sum)) {  // invalid row: placeholder until phase D
-        for (int r = 0; r < k; ++r) {
-          ids[(int64_t)t * k + r] = -1;
-          weights[(int64_t)t * k + r] = 0.f;
-        }
-      } else if (a.route) {
-        int* ti = ids + (int64_t)t * k;
-        float* tw = weights + (int64_t)t * k;
-        topk(E, k, [&](int e) { return pr[e]; }, ti, tw, s.lv.data(), s.li.data());
-        if (a.renormalize) {
-          float wsum = 0.f;
-          for (int r = 0; r < k; ++r) wsum += tw[r];
-          if (wsum > 0.f)
-            for (int r = 0; r < k; ++r) tw[r] /= wsum;
-        }
-      }
+    bool ok = true;
+    if (a.route) {
+      const float* pr = probs + (int64_t)t * a.probs_stride;
+      for (int e = 0; e < E; ++e) ok = ok && !std::isnan(pr[e]);
     }
-    if (!a.route && a.in_ids != 0) {
-      for (int r = 0; r < k; ++r) {
-        const int64_t i = (int64_t)t * k + r;
-        const int64_t id = load_index(reinterpret_cast<const void*>(a.in_ids), a.in_ids_type, i);
-        ids[i] = (id >= 0 && id < E) ? (int)id : -1;
-        weights[i] = a.in_weights != 0
-                         ? load_as_float(reinterpret_cast<const void*>(a.in_weights), a.in_weights_dtype, i)
-                         : 1.f;
+    valid[t] = ok ? 1.f : 0.f;
+    for (int r = 0; r < k; ++r) {
+      const int64_t i = (int64_t)t * k + r;
+      if (a.in_ids == 0) break;
+      if (!ok) {  // invalid row: placeholder until phase D
+        ids[i] = -1;
+        weights[i] = 0.f;
+        continue;
       }
+      const int64_t id = load_index(reinterpret_cast<const void*>(a.in_ids), a.in_ids_type, i);
+      ids[i] = (id >= 0 && id < E) ? (int)id : -1;
+      weights[i] = a.in_weights != 0
+                       ? load_as_float(reinterpret_cast<const void*>(a.in_weights), a.in_weights_dtype, i)
+                       : 1.f;
     }
   }
-  const bool have_ids = a.route || a.in_ids != 0;
-  auto row_valid = [&](int t) { return !(a.route && std::isnan(row_sum[t])); };
+  const bool have_ids = a.in_ids != 0;
+  auto row_valid = [&](int t) { return valid[t] != 0.f; };
 
   // ---- phase B: union flags and scores (padding and invalid rows take no part)
   int* present = s.present.data();
@@ -185,7 +164,7 @@ std::string routing_plan(const CpuPlanArgs& a) {
   if (a.score_mode == kScoreProb) {
     for (int t = 0; t < T; ++t) {  // token order per expert, like the CUDA plan
       if (a.route && (!row_valid(t) || !unmasked(t))) continue;  // score_experts alone keeps NaN rows
-      const float* pr = prob + (int64_t)t * E;
+      const float* pr = probs + (int64_t)t * a.probs_stride;
       for (int e = 0; e < E; ++e) score[e] += pr[e];
     }
   } else if (a.score_mode == kScoreTopk) {
@@ -259,7 +238,7 @@ std::string routing_plan(const CpuPlanArgs& a) {
         }
         continue;
       }
-      const float* pr = prob + (int64_t)t * E;
+      const float* pr = probs + (int64_t)t * a.probs_stride;
       if (budgeted) {
         if (a.policy == kSubstitute) {
           bool kept_all = true;  // all of its experts kept: the masked top-k would change nothing

@@ -9,6 +9,23 @@ import sys
 from typing import Optional, Sequence
 
 
+def _cpu_isa() -> str:
+    from . import cpu_kernels
+
+    if not cpu_kernels.available():
+        return f"unavailable ({cpu_kernels.unavailable_reason()})"
+    try:
+        return cpu_kernels.isa()
+    except ValueError as exc:  # a bad MOESPEC_CPU_ISA
+        return f"error: {exc}"
+
+
+def _cpu_isas() -> list:
+    from . import cpu_kernels
+
+    return cpu_kernels.compiled_isas() if cpu_kernels.available() else []
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -39,6 +56,9 @@ def _info(args: argparse.Namespace) -> int:
         "gpu_problem": None if (gpus or st["device_count"] > 0) else _cuda.device_problem(st),
         "kernels_usable": _cuda.available(),
         "why_not": _cuda.unavailable_reason(),
+        # The C++ CPU kernels (every build): the ISA level in use (MOESPEC_CPU_ISA caps it) and the levels compiled.
+        "cpu_kernels_isa": _cpu_isa(),
+        "cpu_kernels_compiled_isas": _cpu_isas(),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -662,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    pi = sub.add_parser("info", help="version, torch, compiled CUDA kernels and architectures, visible GPUs",
+    pi = sub.add_parser("info", help="version, torch, compiled CUDA kernels and architectures, visible GPUs, CPU kernel ISA",
                         description="Report the moespec and torch versions, which kernel backend was built (cuda, "
                                     "emu or none) and for which GPU architectures, the CUDA runtime and driver, the "
                                     "visible GPUs, and why the CUDA kernels cannot run here if they cannot.")

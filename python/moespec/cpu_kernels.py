@@ -29,7 +29,7 @@ import torch
 
 from . import _cuda
 from .kernels import (META_ACTIVE, META_BUDGETED, META_KEPT, META_PAIRS, META_UNION, RoutingPlan)
-from .reference import default_candidates
+from .reference import default_candidates, route_topk_softmax
 from .types import BudgetedRouting, ExpertLayout, ExpertUnion
 
 __all__ = [
@@ -155,9 +155,13 @@ def plan_routing(
 
     Semantics of `moespec.reference.budget_routing_masked` (invalid rows, token mask, candidates);
     arguments as there (validated by `moespec.ops`; here only the tensor placement is checked).
+    The softmax and the unbudgeted top-k are torch's (`moespec.reference.route_topk_softmax`, as
+    the models' routers compute them), so an unbudgeted routing is bit-identical to the model's;
+    the kernel does the rest (union, scores, kept set, re-routing, CSR). ``plan.row_max`` and
+    ``plan.row_sum`` are not written.
 
     Args:
-        router_logits: ``[T, E]`` CPU float tensor (fp32/bf16/fp16 read directly, others upcast).
+        router_logits: ``[T, E]`` CPU float tensor (any float dtype; the math is fp32).
         candidates: ``"all"``, ``"union"`` or None (`moespec.reference.default_candidates`).
         token_mask: optional ``[T]`` bool, False for padding.
         plan: buffers to reuse (must match ``(T, E, top_k)`` on the CPU).
@@ -171,17 +175,15 @@ def plan_routing(
     _check_cpu("token_mask", token_mask)
     T, E = router_logits.shape
     plan = _cpu_plan(plan, T, E, top_k)
-    z = router_logits
-    if z.dtype not in _FLOAT_CODE:
-        z = z.float()
-    if z.stride(1) != 1:
-        z = z.contiguous()
+    probs, ids, w = route_topk_softmax(router_logits, top_k, renormalize)
     cand = default_candidates(policy) if candidates is None else candidates
     if cand not in ("all", "union"):
         raise ValueError(f"candidates must be 'all', 'union' or None, got {candidates!r}")
     budgeted = budget is not None or coverage is not None
     a = _plan_args(plan)
-    a.logits, a.logits_dtype, a.logits_stride = z.data_ptr(), _FLOAT_CODE[z.dtype], z.stride(0)
+    a.probs, a.probs_stride = probs.data_ptr(), probs.stride(0)
+    a.in_ids, a.in_ids_type = ids.data_ptr(), _ID_CODE[ids.dtype]
+    a.in_weights, a.in_weights_dtype = w.data_ptr(), 0
     mask = None
     if token_mask is not None:
         mask = token_mask.contiguous().view(torch.uint8)
@@ -363,10 +365,9 @@ def score_experts(router_logits: torch.Tensor, mode: str, topk_ids: Optional[tor
     a = _plan_args(plan)
     keep = []
     if mode == "prob":
-        z = router_logits if router_logits.dtype in _FLOAT_CODE else router_logits.float()
-        z = z if z.stride(1) == 1 else z.contiguous()
-        keep.append(z)
-        a.logits, a.logits_dtype, a.logits_stride = z.data_ptr(), _FLOAT_CODE[z.dtype], z.stride(0)
+        probs = torch.softmax(router_logits.float(), dim=-1)  # as the reference
+        keep.append(probs)
+        a.probs, a.probs_stride = probs.data_ptr(), probs.stride(0)
     else:
         ids, w = topk_ids.contiguous(), topk_weights.contiguous()
         if w.dtype not in _FLOAT_CODE:
