@@ -3,8 +3,9 @@
 //   1. GEMM1 + bias + gated activation, items = (active expert, 32 intermediate columns)
 //   2. GEMM2 + bias, times the routing weight, items = (active expert, 64 hidden columns)
 //   3. combine: y[t] = sum of its active pairs in slot order, converted to the activation dtype
-// Items are claimed dynamically (an atomic counter), but each output element is computed by one
-// item in a fixed order, so results do not depend on the thread count or the schedule.
+// Items are claimed dynamically (an atomic counter; threads that join late just find less work),
+// but each output element is computed by one item in a fixed order, so results do not depend on
+// the thread count or the schedule.
 // Each item streams its slice of one expert's weights once for all of that expert's tokens.
 #include <atomic>
 #include <cstdlib>
@@ -84,7 +85,6 @@ struct Stage {
   const int* pair_position;
   void* out;
   float* acc;  // [threads, H]
-  int threads;
 };
 
 void run_stage(void* p, int tid) {
@@ -93,7 +93,9 @@ void run_stage(void* p, int tid) {
   if (s.which == 3) {
     const int T = c.T, H = c.H, k = c.k;
     float* acc = s.acc + (int64_t)tid * H;
-    for (int t = tid; t < T; t += s.threads) {
+    for (;;) {  // tokens claimed one at a time: whichever threads joined share them
+      const int t = s.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= T) return;
       for (int j = 0; j < H; ++j) acc[j] = 0.f;
       for (int r = 0; r < k; ++r) {  // slot order
         const int pos = s.pair_position[(int64_t)t * k + r];
@@ -111,7 +113,6 @@ void run_stage(void* p, int tid) {
           for (int j = 0; j < H; ++j) o[j] = float_to_half(acc[j]);
       }
     }
-    return;
   }
   for (;;) {
     const int it = s.next.fetch_add(1, std::memory_order_relaxed);
@@ -244,8 +245,7 @@ std::string moe_experts(const CpuExpertsArgs& a) {
   s3.pair_position = reinterpret_cast<const int*>(a.pair_position);
   s3.out = reinterpret_cast<void*>(a.out);
   s3.acc = acc;
-  s3.threads = threads < T ? threads : T;
-  pool.run(s3.threads, run_stage, &s3);
+  pool.run(threads < T ? threads : T, run_stage, &s3);
   return "";
 }
 

@@ -2,7 +2,7 @@
 // (experts_scalar.cpp, experts_avx2.cpp, experts_avx512.cpp, experts_avx512bf16.cpp). Each
 // including file defines MOESPEC_ISA_NS and, inside moespec::cpu::MOESPEC_ISA_NS, a struct V:
 //   R (register type), W (fp32 lanes), zero(), set1(f), loadf(p), storef(p, r), fma(a, b, c),
-//   hsum(r), and load(p, TagF32 / TagBF16 / TagF16) converting W weights to fp32.
+//   hsum(r), hsum4(a, b, c, d, out4), and load(p, TagF32 / TagBF16 / TagF16) converting W weights to fp32.
 // Everything here lives in that per-ISA namespace and has internal linkage, so no symbol compiled
 // with one ISA's instructions can be picked by the linker for another level.
 //
@@ -57,12 +57,17 @@ inline void dot_tile(const typename Tag::T* w, int64_t ldw, const float* const* 
       for (int r = 0; r < RB; ++r) acc[r][t] = V::fma(wv[r], xv, acc[r][t]);
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < TB; ++t) {
-      float s = V::hsum(acc[r][t]);
-      for (int j = kk; j < K; ++j) s += Tag::scalar(w + r * ldw + j) * xs[t][j];
-      outs[t][r_off + r] = s;
+  for (int t = 0; t < TB; ++t) {
+    // Each sum depends only on its own accumulator, so padding a short tile changes no bits.
+    float s[4];
+    const typename V::R z = V::zero();
+    V::hsum4(acc[0][t], RB > 1 ? acc[RB > 1 ? 1 : 0][t] : z, RB > 2 ? acc[RB > 2 ? 2 : 0][t] : z,
+             RB > 3 ? acc[RB > 3 ? 3 : 0][t] : z, s);
+    for (int r = 0; r < RB; ++r) {
+      for (int j = kk; j < K; ++j) s[r] += Tag::scalar(w + r * ldw + j) * xs[t][j];
+      outs[t][r_off + r] = s[r];
     }
+  }
 }
 
 // out[p * ldo + r] = dot(W row r, xs[p]) for rows [r0, r1) of w (row stride ldw) and p < n.
@@ -174,8 +179,13 @@ inline void dot_tile_bf16(const uint16_t* w, int64_t ldw, const uint16_t* const*
       for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xv);
     }
   }
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < TB; ++t) outs[t][r_off + r] = _mm512_reduce_add_ps(acc[r][t]);
+  for (int t = 0; t < TB; ++t) {
+    float s[4];
+    const __m512 z = _mm512_setzero_ps();
+    V::hsum4(acc[0][t], RB > 1 ? acc[RB > 1 ? 1 : 0][t] : z, RB > 2 ? acc[RB > 2 ? 2 : 0][t] : z,
+             RB > 3 ? acc[RB > 3 ? 3 : 0][t] : z, s);
+    for (int r = 0; r < RB; ++r) outs[t][r_off + r] = s[r];
+  }
 }
 
 void dot_rows_bf16(const uint16_t* w, int64_t ldw, int r0, int r1, const uint16_t* const* xs, int n, int K,
@@ -248,10 +258,40 @@ void gemm1_t(const ExpertsCtx& c, int a, int i0, int i1) {
     }
   }
   const float* b = c.b_gu != nullptr ? c.b_gu + (int64_t)e * I2 : nullptr;
+  // Gate and up columns are contiguous unless interleaved: W at a time, with the vector exp.
+  const int goff = c.order == 1 ? I : 0, uoff = c.order == 1 ? 0 : I;
+  const typename V::R one = V::set1(1.f), lim = V::set1(c.limit), nlim = V::set1(-c.limit), alpha = V::set1(c.alpha);
+  const typename V::R zero = V::zero();
   for (int p = 0; p < n; ++p) {
     const float* row = gu + (int64_t)p * I2;
     float* hrow = c.h + (int64_t)(p0 + p) * I;
-    for (int i = i0; i < i1; ++i) {
+    int i = i0;
+    if (c.order != 2) {
+      for (; i + V::W <= i1; i += V::W) {
+        typename V::R g = V::loadf(row + goff + i), u = V::loadf(row + uoff + i);
+        if (b != nullptr) {
+          g = V::add(g, V::loadf(b + goff + i));
+          u = V::add(u, V::loadf(b + uoff + i));
+        }
+        typename V::R hv;
+        if (c.activation == 0) {  // silu(g) * u = g / (1 + exp(-g)) * u
+          hv = V::mul(V::div(g, V::add(one, V::exp(V::fma(g, V::set1(-1.f), zero)))), u);
+        } else {  // g * sigmoid(alpha * g) * (u + 1) with g <= limit, |u| <= limit
+          g = V::min(lim, g);
+          u = V::max(nlim, V::min(lim, u));
+          const typename V::R sg = V::div(one, V::add(one, V::exp(V::mul(V::mul(g, alpha), V::set1(-1.f)))));
+          hv = V::mul(V::mul(g, sg), V::add(u, one));
+        }
+        float tmp[V::W];
+        V::storef(tmp, hv);
+        for (int j = 0; j < V::W; ++j) {
+          const float h = round_to(tmp[j], c.dtype);
+          hrow[i + j] = h;
+          if (c.h16 != nullptr) c.h16[(int64_t)(p0 + p) * I + i + j] = float_to_bf16(h);
+        }
+      }
+    }
+    for (; i < i1; ++i) {
       const int gi = c.order == 0 ? i : (c.order == 1 ? I + i : 2 * i);
       const int ui = c.order == 0 ? I + i : (c.order == 1 ? i : 2 * i + 1);
       float g = row[gi], u = row[ui];

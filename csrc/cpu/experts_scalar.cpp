@@ -1,4 +1,5 @@
 // Portable scalar level of the CPU experts (no vector intrinsics; any architecture).
+#include <cmath>
 #include <cstdint>
 
 #include "convert.h"
@@ -15,7 +16,14 @@ struct V {
   static R loadf(const float* p) { return *p; }
   static void storef(float* p, R r) { *p = r; }
   static R fma(R a, R b, R c) { return a * b + c; }
+  static R add(R a, R b) { return a + b; }
+  static R mul(R a, R b) { return a * b; }
+  static R div(R a, R b) { return a / b; }
+  static R min(R a, R x) { return x > a ? a : x; }  // NaN x propagates, as with the vector levels
+  static R max(R a, R x) { return x < a ? a : x; }
+  static R exp(R x) { return std::exp(x); }
   static float hsum(R r) { return r; }
+  static void hsum4(R a, R b, R c, R d, float* out) { out[0] = a, out[1] = b, out[2] = c, out[3] = d; }
   template <class Tag>
   static R load(const typename Tag::T* p, Tag) { return Tag::scalar(p); }
 };

@@ -11,32 +11,21 @@ namespace moespec {
 namespace cpu {
 
 namespace {
-constexpr int kSpin = 20000;  // pause iterations (tens of microseconds) before a worker sleeps
-struct Noop {
-  static void fn(void*, int) {}
-};
+constexpr int kSpin = 4000;  // pause iterations (some tens of microseconds) before a worker sleeps
 }  // namespace
 
 ThreadPool& ThreadPool::instance() {
-  // Leaked on purpose: joining threads from a static destructor at interpreter exit can deadlock.
+  // Leaked on purpose (workers run forever): joining threads from a static destructor at
+  // interpreter exit can deadlock.
   static ThreadPool* pool = new ThreadPool();
   return *pool;
-}
-
-ThreadPool::~ThreadPool() {
-  {
-    std::lock_guard<std::mutex> lk(wake_m_);
-    stop_ = true;
-    epoch_.fetch_add(1);
-  }
-  wake_cv_.notify_all();
-  for (auto& t : workers_) t.join();
 }
 
 void ThreadPool::grow(int workers) {
   while ((int)workers_.size() < workers) {
     const int id = (int)workers_.size() + 1;
     workers_.emplace_back([this, id] { loop(id); });
+    workers_.back().detach();
   }
 }
 
@@ -54,11 +43,12 @@ void ThreadPool::loop(int id) {
       now = epoch_.load(std::memory_order_acquire);
     }
     seen = now;
-    if (stop_) return;
-    // Every worker takes part in every epoch (ids beyond n_ return at once), so none can skip
-    // one and mistake the next job's arguments for the current one's.
-    if (id < n_) fn_(ctx_, id);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    // Announce first, then look: the caller closes the job before it waits for busy_ == 0, so
+    // either it sees this worker and waits, or this worker sees the job closed (or the next one,
+    // fully published) and never touches a finished job's context.
+    busy_.fetch_add(1, std::memory_order_seq_cst);
+    if (open_.load(std::memory_order_seq_cst) && id < n_) fn_(ctx_, id);
+    busy_.fetch_sub(1, std::memory_order_release);
   }
 }
 
@@ -72,21 +62,21 @@ void ThreadPool::run(int n, void (*fn)(void*, int), void* ctx) {
   fn_ = fn;
   ctx_ = ctx;
   n_ = n;
-  pending_.store((int)workers_.size(), std::memory_order_relaxed);
+  open_.store(true, std::memory_order_seq_cst);
   {
     std::lock_guard<std::mutex> lk(wake_m_);
     epoch_.fetch_add(1, std::memory_order_acq_rel);
   }
   wake_cv_.notify_all();
   fn(ctx, 0);
-  for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) {
+  open_.store(false, std::memory_order_seq_cst);
+  for (int i = 0; busy_.load(std::memory_order_seq_cst) != 0; ++i) {
     if (i < kSpin) {
       MOESPEC_PAUSE();
     } else {
       std::this_thread::yield();
     }
   }
-  fn_ = Noop::fn;
 }
 
 }  // namespace cpu

@@ -461,8 +461,8 @@ def _runnable_impls(layer, impls: list, device: str, chosen, explicit: bool) -> 
         return list(impls)
     if dropped:
         if all(n.startswith("moespec") for n in dropped) and _device_type(device) != "cuda":
-            print("NOTE: no GPU: timing moespec's reference (its CPU path) and the baselines, not the CUDA kernels",
-                  file=sys.stderr)
+            print("NOTE: no GPU: timing moespec's C++ CPU kernels (moespec-cpu), the reference and the baselines, "
+                  "not the CUDA kernels", file=sys.stderr)
         else:
             print("NOTE: skipping " + "; ".join(f"{n}: {why[n]}" for n in dropped), file=sys.stderr)
     return ok
@@ -712,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub.required = True
 
     bl = bsub.add_parser("layer", help="time one budgeted MoE layer against its byte floor and the baselines",
-                         description="Time one budgeted MoE layer (moespec CUDA, reference, transformers experts, "
+                         description="Time one budgeted MoE layer (moespec CUDA or CPU kernels, reference, "
+                                     "transformers experts, "
                                      "F.grouped_mm) against the byte floor. On CPU, presets run with H and I "
                                      "reduced (--reduce) and wall-clock timing, labelled as such.",
                          epilog=_OUTPUT_RULES)
@@ -730,8 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="iid | zipf[:S] | tree[:B[:RHO]] (draft-tree-correlated) | replay:FILE (from "
                          "`moespec capture`); several comma-separated, e.g. iid,zipf:1.2,tree:2")
     bl.add_argument("--impls", help="comma list or 'all' (default; on CPU all but the CUDA ones): moespec, "
-                                    "moespec-experts, moespec-experts-atomic, moespec-plan, reference, hf-eager, "
-                                    "hf-grouped_mm, hf-batched_mm, torch-grouped_mm. One that cannot run here is "
+                                    "moespec-experts, moespec-experts-atomic, moespec-plan, moespec-cpu, "
+                                    "moespec-cpu-experts, reference, hf-eager, hf-grouped_mm, hf-batched_mm, "
+                                    "torch-grouped_mm. One that cannot run here is "
                                     "skipped with its reason; an error if none of those given can run")
     bl.add_argument("--device", default="auto", help="auto (cuda if visible), cpu, cuda, cuda:N")
     _add_threads(bl)
