@@ -273,6 +273,7 @@ LAYOUTS = {
     "up_gate": (ExpertLayout(gate_up="up_gate"), False),
     "transposed": (ExpertLayout(transposed=True), False),
     "gpt_oss": (ExpertLayout.gpt_oss(), True),
+    "interleaved_bias": (ExpertLayout(gate_up="interleaved"), True),  # output-major, interleaved, biases
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -370,6 +371,26 @@ def test_clamped_swiglu_clamps(isa, gen):
     want = reference.moe_experts(x, w_gu * 4, w_dn, ids, w, b_gate_up=b_gu, b_down=b_dn, layout=layout)
     got = ops.moe_experts(x, w_gu * 4, w_dn, ids, w, layout=layout, b_gate_up=b_gu, b_down=b_dn, backend="cpu")
     _assert_close(got, want)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 6, 11, 12, 16, 33])
+def test_token_major_path_threshold(isa, n_tokens, gen):
+    """Experts with few tokens take the dot-product path, with many the token-major path (the switch
+    is at 3/4 of a vector: 6 tokens for AVX2, 12 for AVX-512); both sides of it, every dtype, a
+    layout with biases and clamped SwiGLU, and a token count that is not a multiple of the width."""
+    E, k, H, I = 4, 1, 72, 40
+    for dtype in DTYPES:
+        for layout, bias in ((ExpertLayout(), False), (ExpertLayout(gate_up="up_gate", activation="clamped_swiglu"), True)):
+            w_gu, w_dn, b_gu, b_dn = _weights(gen, E, H, I, layout, dtype, bias)
+            x = torch.randn(n_tokens, H, generator=gen).to(dtype)
+            ids = torch.full((n_tokens, k), 2, dtype=torch.long)  # all tokens on one expert
+            ids[0, 0] = 1
+            w = torch.rand(n_tokens, k, generator=gen) + 0.1
+            want = reference.moe_experts(x, w_gu, w_dn, ids, w, b_gate_up=b_gu, b_down=b_dn, layout=layout)
+            plan = cpu_kernels.plan_from_routing(ids, w, E)
+            got = cpu_kernels.moe_experts_planned(x, w_gu, w_dn, plan, layout, b_gu, b_dn,
+                                                  out=_nan_out(n_tokens, H, dtype))
+            _assert_close(got, want)
 
 
 def test_more_pairs_than_tokens_per_expert_and_duplicates(isa, gen):

@@ -78,7 +78,7 @@ struct Carver {
 struct Stage {
   const ExpertsCtx* c;
   const IsaKernels* kern;
-  int which;  // 1: GEMM1, 2: GEMM2, 3: combine
+  int which;  // 0: per-expert preparation, 1: GEMM1, 2: GEMM2, 3: combine
   int items, blocks, width;
   std::atomic<int> next{0};
   // combine
@@ -114,16 +114,21 @@ void run_stage(void* p, int tid) {
       }
     }
   }
+  float* scratch = c.scratch + (int64_t)tid * c.scratch_stride;
   for (;;) {
     const int it = s.next.fetch_add(1, std::memory_order_relaxed);
     if (it >= s.items) return;
+    if (s.which == 0) {
+      s.kern->prep(c, it);
+      continue;
+    }
     const int a = it / s.blocks, b = it % s.blocks;
     const int lo = b * s.width;
     const int hi = s.which == 1 ? (lo + s.width < c.I ? lo + s.width : c.I) : (lo + s.width < c.H ? lo + s.width : c.H);
     if (s.which == 1)
-      s.kern->gemm1(c, a, lo, hi);
+      s.kern->gemm1(c, a, lo, hi, scratch);
     else
-      s.kern->gemm2(c, a, lo, hi);
+      s.kern->gemm2(c, a, lo, hi, scratch);
   }
 }
 
@@ -166,29 +171,35 @@ std::string moe_experts(const CpuExpertsArgs& a) {
   std::lock_guard<std::mutex> lock(ws_mutex);
   size_t need = 0;
   auto add = [&](size_t n, size_t sz) { need += (n * sz + 63) / 64 * 64; };
+  const size_t rows = (size_t)P + (size_t)A * kLanePad;  // per-expert buffers, each rounded up (experts_ctx.h)
+  const int64_t scratch_stride = 4 * (int64_t)(H > I ? H : I) + 4 * ((int64_t)T * k + kLanePad);
   add((size_t)T * H, 4);                    // xf
   add((size_t)P, sizeof(void*));            // xrows
   add((size_t)P, sizeof(void*));            // x16rows
-  add((size_t)P * 2 * I, 4);                // gu
-  add((size_t)P * I, 4);                    // h
-  add((size_t)P * I, 2);                    // h16
+  add(rows * H, 4);                         // xt
+  add(rows * 2 * I, 4);                     // gu
+  add(rows * I, 4);                         // h
+  add(rows * I, 2);                         // h16
   add((size_t)P, sizeof(void*));            // hrows
   add((size_t)P, sizeof(void*));            // h16rows
   add((size_t)P * H, 4);                    // y
   add((size_t)threads * H, 4);              // combine accumulators
+  add((size_t)threads * scratch_stride, 4); // per-thread scratch
   void* base = ws.get(need);
   if (base == nullptr) return "cpu experts: could not allocate the workspace (" + std::to_string(need) + " bytes)";
   Carver cv{static_cast<char*>(base)};
   float* xf = cv.take<float>((size_t)T * H);
   const float** xrows = cv.take<const float*>(P);
   const uint16_t** x16rows = cv.take<const uint16_t*>(P);
-  float* gu = cv.take<float>((size_t)P * 2 * I);
-  float* h = cv.take<float>((size_t)P * I);
-  uint16_t* h16 = cv.take<uint16_t>((size_t)P * I);
+  float* xt = cv.take<float>(rows * H);
+  float* gu = cv.take<float>(rows * 2 * I);
+  float* h = cv.take<float>(rows * I);
+  uint16_t* h16 = cv.take<uint16_t>(rows * I);
   const float** hrows = cv.take<const float*>(P);
   const uint16_t** h16rows = cv.take<const uint16_t*>(P);
   float* y = cv.take<float>((size_t)P * H);
   float* acc = cv.take<float>((size_t)threads * H);
+  float* scratch = cv.take<float>((size_t)threads * scratch_stride);
 
   // ---- inputs as fp32 rows (the bf16 dot products read x as it is)
   const int* pair_token = reinterpret_cast<const int*>(a.pair_token);
@@ -197,12 +208,16 @@ std::string moe_experts(const CpuExpertsArgs& a) {
     for (int t = 0; t < T; ++t)
       for (int j = 0; j < H; ++j) xf[(int64_t)t * H + j] = load_as_float(x, a.dtype, (int64_t)t * a.x_stride + j);
   }
-  for (int p = 0; p < P; ++p) {
-    const int t = pair_token[p];
-    xrows[p] = a.dtype == 0 ? static_cast<const float*>(x) + (int64_t)t * a.x_stride : xf + (int64_t)t * H;
-    x16rows[p] = static_cast<const uint16_t*>(x) + (int64_t)t * a.x_stride;
-    hrows[p] = h + (int64_t)p * I;
-    h16rows[p] = h16 + (int64_t)p * I;
+  const int* act_offsets = reinterpret_cast<const int*>(a.act_offsets);
+  for (int e = 0; e < A; ++e) {
+    for (int p = act_offsets[e]; p < act_offsets[e + 1]; ++p) {
+      const int t = pair_token[p];
+      xrows[p] = a.dtype == 0 ? static_cast<const float*>(x) + (int64_t)t * a.x_stride : xf + (int64_t)t * H;
+      x16rows[p] = static_cast<const uint16_t*>(x) + (int64_t)t * a.x_stride;
+      const int64_t slot = p + (int64_t)e * kLanePad;  // the expert's rows start at p0 + e * kLanePad
+      hrows[p] = h + slot * I;
+      h16rows[p] = h16 + slot * I;
+    }
   }
 
   ExpertsCtx c{};
@@ -218,20 +233,26 @@ std::string moe_experts(const CpuExpertsArgs& a) {
   c.b_gu = reinterpret_cast<const float*>(a.b_gu);
   c.b_down = reinterpret_cast<const float*>(a.b_down);
   c.act_experts = reinterpret_cast<const int*>(a.act_experts);
-  c.act_offsets = reinterpret_cast<const int*>(a.act_offsets);
+  c.act_offsets = act_offsets;
   c.pair_token = pair_token;
   c.pair_slot = reinterpret_cast<const int*>(a.pair_slot);
   c.weights = reinterpret_cast<const float*>(a.weights);
   c.xrows = xrows;
   c.x16rows = bf16_dot ? x16rows : nullptr;
+  c.xt = xt;
   c.gu = gu;
   c.h = h;
   c.h16 = bf16_dot ? h16 : nullptr;
   c.hrows = hrows;
   c.h16rows = bf16_dot ? h16rows : nullptr;
   c.y = y;
+  c.scratch = scratch;
+  c.scratch_stride = scratch_stride;
 
   ThreadPool& pool = ThreadPool::instance();
+  Stage s0;
+  s0.c = &c, s0.kern = kern, s0.which = 0, s0.items = A;
+  pool.run(threads < A ? threads : A, run_stage, &s0);
   Stage s1;
   s1.c = &c, s1.kern = kern, s1.which = 1, s1.blocks = (I + kIB - 1) / kIB, s1.width = kIB;
   s1.items = A * s1.blocks;

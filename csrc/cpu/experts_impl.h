@@ -215,6 +215,76 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
+// ---- token-major path: when an expert has enough tokens to fill most of a vector, the vector
+// runs over its tokens instead of over K: out[r][t] = sum_k w[r][k] * xt[k][t] with the weight
+// broadcast, so no horizontal reductions at all (they dominate the dot products for small K).
+// Each output is one FMA chain over k in order: deterministic.
+
+inline bool token_major(int n) { return V::W > 1 && 4 * n >= 3 * V::W; }
+inline int pad_tokens(int n) { return (n + V::W - 1) / V::W * V::W; }
+
+// out[r * ldo + v * W + lane] = sum_k w[r * ldw + k] * xt[k * ldx + v * W + lane], r < RB, v < TV.
+template <int RB, int TV>
+inline void tm_tile(const float* w, int64_t ldw, const float* xt, int64_t ldx, int K, float* out, int64_t ldo) {
+  typename V::R acc[RB][TV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < TV; ++v) acc[r][v] = V::zero();
+  for (int kk = 0; kk < K; ++kk) {
+    typename V::R xv[TV];
+    for (int v = 0; v < TV; ++v) xv[v] = V::loadf(xt + (int64_t)kk * ldx + v * V::W);
+    for (int r = 0; r < RB; ++r) {
+      const typename V::R wb = V::set1(w[r * ldw + kk]);
+      for (int v = 0; v < TV; ++v) acc[r][v] = V::fma(wb, xv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < TV; ++v) V::storef(out + r * ldo + v * V::W, acc[r][v]);
+}
+
+// Up to 4 weight rows as fp32 (converted into scratch unless they already are): returns the row pointer and stride.
+template <class Tag>
+inline const float* rows_f32(const typename Tag::T* w, int64_t ldw, int rb, int K, float* scratch, int64_t* ld) {
+  if (sizeof(typename Tag::T) == 4) {
+    *ld = ldw;
+    return reinterpret_cast<const float*>(w);
+  }
+  for (int r = 0; r < rb; ++r) {
+    int kk = 0;
+    for (; kk + V::W <= K; kk += V::W) V::storef(scratch + (int64_t)r * K + kk, V::load(w + r * ldw + kk, Tag()));
+    for (; kk < K; ++kk) scratch[(int64_t)r * K + kk] = Tag::scalar(w + r * ldw + kk);
+  }
+  *ld = K;
+  return scratch;
+}
+
+// Rows [r0, r1) of w times the token-major xt [K, npad]: out[r * ldo + t] for t < npad.
+// `scratch` holds 4 * K floats. After each block of rows, epi(r, rb) may consume them.
+template <class Tag, class Epi>
+void tm_rows(const typename Tag::T* w, int64_t ldw, int r0, int r1, const float* xt, int npad, int K, float* out,
+             int64_t ldo, float* scratch, Epi epi) {
+  const int nv = npad / V::W;
+  for (int r = r0; r < r1; r += 4) {
+    const int rb = imin(4, r1 - r);
+    int64_t lds;
+    const float* wf = rows_f32<Tag>(w + (int64_t)r * ldw, ldw, rb, K, scratch, &lds);
+    float* o = out + (int64_t)r * ldo;
+    for (int v = 0; v < nv; v += 4) {
+      const int tv = imin(4, nv - v);
+#define MOESPEC_TM(RB, TV) \
+  case (RB - 1) * 4 + (TV - 1): tm_tile<RB, TV>(wf, lds, xt + v * V::W, npad, K, o + v * V::W, ldo); break;
+      switch ((rb - 1) * 4 + (tv - 1)) {
+        MOESPEC_TM(1, 1) MOESPEC_TM(1, 2) MOESPEC_TM(1, 3) MOESPEC_TM(1, 4)
+        MOESPEC_TM(2, 1) MOESPEC_TM(2, 2) MOESPEC_TM(2, 3) MOESPEC_TM(2, 4)
+        MOESPEC_TM(3, 1) MOESPEC_TM(3, 2) MOESPEC_TM(3, 3) MOESPEC_TM(3, 4)
+        MOESPEC_TM(4, 1) MOESPEC_TM(4, 2) MOESPEC_TM(4, 3) MOESPEC_TM(4, 4)
+        default: break;
+      }
+#undef MOESPEC_TM
+    }
+    epi(r, rb);
+  }
+}
+
 inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 
 // The gated activation of one (gate, up) pair, as moespec.reference._gated_activation.
@@ -225,15 +295,109 @@ inline float activate(const ExpertsCtx& c, float g, float u) {
   return g * sigmoid(g * c.alpha) * (u + 1.f);
 }
 
+// The gated activation on W lanes (silu, or gpt-oss's clamped SwiGLU); NaN propagates.
+inline typename V::R activate_vec(const ExpertsCtx& c, typename V::R g, typename V::R u) {
+  const typename V::R one = V::set1(1.f), neg = V::set1(-1.f), zero = V::zero();
+  if (c.activation == 0)  // silu(g) * u = g / (1 + exp(-g)) * u
+    return V::mul(V::div(g, V::add(one, V::exp(V::fma(g, neg, zero)))), u);
+  const typename V::R lim = V::set1(c.limit);
+  g = V::min(lim, g);
+  u = V::max(V::set1(-c.limit), V::min(lim, u));
+  const typename V::R sg = V::div(one, V::add(one, V::exp(V::mul(V::mul(g, V::set1(c.alpha)), neg))));
+  return V::mul(V::mul(g, sg), V::add(u, one));
+}
+
+// Token-major copy of an expert's inputs: xt[k][t] = x[token of pair p0 + t][k], zero past n.
+void prep(const ExpertsCtx& c, int a) {
+  const int p0 = c.act_offsets[a];
+  const int n = c.act_offsets[a + 1] - p0;
+  if (!token_major(n) || c.transposed) return;
+  const int npad = pad_tokens(n), H = c.H;
+  float* xt = c.xt + (int64_t)(p0 + a * kLanePad) * H;
+  for (int t = 0; t < npad; ++t) {
+    const float* x = t < n ? c.xrows[p0 + t] : nullptr;
+    for (int kk = 0; kk < H; ++kk) xt[(int64_t)kk * npad + t] = x != nullptr ? x[kk] : 0.f;
+  }
+}
+
 template <class Tag>
-void gemm1_t(const ExpertsCtx& c, int a, int i0, int i1) {
+void gemm1_tm(const ExpertsCtx& c, int a, int i0, int i1, float* scratch) {
+  using T = typename Tag::T;
+  const int e = c.act_experts[a];
+  const int p0 = c.act_offsets[a];
+  const int n = c.act_offsets[a + 1] - p0;
+  const int npad = pad_tokens(n), H = c.H, I = c.I, I2 = 2 * c.I;
+  const int64_t sb = p0 + (int64_t)a * kLanePad;
+  const T* w = static_cast<const T*>(c.w_gu) + (int64_t)e * I2 * H;
+  const float* xt = c.xt + sb * H;
+  float* gut = c.gu + sb * I2;  // [2I, npad]
+  auto none = [](int, int) {};
+  if (c.order == 2) {
+    tm_rows<Tag>(w, H, 2 * i0, 2 * i1, xt, npad, H, gut, npad, scratch, none);
+  } else {
+    tm_rows<Tag>(w, H, i0, i1, xt, npad, H, gut, npad, scratch, none);
+    tm_rows<Tag>(w, H, I + i0, I + i1, xt, npad, H, gut, npad, scratch, none);
+  }
+  const float* b = c.b_gu != nullptr ? c.b_gu + (int64_t)e * I2 : nullptr;
+  float* ht = c.h + sb * I;  // [I, npad]
+  for (int i = i0; i < i1; ++i) {
+    const int gi = c.order == 0 ? i : (c.order == 1 ? I + i : 2 * i);
+    const int ui = c.order == 0 ? I + i : (c.order == 1 ? i : 2 * i + 1);
+    const typename V::R bg = V::set1(b != nullptr ? b[gi] : 0.f), bu = V::set1(b != nullptr ? b[ui] : 0.f);
+    for (int t = 0; t < npad; t += V::W) {
+      const typename V::R g = V::add(V::loadf(gut + (int64_t)gi * npad + t), bg);
+      const typename V::R u = V::add(V::loadf(gut + (int64_t)ui * npad + t), bu);
+      float* dst = ht + (int64_t)i * npad + t;
+      V::storef(dst, activate_vec(c, g, u));
+      if (c.dtype != 0)  // stored in the activation dtype, as the reference rounds it
+        for (int j = 0; j < V::W; ++j) dst[j] = round_to(dst[j], c.dtype);
+    }
+  }
+}
+
+template <class Tag>
+void gemm2_tm(const ExpertsCtx& c, int a, int h0, int h1, float* scratch) {
+  using T = typename Tag::T;
+  const int e = c.act_experts[a];
+  const int p0 = c.act_offsets[a];
+  const int n = c.act_offsets[a + 1] - p0;
+  const int npad = pad_tokens(n), H = c.H, I = c.I;
+  const int64_t sb = p0 + (int64_t)a * kLanePad;
+  const T* w = static_cast<const T*>(c.w_down) + (int64_t)e * H * I;
+  const float* ht = c.h + sb * I;
+  // Output tiles of 4 rows x npad tokens land in scratch after the converted weight rows, then go
+  // to y[pair][row] with the bias and the routing weight.
+  float* tile = scratch + 4 * (int64_t)I;
+  const float* b = c.b_down != nullptr ? c.b_down + (int64_t)e * H : nullptr;
+  auto epi = [&](int r, int rb) {
+    for (int rr = 0; rr < rb; ++rr) {
+      const float bias = b != nullptr ? b[r + rr] : 0.f;
+      const float* src = tile + (int64_t)rr * npad;
+      for (int t = 0; t < n; ++t) {
+        const int pair = p0 + t;
+        const float wt = c.weights[(int64_t)c.pair_token[pair] * c.k + c.pair_slot[pair]];
+        c.y[(int64_t)pair * H + r + rr] = b != nullptr ? (src[t] + bias) * wt : src[t] * wt;
+      }
+    }
+  };
+  for (int r = h0; r < h1; r += 4) {  // one block of rows at a time, so the tile holds rows 0..3
+    tm_rows<Tag>(w + (int64_t)r * I, I, 0, imin(h1 - r, 4), ht, npad, I, tile, npad, scratch,
+                 [&](int r0, int rb) { epi(r + r0, rb); });
+  }
+}
+
+template <class Tag>
+void gemm1_t(const ExpertsCtx& c, int a, int i0, int i1, float* scratch) {
+  if (!c.transposed && token_major(c.act_offsets[a + 1] - c.act_offsets[a]))
+    return gemm1_tm<Tag>(c, a, i0, i1, scratch);
   using T = typename Tag::T;
   const int e = c.act_experts[a];
   const int p0 = c.act_offsets[a];
   const int n = c.act_offsets[a + 1] - p0;
   const int H = c.H, I = c.I, I2 = 2 * c.I;
   const T* w = static_cast<const T*>(c.w_gu) + (int64_t)e * I2 * H;
-  float* gu = c.gu + (int64_t)p0 * I2;
+  const int64_t sb = p0 + (int64_t)a * kLanePad;
+  float* gu = c.gu + sb * I2;
   // Storage ranges holding this item's gate and up columns.
   int ranges[2][2];
   int nr = 0;
@@ -264,7 +428,7 @@ void gemm1_t(const ExpertsCtx& c, int a, int i0, int i1) {
   const typename V::R zero = V::zero();
   for (int p = 0; p < n; ++p) {
     const float* row = gu + (int64_t)p * I2;
-    float* hrow = c.h + (int64_t)(p0 + p) * I;
+    float* hrow = c.h + (sb + p) * I;
     int i = i0;
     if (c.order != 2) {
       for (; i + V::W <= i1; i += V::W) {
@@ -287,7 +451,7 @@ void gemm1_t(const ExpertsCtx& c, int a, int i0, int i1) {
         for (int j = 0; j < V::W; ++j) {
           const float h = round_to(tmp[j], c.dtype);
           hrow[i + j] = h;
-          if (c.h16 != nullptr) c.h16[(int64_t)(p0 + p) * I + i + j] = float_to_bf16(h);
+          if (c.h16 != nullptr) c.h16[(sb + p) * I + i + j] = float_to_bf16(h);
         }
       }
     }
@@ -302,13 +466,15 @@ void gemm1_t(const ExpertsCtx& c, int a, int i0, int i1) {
       // The intermediate is stored in the activation dtype (as moespec.reference rounds it).
       const float h = round_to(activate(c, g, u), c.dtype);
       hrow[i] = h;
-      if (c.h16 != nullptr) c.h16[(int64_t)(p0 + p) * I + i] = float_to_bf16(h);
+      if (c.h16 != nullptr) c.h16[(sb + p) * I + i] = float_to_bf16(h);
     }
   }
 }
 
 template <class Tag>
-void gemm2_t(const ExpertsCtx& c, int a, int h0, int h1) {
+void gemm2_t(const ExpertsCtx& c, int a, int h0, int h1, float* scratch) {
+  if (!c.transposed && token_major(c.act_offsets[a + 1] - c.act_offsets[a]))
+    return gemm2_tm<Tag>(c, a, h0, h1, scratch);
   using T = typename Tag::T;
   const int e = c.act_experts[a];
   const int p0 = c.act_offsets[a];
@@ -339,16 +505,16 @@ void gemm2_t(const ExpertsCtx& c, int a, int h0, int h1) {
   }
 }
 
-void gemm1(const ExpertsCtx& c, int a, int i0, int i1) {
-  if (c.dtype == 1) return gemm1_t<TagBF16>(c, a, i0, i1);
-  if (c.dtype == 2) return gemm1_t<TagF16>(c, a, i0, i1);
-  return gemm1_t<TagF32>(c, a, i0, i1);
+void gemm1(const ExpertsCtx& c, int a, int i0, int i1, float* scratch) {
+  if (c.dtype == 1) return gemm1_t<TagBF16>(c, a, i0, i1, scratch);
+  if (c.dtype == 2) return gemm1_t<TagF16>(c, a, i0, i1, scratch);
+  return gemm1_t<TagF32>(c, a, i0, i1, scratch);
 }
 
-void gemm2(const ExpertsCtx& c, int a, int h0, int h1) {
-  if (c.dtype == 1) return gemm2_t<TagBF16>(c, a, h0, h1);
-  if (c.dtype == 2) return gemm2_t<TagF16>(c, a, h0, h1);
-  return gemm2_t<TagF32>(c, a, h0, h1);
+void gemm2(const ExpertsCtx& c, int a, int h0, int h1, float* scratch) {
+  if (c.dtype == 1) return gemm2_t<TagBF16>(c, a, h0, h1, scratch);
+  if (c.dtype == 2) return gemm2_t<TagF16>(c, a, h0, h1, scratch);
+  return gemm2_t<TagF32>(c, a, h0, h1, scratch);
 }
 
 }  // namespace
