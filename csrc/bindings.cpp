@@ -132,7 +132,8 @@ PYBIND11_MODULE(_C, m) {
       MOESPEC_RW(w_down) MOESPEC_RW(b_gu) MOESPEC_RW(b_down) MOESPEC_RW(T) MOESPEC_RW(k) MOESPEC_RW(H)
       MOESPEC_RW(I) MOESPEC_RW(order) MOESPEC_RW(activation) MOESPEC_RW(alpha) MOESPEC_RW(limit)
       MOESPEC_RW(meta) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token)
-      MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(out) MOESPEC_RW(threads);
+      MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(out) MOESPEC_RW(threads)
+      MOESPEC_RW(min_thread_bytes);
 #undef MOESPEC_RW
   m.def(
       "cpu_routing_plan",

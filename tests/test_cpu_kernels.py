@@ -33,8 +33,10 @@ LEVELS = ["scalar", "avx2", "avx512", "avx512bf16"]
 
 @pytest.fixture(params=LEVELS)
 def isa(request, monkeypatch):
-    """Run the test with the CPU kernels capped at one ISA level (skips levels this CPU lacks)."""
+    """Run the test with the CPU kernels capped at one ISA level (skips levels this CPU lacks), with
+    every thread asked for used even on small shapes (so thread counts really differ)."""
     level = request.param
+    monkeypatch.setattr(cpu_kernels, "MIN_THREAD_BYTES", 0)
     if level not in cpu_kernels.compiled_isas():
         pytest.skip(f"ISA level {level} is not compiled into this build")
     monkeypatch.setenv("MOESPEC_CPU_ISA", level)

@@ -75,7 +75,10 @@ struct CpuExpertsArgs {
   uintptr_t meta = 0, act_experts = 0, act_offsets = 0, pair_token = 0, pair_slot = 0, pair_position = 0;
   uintptr_t weights = 0;
   uintptr_t out = 0;
-  int threads = 1;
+  int threads = 1;  // at most this many threads ...
+  // ... and one per this many bytes of expert weights read: below it, waking and joining workers
+  // costs more than it saves (and a worker preempted mid-item stalls the join). 0: no limit.
+  int64_t min_thread_bytes = 512 << 10;
 };
 
 std::string moe_experts(const CpuExpertsArgs& a);

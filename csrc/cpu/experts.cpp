@@ -36,6 +36,7 @@ constexpr int kMetaActive = 3, kMetaPairs = 4;
 // Item widths: fixed (not derived from the thread count), so the bits never depend on it.
 constexpr int kIB = 32, kHB = 64;
 
+
 const IsaKernels* kernels_for(int isa) {
   switch (isa) {
     case kAvx512Bf16: return kernels_avx512bf16();
@@ -162,7 +163,9 @@ std::string moe_experts(const CpuExpertsArgs& a) {
     return "";
   }
   if (P > T * k || A > P) return "cpu experts: the plan's counts are inconsistent with T and k";
-  const int threads = a.threads;
+  const int64_t weight_bytes = (int64_t)A * 3 * H * I * (int64_t)esize;
+  const int64_t by_work = a.min_thread_bytes > 0 ? weight_bytes / a.min_thread_bytes : a.threads;
+  const int threads = (int)(by_work < 1 ? 1 : (by_work < a.threads ? by_work : a.threads));
   const bool bf16_dot = kern->bf16_dot && a.dtype == 1 && !a.transposed;
 
   // ---- workspace (grown on demand; calls are serialised by the mutex)

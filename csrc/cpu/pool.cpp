@@ -11,7 +11,7 @@ namespace moespec {
 namespace cpu {
 
 namespace {
-constexpr int kSpin = 4000;  // pause iterations (some tens of microseconds) before a worker sleeps
+constexpr int kSpin = 2000;  // pause iterations (some tens of microseconds) before a worker sleeps
 }  // namespace
 
 ThreadPool& ThreadPool::instance() {

@@ -57,6 +57,9 @@ _POLICY_CODE = {"substitute": 0, "truncate": 1}
 _ORDER_CODE = {"gate_up": 0, "up_gate": 1, "interleaved": 2}
 _ACT_CODE = {"silu": 0, "clamped_swiglu": 1}
 _CSR_NONE, _CSR_ALL, _CSR_ACTIVE = 0, 1, 2
+# One thread per this many bytes of expert weights read (at most `threads`): smaller layers run on
+# fewer threads, where waking workers would cost more than it saves. 0 lifts the limit (tests).
+MIN_THREAD_BYTES = 512 << 10
 
 
 def unavailable_reason() -> Optional[str]:
@@ -267,7 +270,8 @@ def moe_experts_planned(
         plan: from `plan_routing` or `plan_from_routing` (not ``all_pairs``) for the same T.
         b_gate_up: optional ``[E, 2I]``; b_down: optional ``[E, H]`` (any float dtype).
         out: optional contiguous ``[T, H]`` output of ``x.dtype``.
-        threads: worker threads (default ``torch.get_num_threads()``).
+        threads: at most this many threads (default ``torch.get_num_threads()``); fewer when the
+            experts read are small (one per `MIN_THREAD_BYTES` of weights).
 
     Returns:
         ``[T, H]`` in ``x.dtype``, accumulated in fp32, pairs combined in slot order.
@@ -305,6 +309,7 @@ def moe_experts_planned(
     a.pair_position, a.weights = plan.pair_position.data_ptr(), plan.weights.data_ptr()
     a.out = out.data_ptr()
     a.threads = _threads(threads)
+    a.min_thread_bytes = int(MIN_THREAD_BYTES)
     _ext().cpu_moe_experts(a)
     return out
 
