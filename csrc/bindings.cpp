@@ -9,6 +9,7 @@
 #include <string>
 
 #include "moespec/api.h"
+#include "cpu_kernels.h"
 #ifdef MOESPEC_EMU_BUILD
 #include "moespec_emu/selftest.h"
 #endif
@@ -108,6 +109,63 @@ PYBIND11_MODULE(_C, m) {
   m.attr("score_experts") = m.attr("routing_plan");
   m.attr("budget_routing") = m.attr("routing_plan");
 #endif
+
+  // ---- C++ CPU kernels (csrc/cpu), compiled in every build. Python (moespec/cpu_kernels.py)
+  // fills these argument structs with CPU tensor addresses.
+  py::class_<moespec::cpu::CpuPlanArgs>(m, "CpuPlanArgs")
+      .def(py::init<>())
+#define MOESPEC_RW(name) .def_readwrite(#name, &moespec::cpu::CpuPlanArgs::name)
+      MOESPEC_RW(probs) MOESPEC_RW(probs_stride) MOESPEC_RW(in_ids)
+      MOESPEC_RW(in_ids_type) MOESPEC_RW(in_weights) MOESPEC_RW(in_weights_dtype) MOESPEC_RW(in_kept)
+      MOESPEC_RW(in_kept_type) MOESPEC_RW(n_in_kept) MOESPEC_RW(token_mask) MOESPEC_RW(T) MOESPEC_RW(E)
+      MOESPEC_RW(k) MOESPEC_RW(route) MOESPEC_RW(renormalize) MOESPEC_RW(score_mode) MOESPEC_RW(budget)
+      MOESPEC_RW(coverage) MOESPEC_RW(min_budget) MOESPEC_RW(policy) MOESPEC_RW(all_candidates)
+      MOESPEC_RW(csr_mode) MOESPEC_RW(ids) MOESPEC_RW(weights) MOESPEC_RW(row_max) MOESPEC_RW(row_sum)
+      MOESPEC_RW(scores) MOESPEC_RW(meta) MOESPEC_RW(union_experts) MOESPEC_RW(kept_experts)
+      MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token) MOESPEC_RW(pair_slot)
+      MOESPEC_RW(pair_position);
+#undef MOESPEC_RW
+  py::class_<moespec::cpu::CpuExpertsArgs>(m, "CpuExpertsArgs")
+      .def(py::init<>())
+#define MOESPEC_RW(name) .def_readwrite(#name, &moespec::cpu::CpuExpertsArgs::name)
+      MOESPEC_RW(dtype) MOESPEC_RW(transposed) MOESPEC_RW(x) MOESPEC_RW(x_stride) MOESPEC_RW(w_gu)
+      MOESPEC_RW(w_down) MOESPEC_RW(b_gu) MOESPEC_RW(b_down) MOESPEC_RW(T) MOESPEC_RW(k) MOESPEC_RW(H)
+      MOESPEC_RW(I) MOESPEC_RW(order) MOESPEC_RW(activation) MOESPEC_RW(alpha) MOESPEC_RW(limit)
+      MOESPEC_RW(meta) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token)
+      MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(out) MOESPEC_RW(threads)
+      MOESPEC_RW(min_thread_bytes);
+#undef MOESPEC_RW
+  m.def(
+      "cpu_routing_plan",
+      [](const moespec::cpu::CpuPlanArgs& a) {
+        std::string err = moespec::cpu::routing_plan(a);
+        if (!err.empty()) throw std::runtime_error("moespec: " + err);
+      },
+      py::arg("args"), "The routing plan on the CPU (union, scores, kept set, re-routing, CSR).");
+  m.def(
+      "cpu_moe_experts",
+      [](const moespec::cpu::CpuExpertsArgs& a) {
+        std::string err;
+        {
+          // The kernels touch no Python object: let other Python threads run meanwhile.
+          py::gil_scoped_release nogil;
+          err = moespec::cpu::moe_experts(a);
+        }
+        if (!err.empty()) throw std::runtime_error("moespec: " + err);
+      },
+      py::arg("args"), "GEMM1+SwiGLU, GEMM2+weights and the combine over a CPU routing plan.");
+  m.def(
+      "cpu_isa",
+      []() {
+        std::string err;
+        const int isa = moespec::cpu::active_isa(&err);
+        if (isa < 0) throw std::invalid_argument("moespec: " + err);
+        return std::string(moespec::cpu::isa_name(isa));
+      },
+      "The ISA level the CPU kernels use now (the detected level capped by MOESPEC_CPU_ISA).");
+  m.def("cpu_isa_detected", []() { return std::string(moespec::cpu::isa_name(moespec::cpu::detected_isa())); },
+        "The best ISA level this CPU and build support.");
+  m.def("cpu_isas_compiled", &moespec::cpu::compiled_isas, "ISA levels compiled into this build, lowest first.");
 
 #ifdef MOESPEC_EMU_BUILD
   // ---- the emulator's own controls and self-tests (tests/test_emu.py)

@@ -41,9 +41,10 @@ def test_layer_bench_cpu_writes_json_markdown_png(tmp_path):
     assert rows and all(ROW_FIELDS <= set(r) for r in rows)
     impls = {r["impl"] for r in rows}
     assert {r["routing"] for r in rows} == {"iid", "tree:2:0.8"}
-    assert {"moespec", "reference", "hf-eager", "hf-grouped_mm", "hf-batched_mm", "torch-grouped_mm"} <= impls
+    assert {"moespec", "moespec-cpu", "moespec-cpu-experts", "reference", "hf-eager", "hf-grouped_mm",
+            "hf-batched_mm", "torch-grouped_mm"} <= impls
     for r in rows:
-        if r["impl"].startswith("moespec"):
+        if r["impl"].startswith("moespec") and not r["impl"].startswith("moespec-cpu"):
             assert r["time_us"] is None and r["note"].startswith("n/a")  # no GPU: labelled, not faked
             continue
         assert r["time_us"] > 0 and r["x_floor"] > 0, r
@@ -55,7 +56,8 @@ def test_layer_bench_cpu_writes_json_markdown_png(tmp_path):
         (1, None, "-"), (1, 3, "substitute"), (1, 3, "truncate"), (6, None, "-"), (6, 3, "substitute"),
         (6, 3, "truncate")}
     wide = layer.wide_rows(rows)  # bench/bench_layer.py's flat format
-    assert len(wide) == 12 and all("reference_us" in w and "hf_grouped_mm_us" in w for w in wide)
+    assert len(wide) == 12 and all("reference_us" in w and "hf_grouped_mm_us" in w and "ours_cpu_us" in w
+                                   for w in wide)
     assert (tmp_path / "bench_layer.md").read_text().startswith("# moespec bench layer")
     assert (tmp_path / "bench_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -404,7 +404,7 @@ def test_backend_validation_errors(monkeypatch):
     model = tiny_model("mixtral", seed=0)
     impl = model.config._experts_implementation
     for bad in ("gpu", "CUDA", "", None, 1):
-        with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cuda', 'emu'\)"):
+        with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cuda', 'emu', 'cpu'\)"):
             moespec.patch(model, budget=2, backend=bad)
         _assert_untouched(model, impl)
 
@@ -438,8 +438,13 @@ def test_backend_validation_errors(monkeypatch):
     _assert_untouched(model, impl)
     monkeypatch.undo()
 
-    # "auto" and "reference" run anywhere.
-    for ok in ("auto", "reference"):
+    # "cpu" (the C++ CPU kernels) needs the model on the CPU.
+    with pytest.raises(ValueError, match=r"backend='cpu' needs the MoE blocks on the CPU.*meta"):
+        moespec.patch(meta, backend="cpu")
+    _assert_untouched(meta, impl)
+
+    # "auto" and "reference" run anywhere; "cpu" runs a CPU model.
+    for ok in ("auto", "reference", "cpu"):
         with moespec.patch(model, budget=2, backend=ok) as handle:
             assert handle.backend == ok
 

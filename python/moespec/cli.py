@@ -9,6 +9,23 @@ import sys
 from typing import Optional, Sequence
 
 
+def _cpu_isa() -> str:
+    from . import cpu_kernels
+
+    if not cpu_kernels.available():
+        return f"unavailable ({cpu_kernels.unavailable_reason()})"
+    try:
+        return cpu_kernels.isa()
+    except ValueError as exc:  # a bad MOESPEC_CPU_ISA
+        return f"error: {exc}"
+
+
+def _cpu_isas() -> list:
+    from . import cpu_kernels
+
+    return cpu_kernels.compiled_isas() if cpu_kernels.available() else []
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -39,6 +56,9 @@ def _info(args: argparse.Namespace) -> int:
         "gpu_problem": None if (gpus or st["device_count"] > 0) else _cuda.device_problem(st),
         "kernels_usable": _cuda.available(),
         "why_not": _cuda.unavailable_reason(),
+        # The C++ CPU kernels (every build): the ISA level in use (MOESPEC_CPU_ISA caps it) and the levels compiled.
+        "cpu_kernels_isa": _cpu_isa(),
+        "cpu_kernels_compiled_isas": _cpu_isas(),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -452,8 +472,8 @@ def _runnable_impls(layer, impls: list, device: str, chosen, explicit: bool) -> 
         return list(impls)
     if dropped:
         if all(n.startswith("moespec") for n in dropped) and _device_type(device) != "cuda":
-            print("NOTE: no GPU: timing moespec's reference (its CPU path) and the baselines, not the CUDA kernels",
-                  file=sys.stderr)
+            print("NOTE: no GPU: timing moespec's C++ CPU kernels (moespec-cpu), the reference and the baselines, "
+                  "not the CUDA kernels", file=sys.stderr)
         else:
             print("NOTE: skipping " + "; ".join(f"{n}: {why[n]}" for n in dropped), file=sys.stderr)
     return ok
@@ -693,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    pi = sub.add_parser("info", help="version, torch, compiled CUDA kernels and architectures, visible GPUs",
+    pi = sub.add_parser("info", help="version, torch, compiled CUDA kernels and architectures, visible GPUs, CPU kernel ISA",
                         description="Report the moespec and torch versions, which kernel backend was built (cuda, "
                                     "emu or none) and for which GPU architectures, the CUDA runtime and driver, the "
                                     "visible GPUs, and why the CUDA kernels cannot run here if they cannot.")
@@ -723,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     bsub.required = True
 
     bl = bsub.add_parser("layer", help="time one budgeted MoE layer against its byte floor and the baselines",
-                         description="Time one budgeted MoE layer (moespec CUDA, reference, transformers experts, "
+                         description="Time one budgeted MoE layer (moespec CUDA or CPU kernels, reference, "
+                                     "transformers experts, "
                                      "F.grouped_mm) against the byte floor. On CPU, presets run with H and I "
                                      "reduced (--reduce) and wall-clock timing, labelled as such.",
                          epilog=_OUTPUT_RULES)
@@ -741,8 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="iid | zipf[:S] | tree[:B[:RHO]] (draft-tree-correlated) | replay:FILE (from "
                          "`moespec capture`); several comma-separated, e.g. iid,zipf:1.2,tree:2")
     bl.add_argument("--impls", help="comma list or 'all' (default; on CPU all but the CUDA ones): moespec, "
-                                    "moespec-experts, moespec-experts-atomic, moespec-plan, reference, hf-eager, "
-                                    "hf-grouped_mm, hf-batched_mm, torch-grouped_mm. One that cannot run here is "
+                                    "moespec-experts, moespec-experts-atomic, moespec-plan, moespec-cpu, "
+                                    "moespec-cpu-experts, reference, hf-eager, hf-grouped_mm, hf-batched_mm, "
+                                    "torch-grouped_mm. One that cannot run here is "
                                     "skipped with its reason; an error if none of those given can run")
     bl.add_argument("--device", default="auto", help="auto (cuda if visible), cpu, cuda, cuda:N")
     _add_threads(bl)

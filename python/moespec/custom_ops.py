@@ -4,8 +4,8 @@
 must not trace the reference's data-dependent Python; registered as custom ops with fake
 implementations that only compute output shapes, each op is one opaque graph node whatever
 backend runs it. The real implementation picks the backend at run time: the CUDA kernels for
-CUDA tensors where they exist, else `moespec.reference` (which, in these fixed-shape forms,
-never synchronises with the device either).
+CUDA tensors where they exist, the C++ CPU kernels (`moespec.cpu_kernels`) for CPU tensors, else
+`moespec.reference` (which, in these fixed-shape forms, never synchronises with the device either).
 
 `moespec.ops` validates inputs and calls these; use `moespec.ops`, not this module. Ops whose
 output sizes depend on the data (`expert_union`, the list form of `budget_routing`) are not
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import _cuda, reference
+from . import _cuda, cpu_kernels, reference
 from .types import ExpertLayout
 
 __all__ = ["moe_experts", "budget_routing_masked", "score_experts", "debug_checks"]
@@ -37,6 +37,11 @@ def _use_cuda(backend: str, t: torch.Tensor, kernel: str) -> bool:
     if backend == "reference" or not t.is_cuda:
         return False
     return _cuda.has_kernel(kernel)
+
+
+def _use_cpu(backend: str, t: torch.Tensor) -> bool:
+    """True when the C++ CPU kernels run this op: ``backend`` "cpu", or "auto" on CPU tensors."""
+    return backend in ("auto", "cpu") and t.device.type == "cpu" and cpu_kernels.available()
 
 
 def _check_ids_now(name: str, ids: Optional[torch.Tensor], num_experts: int) -> None:
@@ -76,7 +81,10 @@ def moe_experts(
     if debug_checks():
         _check_ids_now("topk_ids", topk_ids, w_gate_up.shape[0])
         _check_ids_now("kept_experts", kept_experts, w_gate_up.shape[0])
-    if _use_cuda(backend, x, "moe_experts"):
+    if _use_cpu(backend, x):
+        y = cpu_kernels.moe_experts(x, w_gate_up, w_down, topk_ids, topk_weights, kept_experts, layout, b_gate_up,
+                                    b_down)
+    elif _use_cuda(backend, x, "moe_experts"):
         from . import kernels
 
         kept = kept_experts
@@ -119,6 +127,9 @@ def budget_routing_masked(
     """`moespec.reference.budget_routing_masked` as one node (see there for the outputs).
 
     ``candidates`` is resolved (``"all"`` or ``"union"``) by `moespec.ops`."""
+    if _use_cpu(backend, router_logits):
+        return cpu_kernels.budget_routing_masked(router_logits, top_k, budget, policy, renormalize, score, coverage,
+                                                 min_budget, token_mask, candidates)
     if token_mask is None and _use_cuda(backend, router_logits, "routing_plan"):
         from . import kernels
 
@@ -152,7 +163,9 @@ def score_experts(
     backend: str,
 ) -> torch.Tensor:
     """`moespec.ops.score_experts` as one node: ``[E]`` fp32."""
-    if _use_cuda(backend, router_logits, "routing_plan"):
+    if _use_cpu(backend, router_logits):
+        out = cpu_kernels.score_experts(router_logits, mode, topk_ids, topk_weights)
+    elif _use_cuda(backend, router_logits, "routing_plan"):
         from . import kernels
 
         out = kernels.score_experts(router_logits, mode, topk_ids, topk_weights)

@@ -2,13 +2,15 @@
 
 Every op validates its inputs (shapes, dtypes, devices, contiguity, id ranges, budgets) and
 raises a clear `ValueError` / `TypeError` on bad input. CUDA tensors go to the compiled kernels
-in ``moespec._C`` where a kernel for the op exists; everything else runs ``moespec.reference``,
-which defines the semantics.
+in ``moespec._C`` where a kernel for the op exists, CPU tensors to the C++ CPU kernels
+(`moespec.cpu_kernels`); everything else runs ``moespec.reference``, which defines the semantics.
 
 ``backend`` selects the implementation: ``"auto"`` (the default, as above), ``"reference"``
-(always the PyTorch reference), ``"cuda"`` (the kernels or a `RuntimeError` saying why not), or
-``"emu"``: the same kernels on CPU tensors through the CPU emulator, in an emulation build
-(``MOESPEC_CUDA=EMU``; slow, for testing kernels without a GPU; never chosen by ``"auto"``).
+(always the PyTorch reference), ``"cuda"`` (the kernels or a `RuntimeError` saying why not),
+``"cpu"``: the C++ CPU kernels (`moespec.cpu_kernels`, compiled into every build; what ``"auto"``
+picks for CPU tensors), or ``"emu"``: the same kernels on CPU tensors through the CPU emulator,
+in an emulation build (``MOESPEC_CUDA=EMU``; slow, for testing kernels without a GPU; never
+chosen by ``"auto"``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _cuda, custom_ops, reference
+from . import _cuda, cpu_kernels, custom_ops, reference
 from .types import POLICIES, SCORE_MODES, BudgetedRouting, ExpertLayout, ExpertUnion, RoutingMasks
 
 __all__ = [
@@ -39,7 +41,7 @@ __all__ = [
 
 _ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ID_DTYPES = (torch.int32, torch.int64)
-_BACKENDS = ("auto", "reference", "cuda", "emu")
+_BACKENDS = ("auto", "reference", "cuda", "emu", "cpu")
 # The compiled launcher behind each op (the routing ops share one plan kernel).
 _LAUNCHER = {"expert_union": "routing_plan", "score_experts": "routing_plan", "budget_routing": "routing_plan",
              "moe_experts": "moe_experts"}
@@ -220,6 +222,9 @@ def _resolve_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> 
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return False
+    if backend == "cpu":
+        _check_cpu_backend(device_tensor, kernel)
+        return False
     launcher = _LAUNCHER[kernel]
     if backend == "emu":
         _cuda.require_emu(kernel)
@@ -242,8 +247,23 @@ def _check_backend(backend: str, device_tensor: torch.Tensor, kernel: str) -> No
     """Validate ``backend`` for an op that resolves it at run time (inside a custom op)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend in ("cuda", "emu") and not _tracing():
+    if backend in ("cuda", "emu", "cpu") and not _tracing():
         _resolve_backend(backend, device_tensor, kernel)
+
+
+def _check_cpu_backend(device_tensor: torch.Tensor, kernel: str) -> None:
+    cpu_kernels.require(kernel)
+    if device_tensor.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device_tensor.device}")
+
+
+def _use_cpu_kernels(backend: str, device_tensor: torch.Tensor, kernel: str) -> bool:
+    """True when the op runs the C++ CPU kernels: ``backend="cpu"`` (validated), or ``"auto"``
+    on CPU tensors."""
+    if backend == "cpu":
+        _check_cpu_backend(device_tensor, kernel)
+        return True
+    return backend == "auto" and device_tensor.device.type == "cpu" and cpu_kernels.available()
 
 
 def _check_token_mask(token_mask: Optional[torch.Tensor], router_logits: torch.Tensor) -> None:
@@ -279,6 +299,8 @@ def expert_union(topk_ids: torch.Tensor, num_experts: int, *, backend: str = "au
     if num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     _check_routing(topk_ids, None, None, num_experts)
+    if _use_cpu_kernels(backend, topk_ids, "expert_union"):
+        return cpu_kernels.expert_union(topk_ids, num_experts)
     if _resolve_backend(backend, topk_ids, "expert_union"):
         from . import kernels
 
@@ -364,6 +386,9 @@ def budget_routing(
                                                     token_mask)
     candidates = validate_candidates(candidates, policy)
     coverage = None if coverage is None else float(coverage)
+    if _use_cpu_kernels(backend, router_logits, "budget_routing"):
+        return cpu_kernels.budget_routing(router_logits, top_k, budget, policy, renormalize, score, coverage,
+                                          min_budget, token_mask, candidates)
     # The CUDA plan has no token mask: masked routing runs the reference (on the same device).
     if _resolve_backend(backend, router_logits, "budget_routing") and token_mask is None:
         from . import kernels

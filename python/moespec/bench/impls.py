@@ -9,7 +9,10 @@ routing (every baseline: that favours them).
   graph-capturable; ``moespec-experts`` / ``moespec-experts-atomic``: the CUDA expert kernels
   alone over a prebuilt plan (deterministic / atomic combine); ``moespec-plan``: the routing
   plan (scores, top-C, re-routing, CSR) alone, which has no output to check.
-- ``reference``: `moespec.reference` (PyTorch), the whole budgeted layer; what runs on CPU.
+- ``moespec-cpu``: the whole budgeted layer on the C++ CPU kernels (`moespec.cpu_kernels`: routing plan +
+  grouped experts, preallocated plan and output); ``moespec-cpu-experts``: the CPU expert kernels alone
+  over a prebuilt plan.
+- ``reference``: `moespec.reference` (PyTorch), the whole budgeted layer.
 - ``hf-eager`` / ``hf-grouped_mm`` / ``hf-batched_mm``: transformers' experts implementations
   (v5 layout only), over the same budgeted routing.
 - ``torch-grouped_mm``: a lean experts forward on ``torch.nn.functional.grouped_mm``.
@@ -25,10 +28,10 @@ import torch.nn.functional as F
 from .. import _cuda, ops
 from ..types import ExpertLayout
 
-IMPLEMENTATIONS = ("moespec", "moespec-experts", "moespec-experts-atomic", "moespec-plan", "reference", "hf-eager",
-                   "hf-grouped_mm", "hf-batched_mm",
+IMPLEMENTATIONS = ("moespec", "moespec-experts", "moespec-experts-atomic", "moespec-plan", "moespec-cpu",
+                   "moespec-cpu-experts", "reference", "hf-eager", "hf-grouped_mm", "hf-batched_mm",
                    "torch-grouped_mm")
-INCLUDES_ROUTING = {"moespec": True, "moespec-plan": True, "reference": True}
+INCLUDES_ROUTING = {"moespec": True, "moespec-plan": True, "moespec-cpu": True, "reference": True}
 # batched_mm materialises one weight copy per (token, slot) pair; beyond this it is skipped.
 BATCHED_MM_MAX_BYTES = {"cuda": 16 << 30, "cpu": 1 << 30}
 
@@ -130,6 +133,43 @@ def _moespec_plan(case: LayerCase):
                     None)[1]
 
 
+def _need_cpu_kernels(case: LayerCase) -> None:
+    from .. import cpu_kernels
+
+    if case.device.type != "cpu":
+        raise Unavailable("the C++ CPU kernels need CPU tensors")
+    reason = cpu_kernels.unavailable_reason()
+    if reason:
+        raise Unavailable(reason)
+
+
+def _moespec_cpu(case: LayerCase):
+    _need_cpu_kernels(case)
+    from .. import cpu_kernels
+    from ..kernels import RoutingPlan
+
+    T, E = case.logits.shape
+    policy = case.policy if case.budget is not None else "substitute"
+    # Preallocated plan and output, as a decode loop would keep them: the layer allocates nothing.
+    plan = RoutingPlan.empty(T, E, case.top_k, "cpu")
+    out = torch.empty_like(case.x)
+    return lambda: cpu_kernels.budgeted_moe_planned(case.x, case.logits, case.w_gate_up, case.w_down, case.top_k,
+                                                    case.budget, policy, case.renorm, layout=case.layout,
+                                                    b_gate_up=case.b_gate_up, b_down=case.b_down, plan=plan,
+                                                    out=out)[0]
+
+
+def _moespec_cpu_experts(case: LayerCase):
+    _need_cpu_kernels(case)
+    from .. import cpu_kernels
+
+    # Plan built once outside the timed call: this times the expert kernels alone.
+    plan = cpu_kernels.plan_from_routing(case.ids, case.weights, case.w_gate_up.shape[0], case.kept)
+    out = torch.empty_like(case.x)
+    return lambda: cpu_kernels.moe_experts_planned(case.x, case.w_gate_up, case.w_down, plan, case.layout,
+                                                   case.b_gate_up, case.b_down, out)
+
+
 def _reference(case: LayerCase):
     policy = case.policy if case.budget is not None else "substitute"
     return lambda: ops.budgeted_moe(case.x, case.logits, case.w_gate_up, case.w_down, case.top_k, case.budget,
@@ -199,6 +239,8 @@ BUILDERS: dict[str, Builder] = {
     "moespec-experts": _moespec_experts_fn(True),
     "moespec-experts-atomic": _moespec_experts_fn(False),
     "moespec-plan": _moespec_plan,
+    "moespec-cpu": _moespec_cpu,
+    "moespec-cpu-experts": _moespec_cpu_experts,
     "reference": _reference,
     "hf-eager": _hf("eager"),
     "hf-grouped_mm": _hf("grouped_mm"),

@@ -47,7 +47,8 @@ class LayerBenchConfig:
     budgets: Sequence[Optional[int]] = (None, 16, 32)
     policies: Sequence[str] = ("substitute",)
     routing: str | Sequence[str] = "iid"  # one spec or several (each case runs under each)
-    impls: Sequence[str] = ("moespec", "reference", "hf-eager", "hf-grouped_mm", "hf-batched_mm", "torch-grouped_mm")
+    impls: Sequence[str] = ("moespec", "moespec-cpu", "reference", "hf-eager", "hf-grouped_mm", "hf-batched_mm",
+                            "torch-grouped_mm")
     device: str = "cpu"
     dtype: str = "auto"
     iters: int = 20
@@ -114,9 +115,15 @@ def impl_unavailable(name: str, device, shapes: Sequence[LayerShape] = ()) -> Op
     from .. import _cuda
 
     dev = torch.device(device)
+    if name.startswith("moespec-cpu"):
+        from .. import cpu_kernels
+
+        if dev.type != "cpu":
+            return f"the C++ CPU kernels run on CPU tensors (this run is on {dev.type})"
+        return cpu_kernels.unavailable_reason()
     if name.startswith("moespec"):
         if dev.type != "cuda":
-            return f"needs a CUDA device (this run is on {dev.type}; the CPU path of moespec is 'reference')"
+            return f"needs a CUDA device (this run is on {dev.type}; moespec's CPU kernels are 'moespec-cpu')"
         reason = _cuda.unavailable_reason()
         if reason:
             return f"the moespec CUDA kernels cannot run here: {reason}"
@@ -262,6 +269,7 @@ def pivot(rows: Sequence[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
 
 # Column names used by bench/bench_layer.py for each implementation's time.
 WIDE_KEYS = {"moespec": "ours_us", "moespec-plan": "plan_us", "moespec-experts": "ours_experts_us",
+             "moespec-cpu": "ours_cpu_us", "moespec-cpu-experts": "ours_cpu_experts_us",
              "moespec-experts-atomic": "ours_experts_atomic_us", "hf-eager": "hf_eager_us",
              "hf-grouped_mm": "hf_grouped_mm_us", "hf-batched_mm": "hf_batched_mm_us",
              "torch-grouped_mm": "torch_grouped_mm_us", "reference": "reference_us"}
@@ -289,9 +297,10 @@ def wide_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def primary_impl(rows: Sequence[dict]) -> Optional[str]:
-    """The implementation the plot follows: moespec where it ran, else the reference, else the first timed."""
+    """The implementation the plot follows: moespec (CUDA, else CPU kernels) where it ran, else the reference,
+    else the first timed."""
     timed = [r["impl"] for r in rows if r.get("time_us")]
-    for name in ("moespec", "reference"):
+    for name in ("moespec", "moespec-cpu", "reference"):
         if name in timed:
             return name
     return timed[0] if timed else None
@@ -339,8 +348,9 @@ def layer_markdown(result: dict) -> str:
     meta = result["meta"]
     extra = [f"copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s (read + write); dtype {meta['dtype']}; "
              f"routing {meta['routing']}", f"timing: {meta['timing_method']}; CUDA graphs: {meta['graphs']}",
-             "floor = (bytes of experts read + activations) / copy bandwidth; `moespec` and `reference` include "
-             "the routing/budget step, the other baselines time the experts only over the same routing"]
+             "floor = (bytes of experts read + activations) / copy bandwidth; `moespec`, `moespec-cpu` and "
+             "`reference` include the routing/budget step, the other baselines time the experts only over the "
+             "same routing"]
     if meta.get("label"):
         extra.insert(0, f"**{meta['label']}**")
     lines = [f"# moespec bench layer — {meta['device']}", ""] + report.meta_markdown(meta, extra) + [""]

@@ -266,7 +266,8 @@ class PatchHandle:
 
     @property
     def backend(self) -> str:
-        """The `moespec.ops` backend budgeted calls run on (``"auto"``, ``"reference"``, ``"cuda"``, ``"emu"``)."""
+        """The `moespec.ops` backend budgeted calls run on (``"auto"``, ``"reference"``, ``"cuda"``, ``"emu"``,
+        ``"cpu"``)."""
         return self.default.backend
 
     def resolve(self, config: BudgetConfig) -> LayerBudgets:
@@ -448,10 +449,20 @@ def _unwrap_assisted_decoding(cls: Optional[type]) -> None:
 def _check_backend_can_run(backend: str, blocks) -> None:
     """Refuse, at patch time, a ``backend`` that cannot run the budgeted ops of these MoE blocks
     where they are (the name itself is checked by `BudgetConfig.resolve`)."""
-    if backend not in ("cuda", "emu"):
+    if backend not in ("cuda", "emu", "cpu"):
         return  # "auto" and "reference" run anywhere
     tensors = [t for _, block, _ in blocks for t in (*block.parameters(), *block.buffers())]
     devices = sorted({str(t.device) for t in tensors})
+    if backend == "cpu":
+        from .. import cpu_kernels
+
+        reason = cpu_kernels.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"moespec.patch: backend='cpu' cannot run here: {reason}")
+        if any(t.device.type != "cpu" for t in tensors):
+            raise ValueError(f"moespec.patch: backend='cpu' needs the MoE blocks on the CPU, but their weights are "
+                             f"on {', '.join(devices)}; use backend='auto' (kernels for each device)")
+        return
     # The plan kernel serves the softmax top-k routers' routing op; every block runs the experts op.
     launchers = ["moe_experts"]
     if any(spec.router_spec(getattr(block, spec.router_attr)).kind == "softmax_topk" for _, block, spec in blocks):
