@@ -276,3 +276,21 @@ def test_cli_generate_with_auto_budget_and_candidates(capsys, tmp_path):
     rec = json.loads(out.read_text())
     assert rec["stats"]["new_tokens"] == 8 and rec["stats"]["mode"].startswith("budget")
     assert rec["spec_stats"]["config"]["budget"]["coverage"] == AUTO_RULE.coverage
+
+
+def test_bench_generate_passes_candidates_on(tmp_path, capsys):
+    """`bench generate --candidates` is accepted and recorded with the run (the engine-level effect of
+    the candidate set is tested in test_hf_budget_semantics and test_selection)."""
+    from moespec import cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"a b c a b c a b"\n')
+    for cand in ("all", "union"):
+        out = tmp_path / cand
+        rc = cli.main(["bench", "generate", "--threads", "1", "--target", "tiny:qwen3_moe", "--drafter", "prompt-lookup",
+                       "--prompts", str(prompts), "--max-new-tokens", "6", "--ks", "4", "--budgets", "4",
+                       "--modes", "budget", "--repeats", "1", "--out", str(out), "--quiet", "--no-warmup",
+                       "--candidates", cand])
+        assert rc == 0
+        data = json.loads((out / "bench_generate.json").read_text())
+        assert data["config"]["candidates"] == cand

@@ -514,6 +514,7 @@ def _bench_generate(args: argparse.Namespace) -> int:
     modes = g.build_modes(families, ks, budgets or [], args.budget_k or max(ks), args.k_max or max(ks))
     result = g.run_generate_bench(
         model, codec, factory, prompts, modes, max_new_tokens=args.max_new_tokens, policy=args.policy,
+        candidates=args.candidates,
         budget_choices=choices, warmup=not args.no_warmup, progress=not args.quiet,
         keep_iterations=args.save_iterations, argv=args.argv, repeats=args.repeats, requests=args.requests,
         config={"target": target_label, "drafter": drafter_label, "target_spec": args.target,
@@ -814,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--budget-k", type=_pos_int, help="draft length of the budget modes (default max of --ks)")
     bg.add_argument("--k-max", type=_pos_int, help="largest draft for Cascade (default max of --ks)")
     bg.add_argument("--policy", default="substitute", choices=["substitute", "truncate"])
+    bg.add_argument("--candidates", choices=["all", "union"],
+                    help="experts a budget's kept set is chosen from (default: union, chosen by measurement; see "
+                         "docs/budget-rules.md)")
     bg.add_argument("--save-iterations", action="store_true", help="keep per-iteration records in the JSON")
     bg.add_argument("--no-warmup", action="store_true")
     bg.add_argument("--out", default="moespec_results")

@@ -415,7 +415,8 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
                        budget_choices=None, warmup: bool = True, progress: bool = True,
                        keep_iterations: bool = False, argv: Optional[Sequence[str]] = None,
                        config: Optional[dict] = None, repeats: int = DEFAULT_REPEATS,
-                       tie: float = timing.TIE_TOLERANCE, requests: Optional[int] = None) -> dict:
+                       tie: float = timing.TIE_TOLERANCE, requests: Optional[int] = None,
+                       candidates: Optional[str] = None) -> dict:
     """Run every mode on every prompt ``repeats`` times; returns ``{"meta", "config", "modes", "spread", "runs"}``.
 
     Interleaved: each repeat takes the prompts in turn and runs every mode on the prompt before moving
@@ -428,7 +429,7 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
 
     ``requests``: stream mode, N requests taking the prompts in turn (request r is prompt r mod P); each
     Cascade mode keeps one `CascadeState` across a repeat's requests (a fresh one per repeat). None: one
-    request per prompt, Cascade cold on each.
+    request per prompt, Cascade cold on each. ``candidates``: the budgets' candidate set (None: the default).
 
     ``modes`` rows: see `summarise`, plus ``repeats``, ``tokens_per_s`` / ``speedup`` (medians),
     ``*_min``, ``*_max``, ``*_per_repeat`` and ``order``. ``runs``: one per (repeat, mode, prompt)
@@ -451,7 +452,7 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
     if warmup:
         # The first call pays one-time costs (patching, allocator, kernels); keep them out of the timings.
         run_one(model, prompt_ids[0][:16], drafter_factory(), Mode("static", max(m.k for m in modes) or 1),
-                min(4, max_new_tokens), policy, eos, budget_choices)
+                min(4, max_new_tokens), policy, eos, budget_choices, candidates=candidates)
     from ..speculative import CascadeState
 
     n_modes, n_prompts = len(modes), len(request_ids)
@@ -468,7 +469,7 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
                     mode = modes[j]
                     t0 = time.perf_counter()
                     new, st = run_one(model, ids, drafter_factory(), mode, max_new_tokens, policy, eos,
-                                      budget_choices, cascade_state=states[j])
+                                      budget_choices, cascade_state=states[j], candidates=candidates)
                     summ = st["summary"]
                     run = {
                         "mode": mode.name, "repeat": rep, "prompt_index": i % len(prompt_ids), "request": i,
@@ -492,7 +493,8 @@ def run_generate_bench(model, codec: TokenCodec, drafter_factory: Callable[[], o
     meta = report.run_meta(device, argv)
     meta["timing"] = ("wall-clock" if device.type != "cuda" else "wall-clock, device synchronised") + \
         f"; {repeats} interleaved repeat{'s' if repeats > 1 else ''}, median and min-max"
-    cfg = {"max_new_tokens": max_new_tokens, "policy": policy, "prompts": len(prompt_ids), "repeats": repeats,
+    cfg = {"max_new_tokens": max_new_tokens, "policy": policy, "candidates": candidates,
+           "prompts": len(prompt_ids), "repeats": repeats,
            "requests": requests,
            "cascade_state": ("one CascadeState per Cascade mode and repeat, kept across the stream's requests"
                              if stream else "none: Cascade starts cold on every request"),
