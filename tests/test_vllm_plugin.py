@@ -9,7 +9,10 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # before vLLM picks its platform
-vllm = pytest.importorskip("vllm")
+if os.environ.get("MOESPEC_REQUIRE_VLLM"):
+    import vllm  # the vllm CI lane: a broken install must fail, not skip
+else:
+    vllm = pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
