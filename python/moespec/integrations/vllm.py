@@ -40,7 +40,7 @@ from .config import BudgetConfig, LayerBudgets
 
 __all__ = ["SUPPORTED_VLLM", "VllmBudgetSettings", "settings_from", "register", "stats", "reset_stats",
            "UnsupportedVllmError", "begin_step", "is_verification_step", "configure",
-           "budgeted_routing"]
+           "budgeted_routing", "worker_stats", "worker_reset_stats"]
 
 logger = logging.getLogger("moespec.vllm")
 
@@ -299,6 +299,16 @@ def reset_stats() -> None:
             s.counters.zero_()
 
 
+def worker_stats(worker=None) -> dict[str, dict]:
+    """`stats` for ``LLM.collective_rpc(worker_stats)`` (vLLM passes the worker; unused)."""
+    return stats()
+
+
+def worker_reset_stats(worker=None) -> None:
+    """`reset_stats` for ``LLM.collective_rpc(worker_reset_stats)``."""
+    reset_stats()
+
+
 # ----------------------------------------------------------------------------- routing
 
 
@@ -441,7 +451,9 @@ def _install(runner) -> None:
     if why is not None:
         logger.warning("moespec: %s not budgeted: its router uses %s (only softmax top-k is supported)", name, why)
         return
-    top_k, E = int(router.top_k), int(router.global_num_experts)
+    # Logical experts: the logits' width (EPLB's redundant copies are mapped after this router step).
+    top_k = int(router.top_k)
+    E = int(getattr(runner.moe_config, "num_logical_experts", None) or router.global_num_experts)
     try:
         budgets = BudgetConfig(settings.config.budget, settings.config.policy, settings.config.score,
                                settings.config.coverage, settings.config.min_budget, settings.config.backend,
@@ -491,7 +503,17 @@ def _runner_class():
 
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
+                self._moespec_checked = False
                 _install(self)
+
+            def _forward_impl(self, *args, **kwargs):
+                if not self._moespec_checked:
+                    self._moespec_checked = True
+                    # Monolithic expert kernels route inside the kernel and never call the router.
+                    if hasattr(self.router, "_moespec_state") and self.is_monolithic:
+                        logger.warning("moespec: %s uses a monolithic MoE kernel that routes internally; "
+                                       "its budget cannot apply (choose a modular MoE backend)", self.layer_name)
+                return super()._forward_impl(*args, **kwargs)
 
         _RUNNER_CLS = BudgetedMoERunner
     return _RUNNER_CLS
