@@ -339,3 +339,9 @@ def test_bad_settings_are_clear_errors(env, match):
 def test_bad_additional_config_key():
     with pytest.raises(ValueError, match="unknown additional_config"):
         mv.settings_from({}, {"moespec": {"budgte": 16}})
+
+
+def test_v2_model_runner_is_refused(cfg, monkeypatch):
+    monkeypatch.setattr(type(cfg), "use_v2_model_runner", property(lambda self: True))
+    with pytest.raises(mv.UnsupportedVllmError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        build(cfg, _settings(budget=K_TOP))
