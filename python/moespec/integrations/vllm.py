@@ -123,8 +123,7 @@ def _parse(name: str, raw: Any, source: str) -> Any:
             raise ValueError
         return raw.strip()
     except (TypeError, ValueError):
-        raise ValueError(f"moespec vLLM plugin: invalid {source}: {raw!r} "
-                         f"({_HELP[name]})") from None
+        raise ValueError(f"moespec vLLM plugin: invalid {source} (expected {_HELP[name]})") from None
 
 
 _HELP = {
@@ -179,7 +178,7 @@ def settings_from(environ: Optional[Mapping[str, str]] = None,
         BudgetConfig(None, cfg.policy, cfg.score, cfg.coverage, cfg.min_budget, cfg.backend,
                      cfg.candidates).resolve([1])
     except ValueError as err:
-        raise ValueError(f"moespec vLLM plugin: {err}") from None
+        raise ValueError(f"moespec vLLM plugin: {str(err).removeprefix('moespec: ')}") from None
     return VllmBudgetSettings(cfg, layers)
 
 
