@@ -33,7 +33,7 @@ def test_fingerprint_tells_weights_apart_and_is_stable(models):
     assert model_fingerprint(a) != model_fingerprint(b)  # same architecture and config, other weights
 
 
-def test_key_separates_target_drafter_draft_shape_dtype_and_budgets(models):
+def test_key_separates_target_drafter_draft_shape_dtype_budgets_and_budget_rule(models):
     a, b, dense = models
     c4 = CascadeController(k_max=4)
     base = cascade_key(a, DraftModelDrafter(dense), {"depth": 4, "branching": 1, "nodes": 4}, c4)
@@ -45,6 +45,10 @@ def test_key_separates_target_drafter_draft_shape_dtype_and_budgets(models):
         cascade_key(a.to(torch.float32), DraftModelDrafter(dense), {"depth": 4, "branching": 1, "nodes": 4}, c4),
         cascade_key(a, DraftModelDrafter(dense), {"depth": 4, "branching": 1, "nodes": 4},
                     CascadeController(k_max=4, budgets=[None, 8])),
+        cascade_key(a, DraftModelDrafter(dense), {"depth": 4, "branching": 1, "nodes": 4}, c4,
+                    {"policy": "truncate", "candidates": "union"}),
+        cascade_key(a, DraftModelDrafter(dense), {"depth": 4, "branching": 1, "nodes": 4}, c4,
+                    {"policy": "substitute", "candidates": "all"}),
     ]
     a.to(torch.float64)
     assert all(k != base for k in others) and len({json.dumps(k, sort_keys=True) for k in others}) == len(others)
@@ -157,3 +161,15 @@ def test_process_default_is_used_only_with_device_times(models):
                      controller="cascade", cascade_state="yes")
     finally:
         set_default_cascade_state(None)
+
+
+def test_generate_keeps_budget_rules_apart(models):
+    """Two streams that differ only in how a budget is applied learn separately."""
+    target, _, dense = models
+    state = CascadeState()
+    for cand in ("union", "all", "union"):
+        generate(target, _prompt(5), drafter=DraftModelDrafter(dense), max_new_tokens=8, draft=4,
+                 controller="cascade+budget", cascade_state=state, candidates=cand, **LOSING)
+    assert len(state) == 2
+    by_rule = {state_key["budget_rule"]["candidates"]: state.requests(state_key) for state_key in state.keys()}
+    assert by_rule == {"union": 2, "all": 1}

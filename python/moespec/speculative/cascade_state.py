@@ -20,7 +20,7 @@ import os
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -95,10 +95,13 @@ def _device_label(device: torch.device) -> str:
     return device.type
 
 
-def cascade_key(model, drafter, draft: dict, controller) -> dict:
-    """The key of a setup: target and drafter fingerprints, device, dtype, draft shape, controller candidates."""
+def cascade_key(model, drafter, draft: dict, controller, budget_rule: Optional[dict] = None) -> dict:
+    """The key of a setup: target and drafter fingerprints, device, dtype, draft shape, controller candidates,
+    and how a budget is applied (``budget_rule``: policy and candidate set, which change a budget's cost
+    and acceptance)."""
     p = next(model.parameters())
     return {
+        "budget_rule": dict(budget_rule or {}),
         "target": model_fingerprint(model),
         "target_name": str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__),
         "drafter": _drafter_fingerprint(drafter),

@@ -206,7 +206,10 @@ def generate(
 
     device = next(model.parameters()).device
     with _thread_scope(threads, model, device):
-        key = cascade_key(model, drafter, cfg.to_dict(), ctrl) if store is not None else None  # threads are in it
+        from ..ops import validate_candidates
+
+        rule = {"policy": policy, "candidates": validate_candidates(candidates, policy)}
+        key = cascade_key(model, drafter, cfg.to_dict(), ctrl, rule) if store is not None else None  # threads are in it
         if store is not None:
             store.restore(key, ctrl)
         out = _generate(model, prompt, drafter, cfg, ctrl, need_budget, device, target_rows, max_new_tokens,
