@@ -774,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="iid | zipf[:S] | tree[:B[:RHO]] (draft-tree-correlated) | replay:FILE (from "
                          "`moespec capture`); several comma-separated, e.g. iid,zipf:1.2,tree:2")
     bl.add_argument("--impls", help="comma list or 'all' (default; on CPU all but the CUDA ones): moespec, "
-                                    "moespec-experts, moespec-experts-atomic, moespec-plan, moespec-cpu, "
+                                    "moespec-v2, moespec-experts, moespec-experts-atomic, moespec-experts-v2, "
+                                    "moespec-experts-v2-atomic, moespec-plan, moespec-cpu, "
                                     "moespec-cpu-experts, reference, hf-eager, hf-grouped_mm, hf-batched_mm, "
                                     "torch-grouped_mm. One that cannot run here is "
                                     "skipped with its reason; an error if none of those given can run")
