@@ -72,7 +72,14 @@ std::string launch_v2_typed(const ExpertsParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (err != cudaSuccess) return std::string("moe_experts v2: cannot query the device: ") + cudaGetErrorString(err);
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return std::string("moe_experts v2: cannot query the device: ") + cudaGetErrorString(err);
   const int smem = experts_v2::smem_bytes(major);
+  // 8 KiB of headroom for the kernel's static shared memory (4.5 KB: docs/kernel-resources.md).
+  if (smem + 8192 > optin)
+    return "moe_experts v2: needs " + std::to_string(smem + 8192) + " bytes of shared memory per block, this GPU allows " +
+           std::to_string(optin) + " (A100/H100/H200 class parts have enough); use MOESPEC_KERNELS=v1";
   constexpr auto kern = experts_v2::persistent_experts_kernel<BF16, TRANS>;
   err = allow_smem<kern>(smem);
   if (err != cudaSuccess) return std::string("moe_experts v2: cannot reserve shared memory: ") + cudaGetErrorString(err);

@@ -45,6 +45,7 @@ constexpr int kMaxExperts = 1024;   // routing plan limit (routing::kMaxE)
 static_assert(kBM == kBK, "one padded stride serves both weight layouts");
 static_assert(kSlice == kBK, "GEMM2 reads one whole slice per stage");
 static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
+static_assert((kMaxExperts + 1) * 4 + kBN * 12 + 4 <= 8192, "static smem within the launcher's 8 KiB headroom");
 
 constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2; }
 inline int smem_bytes(int cc_major) { return smem_bytes_for(cc_major >= 9 ? 4 : 3); }

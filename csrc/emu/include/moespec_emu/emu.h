@@ -79,6 +79,7 @@ cudaError_t cudaGetDeviceCount(int* n);
 enum cudaDeviceAttr : int {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 // The emulated device: an sm_90 part with few SMs, so persistent kernels loop over many items per
 // block and uneven shares are exercised.
@@ -86,6 +87,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
   (void)device;
   if (attr == cudaDevAttrMultiProcessorCount) *value = 5;
   else if (attr == cudaDevAttrComputeCapabilityMajor) *value = 9;
+  else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = 227 * 1024;
   else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
