@@ -78,11 +78,13 @@ std::string launch_v2_typed(const ExpertsParams& p, cudaStream_t stream) {
   const int smem = experts_v2::smem_bytes(major);
   // 8 KiB of headroom for the kernel's static shared memory (4.5 KB: docs/kernel-resources.md).
   if (smem + 8192 > optin)
-    return "moe_experts v2: needs " + std::to_string(smem + 8192) + " bytes of shared memory per block, this GPU allows " +
-           std::to_string(optin) + " (A100/H100/H200 class parts have enough); use MOESPEC_KERNELS=v1";
+    return "moe_experts v2: needs " + std::to_string(smem + 8192) +
+           " bytes of shared memory per block, this GPU allows " + std::to_string(optin) +
+           " (A100/H100/H200 class parts have enough); use MOESPEC_KERNELS=v1";
   constexpr auto kern = experts_v2::persistent_experts_kernel<BF16, TRANS>;
   err = allow_smem<kern>(smem);
-  if (err != cudaSuccess) return std::string("moe_experts v2: cannot reserve shared memory: ") + cudaGetErrorString(err);
+  if (err != cudaSuccess)
+    return std::string("moe_experts v2: cannot reserve shared memory: ") + cudaGetErrorString(err);
   err = cudaMemsetAsync(p.counters, 0, sizeof(int) * static_cast<size_t>(p.T), stream);
   if (err == cudaSuccess && p.atomic)
     err = cudaMemsetAsync(p.ybuf, 0, sizeof(float) * static_cast<size_t>(p.T) * p.H, stream);
