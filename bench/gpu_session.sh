@@ -20,6 +20,9 @@
 # BENCH_MODELS (space-separated presets), BENCH_ARGS (extra `moespec bench layer` args, e.g. "--tokens 1,8,64"),
 # SKIP_BUILD=1 (skip the build). The build also runs the ptxas spill check (cmake/kernel_resources.cmake) for this
 # GPU's architecture; CMAKE_ARGS=-DMOESPEC_RESOURCE_CHECK=OFF turns it off.
+# Both expert-kernel generations (docs/kernels-v2.md) are covered: the cuda tests run every expert test for v1
+# and v2 (the kgen fixture), the default SANITIZE_TESTS selection matches both generations' ids, and the
+# benchmark (--impls all) times moespec / moespec-v2 and the experts-only v1 / v2 variants side by side.
 # The device copy of the tree has no .git: pass MOESPEC_GIT_COMMIT=<sha> so results name their commit.
 set -uo pipefail
 

@@ -87,10 +87,11 @@ PYBIND11_MODULE(_C, m) {
       MOESPEC_RW(meta) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token)
       MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(hbuf) MOESPEC_RW(ybuf)
       MOESPEC_RW(out) MOESPEC_RW(atomic) MOESPEC_RW(max_experts) MOESPEC_RW(ksplit)
-      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf);
+      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf) MOESPEC_RW(generation) MOESPEC_RW(counters);
 #undef MOESPEC_RW
   m.attr("plan_max_experts") = moespec::plan_max_experts();
   m.attr("plan_max_topk") = moespec::plan_max_topk();
+  m.attr("experts_v2_slice") = moespec::experts_v2_slice();
 
   auto plan = [](const moespec::PlanArgs& a, int64_t stream) {
     std::string err = moespec::launch_routing_plan(a, stream);

@@ -5,6 +5,7 @@
 
 #include "moespec/api.h"
 #include "moespec/experts.cuh"
+#include "moespec/experts_v2.cuh"
 
 namespace moespec {
 namespace {
@@ -63,6 +64,37 @@ std::string launch_typed(const ExpertsParams& p, int max_experts, cudaStream_t s
   return "";
 }
 
+// Generation 2: one persistent CTA per SM (its shared memory allows no second one).
+template <bool BF16, bool TRANS>
+std::string launch_v2_typed(const ExpertsParams& p, cudaStream_t stream) {
+  int dev = 0, sms = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return std::string("moe_experts v2: cannot query the device: ") + cudaGetErrorString(err);
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return std::string("moe_experts v2: cannot query the device: ") + cudaGetErrorString(err);
+  const int smem = experts_v2::smem_bytes(major);
+  // 8 KiB of headroom for the kernel's static shared memory (4.5 KB: docs/kernel-resources.md).
+  if (smem + 8192 > optin)
+    return "moe_experts v2: needs " + std::to_string(smem + 8192) +
+           " bytes of shared memory per block, this GPU allows " + std::to_string(optin) +
+           " (A100/H100/H200 class parts have enough); use MOESPEC_KERNELS=v1";
+  constexpr auto kern = experts_v2::persistent_experts_kernel<BF16, TRANS>;
+  err = allow_smem<kern>(smem);
+  if (err != cudaSuccess)
+    return std::string("moe_experts v2: cannot reserve shared memory: ") + cudaGetErrorString(err);
+  err = cudaMemsetAsync(p.counters, 0, sizeof(int) * static_cast<size_t>(p.T), stream);
+  if (err == cudaSuccess && p.atomic)
+    err = cudaMemsetAsync(p.ybuf, 0, sizeof(float) * static_cast<size_t>(p.T) * p.H, stream);
+  if (err != cudaSuccess) return std::string("moe_experts v2: memset failed: ") + cudaGetErrorString(err);
+  err = launch_kernel("persistent_experts_kernel", kern, dim3(sms > 0 ? sms : 1), dim3(experts_v2::kThreads), smem,
+                      stream, p);
+  if (err != cudaSuccess) return std::string("moe_experts v2: launch failed: ") + cudaGetErrorString(err);
+  return "";
+}
+
 void split_k(int K, int asked, int* splits, int* chunk) {
   const int ktiles = (K + experts::kBK - 1) / experts::kBK;
   const int want = asked < 1 ? 1 : (asked > ktiles ? ktiles : asked);
@@ -73,6 +105,8 @@ void split_k(int K, int asked, int* splits, int* chunk) {
 
 }  // namespace
 
+int experts_v2_slice() { return experts_v2::kSlice; }
+
 std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   if (a.dtype != 1 && a.dtype != 2) return "moe_experts: only bf16 (1) and fp16 (2) activations have kernels";
   if (a.T < 1 || a.k < 1 || a.H < 8 || a.I < 8) return "moe_experts: T, k must be >= 1 and H, I >= 8";
@@ -82,6 +116,8 @@ std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   const uintptr_t aligned = a.x | a.w_gu | a.w_down | a.hbuf;
   if (aligned % 16 != 0) return "moe_experts: x, weights and workspace must be 16-byte aligned";
   if (a.order < 0 || a.order > 2 || a.activation < 0 || a.activation > 1) return "moe_experts: bad layout codes";
+  if (a.generation != 1 && a.generation != 2) return "moe_experts: generation must be 1 or 2";
+  if (a.generation == 2 && a.counters == 0) return "moe_experts: generation 2 needs the counters buffer";
   if (a.max_experts < 1 || a.max_experts > 65535) return "moe_experts: max_experts must be in [1, 65535]";
   if (a.x == 0 || a.w_gu == 0 || a.w_down == 0 || a.meta == 0 || a.act_experts == 0 || a.act_offsets == 0 ||
       a.pair_token == 0 || a.pair_slot == 0 || a.pair_position == 0 || a.weights == 0 || a.hbuf == 0 ||
@@ -118,8 +154,14 @@ std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   split_k(a.I, a.ksplit, &p.ksplit, &p.kchunk);
   split_k(a.H, a.gubuf != 0 ? a.ksplit1 : 1, &p.ksplit1, &p.kchunk1);
   p.gubuf = reinterpret_cast<float*>(a.gubuf);
+  p.counters = reinterpret_cast<int*>(a.counters);
+  p.nslices = (a.I + experts_v2::kSlice - 1) / experts_v2::kSlice;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool bf16 = a.dtype == 1;
+  if (a.generation == 2) {
+    if (bf16) return a.transposed ? launch_v2_typed<true, true>(p, s) : launch_v2_typed<true, false>(p, s);
+    return a.transposed ? launch_v2_typed<false, true>(p, s) : launch_v2_typed<false, false>(p, s);
+  }
   if (bf16) return a.transposed ? launch_typed<true, true>(p, a.max_experts, s) : launch_typed<true, false>(p, a.max_experts, s);
   return a.transposed ? launch_typed<false, true>(p, a.max_experts, s) : launch_typed<false, false>(p, a.max_experts, s);
 }

@@ -39,6 +39,7 @@ class Mutation:
 
 
 EXPERTS = "csrc/include/moespec/experts.cuh"
+EXPERTS_V2 = "csrc/include/moespec/experts_v2.cuh"
 ROUTING = "csrc/include/moespec/routing.cuh"
 MUTATIONS = [
     Mutation("cp_async_wait", "weaker cp.async wait (one more group left in flight)", EXPERTS,
@@ -58,6 +59,14 @@ MUTATIONS = [
              "const bool all_cand = p.all_candidates != 0;", "const bool all_cand = false;"),
     Mutation("opt_in", "shared-memory opt-in done for the first GEMM kernel only", "csrc/experts.cu",
              "if (err == cudaSuccess) err = allow_smem<k2>(smem);", "if (err == cudaSuccess) err = allow_smem<k1>(smem);"),
+    Mutation("v2_cp_async_wait", "v2: weaker cp.async wait in the persistent ring", EXPERTS_V2,
+             "experts::cp_async_wait<kStages - 2>();", "experts::cp_async_wait<kStages - 1>();"),
+    Mutation("v2_last_cta", "v2: off-by-one in the per-token completion count (no CTA reduces)", EXPERTS_V2,
+             "if (atomicAdd(p.counters + tok, 1) + 1 == need)", "if (atomicAdd(p.counters + tok, 1) == need)"),
+    Mutation("v2_h_tail", "v2: h columns of a one-pass slice left unwritten", EXPERTS_V2,
+             "if (passes == 1) sH[r * kPad + ii + experts::kGateUpTile] = 0;", "(void)passes;"),
+    Mutation("v2_bias_every_slice", "v2: b_down added by every I-slice instead of the first", EXPERTS_V2,
+             "(p.b_down != nullptr && slice == 0)", "(p.b_down != nullptr)"),
 ]
 
 

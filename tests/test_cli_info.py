@@ -24,8 +24,22 @@ def test_info_json_reports_build_and_device():
         assert not info["cuda_kernels_compiled"] and not info["kernels_usable"]
         assert "emulator" in info["why_not"]
     assert isinstance(info["gpu_visible"], bool)
+    assert info["expert_kernels"] == (os.environ.get("MOESPEC_KERNELS") or "v1")
     if not info["kernels_usable"]:
         assert info["why_not"]
+
+
+def test_info_reports_the_kernel_generation():
+    env = dict(os.environ, MOESPEC_KERNELS="v2")
+    out = subprocess.run([sys.executable, "-m", "moespec", "info", "--json"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["expert_kernels"] == "v2"
+    env["MOESPEC_KERNELS"] = "v9"  # a bad setting is reported, not a crash
+    out = subprocess.run([sys.executable, "-m", "moespec", "info", "--json"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "MOESPEC_KERNELS" in json.loads(out.stdout)["expert_kernels"]
 
 
 def test_info_table():

@@ -101,6 +101,14 @@ def kgrid(argnames: str, points, representative):
 # ----------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(params=["v1", "v2"])
+def kgen(request, monkeypatch):
+    """Both expert-kernel generations (MOESPEC_KERNELS, docs/kernels-v2.md) for the expert tests:
+    the env var reaches every entry point, the op level included."""
+    monkeypatch.setenv("MOESPEC_KERNELS", request.param)
+    return request.param
+
+
 def _kernels(kdev):
     for name in ("expert_union", "score_experts", "budget_routing", "moe_experts"):
         present = _cuda.has_kernel(name) if kdev.name == "cuda" else _cuda.has_emu_kernel(name)
@@ -373,7 +381,7 @@ REP_EXPERTS = [
 
 
 @kgrid("T,E,k,dtype", EXPERT_GRID, REP_EXPERTS)
-def test_moe_experts_matches_reference(kdev, T, E, k, dtype, gen, monkeypatch):
+def test_moe_experts_matches_reference(kdev, kgen, T, E, k, dtype, gen, monkeypatch):
     k_ = _kernels(kdev)
     dev = kdev.device
     H, I = (136, 72) if (T + E) % 2 else (200, 264)  # multiples of 8, not of 64; row and K tails
@@ -404,7 +412,7 @@ def test_moe_experts_matches_reference(kdev, T, E, k, dtype, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
-def test_moe_experts_layouts_and_weight_dtypes(kdev, layout_name, gen, monkeypatch):
+def test_moe_experts_layouts_and_weight_dtypes(kdev, kgen, layout_name, gen, monkeypatch):
     k_ = _kernels(kdev)
     dev = kdev.device
     layout, bias = LAYOUTS[layout_name]
@@ -436,7 +444,7 @@ _SPLIT_SHAPES = {"no split": (136, 72), "GEMM1 split": (520, 72), "GEMM2 split":
                  "both split": (520, 520)}
 
 
-def test_every_kernel_variant_in_one_process(kdev, gen, monkeypatch):
+def test_every_kernel_variant_in_one_process(kdev, kgen, gen, monkeypatch):
     """Every expert kernel variant, launched from one test (one process): bf16/fp16 x transposed or
     not x split-K in neither/GEMM1/GEMM2/both GEMMs x deterministic/atomic, each against the
     reference. Catches per-kernel launch state (e.g. a shared-memory opt-in done only for the
@@ -480,7 +488,7 @@ def test_every_kernel_variant_in_one_process(kdev, gen, monkeypatch):
     assert len(launched) == 2 * 2 * 4 * 2
 
 
-def test_moe_experts_more_than_64_pairs_per_expert(kdev, gen, monkeypatch):
+def test_moe_experts_more_than_64_pairs_per_expert(kdev, kgen, gen, monkeypatch):
     """An expert with more than 64 pairs takes several 64-token passes; duplicate ids in a row
     give a token two pairs on one expert."""
     k_ = _kernels(kdev)
@@ -508,6 +516,76 @@ def test_moe_experts_more_than_64_pairs_per_expert(kdev, gen, monkeypatch):
             _assert_close_act(got, want)
 
 
+# (name, T, E, k, H, I): the v2 work list at its edges. 32 tokens per item and 128 I columns per
+# slice (experts_v2.cuh): I=200 has a partial second slice (two GEMM1 passes), I=136 a one-pass
+# 8-column slice; H=200 and H=136 leave partial 128-row GEMM2 tiles.
+V2_EDGES = [
+    ("one kept expert, all tokens", 70, 8, 2, 136, 200),  # 70 pairs: three token blocks of one expert
+    ("every expert one token", 32, 256, 8, 200, 136),     # E=256, 256 experts x 1 pair
+    ("T=1", 1, 64, 8, 136, 200),
+    ("C=k", 16, 64, 8, 200, 136),
+]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in V2_EDGES])
+def test_v2_work_list_edges_and_determinism(kdev, case, gen, monkeypatch):
+    """Generation 2 at the edges of its work list, against the reference, both reduction modes;
+    deterministic mode repeats bitwise under other block/thread orders."""
+    k_ = _kernels(kdev)
+    dev = kdev.device
+    _, T, E, k, H, I = next(c for c in V2_EDGES if c[0] == case)
+    dtype = torch.bfloat16 if T % 2 else torch.float16
+    layout, bias = LAYOUTS["gpt_oss"] if E == 256 else LAYOUTS["v5"]
+    w_gu, w_dn, b_gu, b_dn = _weights(gen, E, H, I, layout, dtype, bias, dev)
+    x = torch.randn(T, H, generator=gen).to(dtype).to(dev)
+    ids, w = _rand_routing(gen, T, E, k)
+    kept = None
+    if case.startswith("one kept"):
+        ids[:, 0] = 5  # every token's first slot; the other slot's experts are not kept
+        ids[:, 1] = torch.where(ids[:, 1] == 5, torch.full_like(ids[:, 1], 6), ids[:, 1])
+        kept = torch.tensor([5], dtype=torch.int32)
+    elif case.startswith("every expert"):
+        ids = torch.randperm(E, generator=gen).view(T, k)
+    elif case == "C=k":
+        kept = torch.unique(ids)[:k].to(torch.int32)
+    ids, w = ids.to(dev), w.to(dev)
+    kept = None if kept is None else kept.to(dev)
+    want = reference.moe_experts(x, w_gu, w_dn, ids, w, kept, b_gate_up=b_gu, b_down=b_dn, layout=layout)
+    first = None
+    for rep in range(3):
+        for deterministic in (True, False):
+            _poison_workspaces(kdev, monkeypatch)
+            plan = k_.plan_from_routing(ids, w, E, kept)
+            if case.startswith("one kept"):
+                assert plan.counts()["active"] == 1
+            elif case.startswith("every expert"):
+                assert plan.counts()["active"] == E
+            got = k_.moe_experts_planned(x, w_gu, w_dn, plan, layout, b_gu, b_dn, deterministic,
+                                         out=_nan_out(T, H, dtype, kdev), generation="v2")
+            _sync(kdev)
+            _assert_close_act(got, want)
+            if deterministic:
+                if first is None:
+                    first = got.clone()
+                assert torch.equal(got, first), f"repeat {rep}: deterministic v2 must repeat bitwise"
+        _reshuffle(kdev)
+
+
+def test_kernel_generation_selection(monkeypatch):
+    """MOESPEC_KERNELS picks the generation (v1 by default); generation= overrides it; anything
+    else names the setting."""
+    monkeypatch.delenv("MOESPEC_KERNELS", raising=False)
+    assert _kernels_module.kernel_generation() == "v1"
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    assert _kernels_module.kernel_generation() == "v2"
+    assert _kernels_module.kernel_generation("v1") == "v1"
+    monkeypatch.setenv("MOESPEC_KERNELS", "v3")
+    with pytest.raises(ValueError, match="MOESPEC_KERNELS"):
+        _kernels_module.kernel_generation()
+    with pytest.raises(ValueError, match="generation"):
+        _kernels_module.kernel_generation("fast")
+
+
 def test_moe_experts_fp32_falls_back_to_reference(kdev, gen):
     _kernels(kdev)
     dev = kdev.device
@@ -525,7 +603,7 @@ REP_LAYER = [(2, "substitute"), (2, "truncate")]  # T=2: budget 8 is below the u
 
 
 @kgrid("T,policy", LAYER_POINTS, REP_LAYER)
-def test_budgeted_layer_matches_reference(kdev, T, policy, gen, monkeypatch):
+def test_budgeted_layer_matches_reference(kdev, kgen, T, policy, gen, monkeypatch):
     k_ = _kernels(kdev)
     dev = kdev.device
     E, k = 64, 8
@@ -556,7 +634,7 @@ def test_budgeted_layer_matches_reference(kdev, T, policy, gen, monkeypatch):
     assert compared > 0
 
 
-def test_plan_reuse_like_graph_replay(kdev, gen, monkeypatch):
+def test_plan_reuse_like_graph_replay(kdev, kgen, gen, monkeypatch):
     """CUDA-graph-style reuse without a graph (the emulator's version of the capture tests): one
     plan and one output buffer, refilled several times from static inputs that are overwritten
     in place; every round equals a fresh eager launch bitwise and the reference to tolerance.
@@ -594,7 +672,7 @@ def test_plan_reuse_like_graph_replay(kdev, gen, monkeypatch):
             _assert_close_act(out, want)
 
 
-def test_cuda_graph_capture_and_replay(kdev, gen):
+def test_cuda_graph_capture_and_replay(kdev, kgen, gen):
     if kdev.name != "cuda":
         pytest.skip("CUDA graphs need a GPU (test_plan_reuse_like_graph_replay covers buffer reuse on the emulator)")
     k_ = _kernels(kdev)
@@ -625,7 +703,7 @@ def test_cuda_graph_capture_and_replay(kdev, gen):
             _assert_close_act(out, want)
 
 
-def test_ops_moe_experts_capturable_and_ignores_bad_ids_in_capture(kdev, gen, monkeypatch):
+def test_ops_moe_experts_capturable_and_ignores_bad_ids_in_capture(kdev, kgen, gen, monkeypatch):
     """Out-of-range ids (which ops.py cannot range-check inside a CUDA graph capture) are ignored
     by the kernels: checked through the planned API directly on every device, and on the GPU also
     through ops.moe_experts captured in a graph. Outside capture ops rejects them."""

@@ -20,6 +20,15 @@ def _cpu_isa() -> str:
         return f"error: {exc}"
 
 
+def _kernel_generation() -> str:
+    from .kernels import kernel_generation
+
+    try:
+        return kernel_generation()
+    except ValueError as exc:  # a bad MOESPEC_KERNELS
+        return f"error: {exc}"
+
+
 def _cpu_isas() -> list:
     from . import cpu_kernels
 
@@ -56,6 +65,8 @@ def _info(args: argparse.Namespace) -> int:
         "gpu_problem": None if (gpus or st["device_count"] > 0) else _cuda.device_problem(st),
         "kernels_usable": _cuda.available(),
         "why_not": _cuda.unavailable_reason(),
+        # Expert-kernel generation the CUDA/emulated kernels use (MOESPEC_KERNELS=v1|v2, docs/kernels-v2.md).
+        "expert_kernels": _kernel_generation(),
         # The C++ CPU kernels (every build): the ISA level in use (MOESPEC_CPU_ISA caps it) and the levels compiled.
         "cpu_kernels_isa": _cpu_isa(),
         "cpu_kernels_compiled_isas": _cpu_isas(),
@@ -763,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="iid | zipf[:S] | tree[:B[:RHO]] (draft-tree-correlated) | replay:FILE (from "
                          "`moespec capture`); several comma-separated, e.g. iid,zipf:1.2,tree:2")
     bl.add_argument("--impls", help="comma list or 'all' (default; on CPU all but the CUDA ones): moespec, "
-                                    "moespec-experts, moespec-experts-atomic, moespec-plan, moespec-cpu, "
+                                    "moespec-v2, moespec-experts, moespec-experts-atomic, moespec-experts-v2, "
+                                    "moespec-experts-v2-atomic, moespec-plan, moespec-cpu, "
                                     "moespec-cpu-experts, reference, hf-eager, hf-grouped_mm, hf-batched_mm, "
                                     "torch-grouped_mm. One that cannot run here is "
                                     "skipped with its reason; an error if none of those given can run")

@@ -16,6 +16,13 @@ In an emulation build (``MOESPEC_CUDA=EMU``, `moespec._cuda.backend` == "emu") e
 takes CPU tensors instead and runs the same kernel sources on the CPU emulator (csrc/emu): slow,
 meant for testing the kernels without a GPU.
 
+Kernel generations (docs/kernels-v2.md): the experts run as generation ``v1`` (GEMM1, [SwiGLU],
+GEMM2 and combine launches) or ``v2`` (one persistent launch over a device-built work list). The
+environment variable ``MOESPEC_KERNELS`` (``v1`` or ``v2``, read at every call; default ``v1`` until
+a GPU run shows which is faster per shape) selects it for every entry point, the custom ops
+included; `moe_experts_planned` and `budgeted_moe_planned` also take ``generation=`` to override it
+per call (the layer benchmark times both side by side that way).
+
 Fallbacks (explicit, never silent about semantics): fp32 activations, more than
 ``_C.plan_max_experts`` experts or ``_C.plan_max_topk`` slots, H or I not a multiple of 8, or
 tensors not 16-byte aligned run `moespec.reference` instead of the kernels.
@@ -23,6 +30,7 @@ tensors not 16-byte aligned run `moespec.reference` instead of the kernels.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,7 +52,23 @@ __all__ = [
     "budget_routing",
     "budget_routing_masked",
     "moe_experts",
+    "kernel_generation",
+    "GENERATIONS",
 ]
+
+GENERATIONS = ("v1", "v2")
+_DEFAULT_GENERATION = "v1"  # until a GPU run shows v2 faster (docs/kernels-v2.md)
+
+
+def kernel_generation(generation: Optional[str] = None) -> str:
+    """The expert-kernel generation a call uses: ``generation`` if given, else ``MOESPEC_KERNELS``,
+    else ``v1``. `ValueError` names the setting for anything but ``v1``/``v2``."""
+    src = "generation"
+    if generation is None:
+        generation, src = os.environ.get("MOESPEC_KERNELS", "") or _DEFAULT_GENERATION, "MOESPEC_KERNELS"
+    if generation not in GENERATIONS:
+        raise ValueError(f"{src} must be one of {', '.join(GENERATIONS)}, got {generation!r}")
+    return generation
 
 _FLOAT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ID_CODE = {torch.int32: 0, torch.int64: 1}
@@ -372,6 +396,7 @@ def moe_experts_planned(
     b_down: Optional[torch.Tensor] = None,
     deterministic: bool = True,
     out: Optional[torch.Tensor] = None,
+    generation: Optional[str] = None,
 ) -> torch.Tensor:
     """Budgeted grouped SwiGLU experts over a plan built with the CSR of active pairs.
 
@@ -384,10 +409,12 @@ def moe_experts_planned(
         b_gate_up: optional ``[E, 2I]``; b_down: optional ``[E, H]`` (any float dtype).
         deterministic: fixed slot-order combine (default); False uses fp32 atomics.
         out: optional ``[T, H]`` output in ``x.dtype``.
+        generation: ``"v1"`` or ``"v2"`` kernels; None: `kernel_generation` (``MOESPEC_KERNELS``).
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
+    gen = kernel_generation(generation)
     T, H = x.shape
     E, _, I = layout.dims(w_gate_up, w_down)
     k = plan.k
@@ -401,12 +428,21 @@ def moe_experts_planned(
     elif not out.is_contiguous():
         raise ValueError("out must be contiguous (the kernels write rows of H elements back to back)")
     max_experts = max(1, min(plan.max_active, E))
-    shape_experts = min(E, T * k)
-    ksplit = _k_splits(-(-H // 128), I, shape_experts)  # GEMM2: 128 rows of H per CTA, K = I
-    ksplit1 = _k_splits(-(-I // 64), H, shape_experts)  # GEMM1: 64 columns of I per CTA, K = H
-    hbuf = torch.empty(max(T * k, 1), I, dtype=x.dtype, device=dev)
-    ybuf = torch.empty((ksplit * T * k if deterministic else T), H, dtype=torch.float32, device=dev)
-    gubuf = torch.empty(ksplit1 * T * k, I, 2, dtype=torch.float32, device=dev) if ksplit1 > 1 else None
+    counters = None
+    if gen == "v2":  # one persistent kernel: fp32 partials per (pair, I-slice), per-token counters
+        ksplit = ksplit1 = 1
+        nslices = -(-I // int(_ext(dev).experts_v2_slice))
+        hbuf = torch.empty(1, 8, dtype=x.dtype, device=dev)  # unused by v2, checked for alignment
+        ybuf = torch.empty((nslices * T * k if deterministic else T), H, dtype=torch.float32, device=dev)
+        counters = torch.empty(T, dtype=torch.int32, device=dev)
+        gubuf = None
+    else:
+        shape_experts = min(E, T * k)
+        ksplit = _k_splits(-(-H // 128), I, shape_experts)  # GEMM2: 128 rows of H per CTA, K = I
+        ksplit1 = _k_splits(-(-I // 64), H, shape_experts)  # GEMM1: 64 columns of I per CTA, K = H
+        hbuf = torch.empty(max(T * k, 1), I, dtype=x.dtype, device=dev)
+        ybuf = torch.empty((ksplit * T * k if deterministic else T), H, dtype=torch.float32, device=dev)
+        gubuf = torch.empty(ksplit1 * T * k, I, 2, dtype=torch.float32, device=dev) if ksplit1 > 1 else None
     bgu = None if b_gate_up is None else b_gate_up.float().contiguous()
     bdn = None if b_down is None else b_down.float().contiguous()
     a = _ext(dev).ExpertsArgs()
@@ -428,6 +464,8 @@ def moe_experts_planned(
     a.ksplit = ksplit
     a.ksplit1 = ksplit1
     a.gubuf = 0 if gubuf is None else gubuf.data_ptr()
+    a.generation = 2 if gen == "v2" else 1
+    a.counters = 0 if counters is None else counters.data_ptr()
     with _on(dev):
         _ext(dev).moe_experts(a, _stream(dev))
     return out
@@ -453,11 +491,13 @@ def budgeted_moe_planned(
     plan: Optional[RoutingPlan] = None,
     out: Optional[torch.Tensor] = None,
     candidates: Optional[str] = None,
+    generation: Optional[str] = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
-    """A whole budgeted MoE layer in 4 launches, graph-capturable: returns ``(y [T, H], plan)``."""
+    """A whole budgeted MoE layer, graph-capturable: returns ``(y [T, H], plan)``. Launches: the plan,
+    then 3-4 (``v1``) or one persistent kernel plus memsets (``v2``); see `kernel_generation`."""
     plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, plan=plan,
                         candidates=candidates)
-    y = moe_experts_planned(x, w_gate_up, w_down, plan, layout, b_gate_up, b_down, deterministic, out)
+    y = moe_experts_planned(x, w_gate_up, w_down, plan, layout, b_gate_up, b_down, deterministic, out, generation)
     return y, plan
 
 

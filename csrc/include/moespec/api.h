@@ -78,9 +78,18 @@ struct ExpertsArgs {
   int ksplit = 1;  // GEMM2 K splits asked for (deterministic mode needs ksplit*T*k*H floats of ybuf)
   int ksplit1 = 1;    // GEMM1 K splits asked for; used only with gubuf
   uintptr_t gubuf = 0;  // fp32 [ksplit1, T*k, I, 2] partials of a split GEMM1, or 0
+  // Kernel generation: 1 (GEMM1, [SwiGLU], GEMM2, combine launches) or 2 (one persistent launch,
+  // docs/kernels-v2.md). Generation 2 ignores hbuf, ksplit, ksplit1, gubuf and max_experts, needs
+  // `counters` (int32 [T]) and a deterministic ybuf of T*k*ceil(I/experts_v2_slice()) rows.
+  int generation = 1;
+  uintptr_t counters = 0;
 };
 
-// GEMM1+SwiGLU, GEMM2+weights, combine (plus a memset in atomic mode) on `stream`.
+// I columns per generation-2 work item (sizes the deterministic ybuf).
+int experts_v2_slice();
+
+// Generation 1: GEMM1+SwiGLU, GEMM2+weights, combine (plus a memset in atomic mode) on `stream`.
+// Generation 2: memsets of the counters (and the atomic accumulator), one persistent kernel.
 std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream);
 
 }  // namespace moespec

@@ -73,6 +73,9 @@ struct ExpertsParams {
   int ksplit1;
   int kchunk1;
   float* gubuf;
+  // Generation 2 only (experts_v2.cuh): per-token completion counters [T] and I-slices per expert.
+  int* counters;
+  int nslices;
 };
 
 // ------------------------------------------------------------------------------------- PTX

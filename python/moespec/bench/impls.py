@@ -8,7 +8,10 @@ routing (every baseline: that favours them).
 - ``moespec``: the whole budgeted layer on the CUDA kernels (routing plan + grouped GEMMs),
   graph-capturable; ``moespec-experts`` / ``moespec-experts-atomic``: the CUDA expert kernels
   alone over a prebuilt plan (deterministic / atomic combine); ``moespec-plan``: the routing
-  plan (scores, top-C, re-routing, CSR) alone, which has no output to check.
+  plan (scores, top-C, re-routing, CSR) alone, which has no output to check. These run the expert
+  kernels of the generation ``MOESPEC_KERNELS`` selects (v1 by default); ``moespec-v2`` /
+  ``moespec-experts-v2`` / ``moespec-experts-v2-atomic`` force generation 2 (docs/kernels-v2.md),
+  so one run times both generations side by side.
 - ``moespec-cpu``: the whole budgeted layer on the C++ CPU kernels (`moespec.cpu_kernels`: routing plan +
   grouped experts, preallocated plan and output); ``moespec-cpu-experts``: the CPU expert kernels alone
   over a prebuilt plan.
@@ -28,10 +31,11 @@ import torch.nn.functional as F
 from .. import _cuda, ops
 from ..types import ExpertLayout
 
-IMPLEMENTATIONS = ("moespec", "moespec-experts", "moespec-experts-atomic", "moespec-plan", "moespec-cpu",
+IMPLEMENTATIONS = ("moespec", "moespec-v2", "moespec-experts", "moespec-experts-atomic", "moespec-experts-v2",
+                   "moespec-experts-v2-atomic", "moespec-plan", "moespec-cpu",
                    "moespec-cpu-experts", "reference", "hf-eager", "hf-grouped_mm", "hf-batched_mm",
                    "torch-grouped_mm")
-INCLUDES_ROUTING = {"moespec": True, "moespec-plan": True, "moespec-cpu": True, "reference": True}
+INCLUDES_ROUTING = {"moespec": True, "moespec-v2": True, "moespec-plan": True, "moespec-cpu": True, "reference": True}
 # batched_mm materialises one weight copy per (token, slot) pair; beyond this it is skipped.
 BATCHED_MM_MAX_BYTES = {"cuda": 16 << 30, "cpu": 1 << 30}
 
@@ -80,7 +84,11 @@ def _need_cuda(case: LayerCase) -> None:
         raise Unavailable(f"moespec CUDA kernels unavailable: {reason}")
 
 
-def _moespec(case: LayerCase):
+def _moespec_fn(generation: Optional[str]) -> Builder:
+    return lambda case: _moespec(case, generation)
+
+
+def _moespec(case: LayerCase, generation: Optional[str] = None):
     _need_cuda(case)
     from .. import kernels
 
@@ -95,14 +103,16 @@ def _moespec(case: LayerCase):
             return kernels.budgeted_moe_planned(case.x, case.logits, case.w_gate_up, case.w_down, case.top_k,
                                                 case.budget, policy, case.renorm, layout=case.layout,
                                                 b_gate_up=case.b_gate_up, b_down=case.b_down, plan=plan,
-                                                out=out)[0]
+                                                out=out, generation=generation)[0]
         return run
+    if generation == "v2":
+        raise Unavailable("this build has no planned API, so no generation 2")
     return lambda: ops.budgeted_moe(case.x, case.logits, case.w_gate_up, case.w_down, case.top_k, case.budget,
                                     policy, case.renorm, layout=case.layout, b_gate_up=case.b_gate_up,
                                     b_down=case.b_down, backend="cuda")[0]
 
 
-def _moespec_experts_fn(deterministic: bool) -> Builder:
+def _moespec_experts_fn(deterministic: bool, generation: Optional[str] = None) -> Builder:
     def build(case: LayerCase):
         _need_cuda(case)
         from .. import kernels
@@ -112,7 +122,9 @@ def _moespec_experts_fn(deterministic: bool) -> Builder:
             plan = kernels.plan_from_routing(case.ids, case.weights, case.w_gate_up.shape[0], case.kept)
             out = torch.empty_like(case.x)
             return lambda: kernels.moe_experts_planned(case.x, case.w_gate_up, case.w_down, plan, case.layout,
-                                                       case.b_gate_up, case.b_down, deterministic, out)
+                                                       case.b_gate_up, case.b_down, deterministic, out, generation)
+        if generation == "v2":
+            raise Unavailable("this build has no planned API, so no generation 2")
         return lambda: ops.moe_experts(case.x, case.w_gate_up, case.w_down, case.ids, case.weights, case.kept,
                                        deterministic, case.layout, b_gate_up=case.b_gate_up, b_down=case.b_down,
                                        backend="cuda")
@@ -235,9 +247,12 @@ def _torch_grouped_mm(case: LayerCase):
 
 
 BUILDERS: dict[str, Builder] = {
-    "moespec": _moespec,
+    "moespec": _moespec_fn(None),
+    "moespec-v2": _moespec_fn("v2"),
     "moespec-experts": _moespec_experts_fn(True),
     "moespec-experts-atomic": _moespec_experts_fn(False),
+    "moespec-experts-v2": _moespec_experts_fn(True, "v2"),
+    "moespec-experts-v2-atomic": _moespec_experts_fn(False, "v2"),
     "moespec-plan": _moespec_plan,
     "moespec-cpu": _moespec_cpu,
     "moespec-cpu-experts": _moespec_cpu_experts,

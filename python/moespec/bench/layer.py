@@ -47,8 +47,8 @@ class LayerBenchConfig:
     budgets: Sequence[Optional[int]] = (None, 16, 32)
     policies: Sequence[str] = ("substitute",)
     routing: str | Sequence[str] = "iid"  # one spec or several (each case runs under each)
-    impls: Sequence[str] = ("moespec", "moespec-cpu", "reference", "hf-eager", "hf-grouped_mm", "hf-batched_mm",
-                            "torch-grouped_mm")
+    impls: Sequence[str] = ("moespec", "moespec-v2", "moespec-cpu", "reference", "hf-eager", "hf-grouped_mm",
+                            "hf-batched_mm", "torch-grouped_mm")
     device: str = "cpu"
     dtype: str = "auto"
     iters: int = 20

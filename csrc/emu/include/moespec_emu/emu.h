@@ -76,6 +76,21 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t strea
 cudaError_t cudaRuntimeGetVersion(int* v);
 cudaError_t cudaDriverGetVersion(int* v);
 cudaError_t cudaGetDeviceCount(int* n);
+enum cudaDeviceAttr : int {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+// The emulated device: an sm_90 part with few SMs, so persistent kernels loop over many items per
+// block and uneven shares are exercised.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  (void)device;
+  if (attr == cudaDevAttrMultiProcessorCount) *value = 5;
+  else if (attr == cudaDevAttrComputeCapabilityMajor) *value = 9;
+  else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = 227 * 1024;
+  else return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
 
 namespace moespec_emu {
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
@@ -221,6 +236,13 @@ inline float atomicAdd(float* p, float v) {
   const float old = *p;
   *p = old + v;
   return old;
+}
+
+// Blocks run one after another: every store is visible to later blocks, fences have nothing to do.
+inline void __threadfence() {}
+template <class T>
+inline T __ldcg(const T* p) {
+  return *p;
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }

@@ -1,0 +1,348 @@
+// Expert kernels, generation 2 (docs/kernels-v2.md): ONE persistent launch per layer.
+//
+// Work list: an item is (active expert u, block of kBN tokens of u, I-slice of kSlice columns),
+// enumerated from the routing plan's CSR (act_offsets, meta[kMetaActive]) inside every CTA, so it
+// is sized from the actual kept experts and token counts and needs no host synchronisation.
+// CTA c of G takes the contiguous item range [c*N/G, (c+1)*N/G): items stream (nearly) equal weight
+// bytes, so the shares are equal to one item, and consecutive items of a CTA are consecutive
+// slices of the same expert (DRAM page locality).
+// Per item, fused: GEMM1 (gate+up rows of the slice, K = H) + activation into shared memory,
+// then GEMM2 (all H rows of w_down, K = the slice) from that shared h: no h round trip.
+// Both run through one cp.async ring (kStages deep, kBK = 128 k = 256 B per weight row and stage).
+// Reduction: each item writes weighted fp32 partials per (pair, slice) (deterministic) or adds
+// them atomically into ybuf (atomic); a per-token counter finds the last item touching a token,
+// and that CTA sums the token's row in fixed (slot, slice) order: no combine launch, and the
+// bits do not depend on the grid size or on which CTA finishes last.
+#pragma once
+
+#include "moespec/experts.cuh"
+
+namespace moespec {
+namespace experts_v2 {
+
+using experts::DownMap;
+using experts::ExpertsParams;
+using experts::GateUpMap;
+
+constexpr int kBM = experts::kBM;  // 128 weight rows per stage (4 warps x 32), as v1
+constexpr int kBK = 128;           // k per stage: 256 B contiguous per weight row
+constexpr int kNF = 4;             // token fragments of 8
+constexpr int kBN = kNF * 8;       // tokens per item (verification sizes keep ~8-32 per expert)
+constexpr int kSlice = 128;        // I columns per item (two GEMM1 passes of 64)
+constexpr int kThreads = experts::kThreads;
+// sm_90 has 227 KiB of shared memory per block: 4 stages; sm_80's 163 KiB allow 3 of this size.
+// The host reserves the 4-stage size on cc >= 9 (smem_bytes(9)); sm_80 code never runs there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kStages = 3;
+#else
+constexpr int kStages = 4;
+#endif
+constexpr int kPad = kBK + 8;  // smem row stride (16-byte aligned rows, conflict-free u32 reads)
+constexpr int kAStage = kBM * kPad;  // [rows][BK] or transposed [BK][rows] (kBM == kBK)
+constexpr int kBStage = kBN * kPad;
+constexpr int kHTile = kBN * kPad;  // h of the item: [tokens][slice]
+constexpr int kMaxExperts = 1024;   // routing plan limit (routing::kMaxE)
+static_assert(kBM == kBK, "one padded stride serves both weight layouts");
+static_assert(kSlice == kBK, "GEMM2 reads one whole slice per stage");
+static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
+static_assert((kMaxExperts + 1) * 4 + kBN * 12 + 4 <= 8192, "static smem within the launcher's 8 KiB headroom");
+
+constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2; }
+inline int smem_bytes(int cc_major) { return smem_bytes_for(cc_major >= 9 ? 4 : 3); }
+
+__device__ __forceinline__ void zero_acc(float (&acc)[2][kNF][4]) {
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int b = 0; b < kNF; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+}
+
+// Stage load of kBM weight rows (map) x kBK k from k0 (exclusive bound K), zero-filled outside.
+template <bool TRANS, class Map>
+__device__ __forceinline__ void load_weights(uint16_t* a, const uint16_t* __restrict__ W, int64_t ld, int k0, int K,
+                                             const Map& map) {
+  const int tid = threadIdx.x;
+  if constexpr (!TRANS) {
+    for (int c = tid; c < kBM * (kBK / 8); c += kThreads) {
+      const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+      const int kg = k0 + kc;
+      const bool ok = map.valid(r) && kg < K;
+      experts::cp_async16(a + r * kPad + kc, ok ? W + (int64_t)map.j(r) * ld + kg : W, ok);
+    }
+  } else {
+    for (int c = tid; c < kBK * (kBM / 8); c += kThreads) {
+      const int kr = c / (kBM / 8), rc = (c % (kBM / 8)) * 8;
+      const int kg = k0 + kr;
+      const bool ok = map.valid(rc) && kg < K;
+      experts::cp_async16(a + kr * kPad + rc, ok ? W + (int64_t)kg * ld + map.j(rc) : W, ok);
+    }
+  }
+}
+
+// acc += A(stage) . B^T over one kBK stage; B rows are [token][k] with stride kPad.
+template <bool BF16, bool TRANS>
+__device__ __forceinline__ void mma_stage(float (&acc)[2][kNF][4], const uint16_t* a, const uint16_t* b,
+                                          const int (&arow)[2][2], int nf_active) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+#pragma unroll 2
+  for (int kk = 0; kk < kBK; kk += 16) {
+    const int c = kk + tig * 2;
+    uint32_t af[2][4];
+#pragma unroll
+    for (int mf = 0; mf < 2; ++mf) {
+      const int r0 = arow[mf][0], r1 = arow[mf][1];
+      if constexpr (!TRANS) {
+        af[mf][0] = experts::ld_u32(a + r0 * kPad + c);
+        af[mf][1] = experts::ld_u32(a + r1 * kPad + c);
+        af[mf][2] = experts::ld_u32(a + r0 * kPad + c + 8);
+        af[mf][3] = experts::ld_u32(a + r1 * kPad + c + 8);
+      } else {
+        af[mf][0] = experts::pack2(a[c * kPad + r0], a[(c + 1) * kPad + r0]);
+        af[mf][1] = experts::pack2(a[c * kPad + r1], a[(c + 1) * kPad + r1]);
+        af[mf][2] = experts::pack2(a[(c + 8) * kPad + r0], a[(c + 9) * kPad + r0]);
+        af[mf][3] = experts::pack2(a[(c + 8) * kPad + r1], a[(c + 9) * kPad + r1]);
+      }
+    }
+#pragma unroll
+    for (int nf = 0; nf < kNF; ++nf) {
+      if (nf < nf_active) {  // warp-uniform: skip token fragments beyond the item's tokens
+        const uint16_t* bp = b + (nf * 8 + g) * kPad + c;
+        const uint32_t b0 = experts::ld_u32(bp), b1 = experts::ld_u32(bp + 8);
+        experts::mma16816<BF16>(acc[0][nf], af[0], b0, b1);
+        experts::mma16816<BF16>(acc[1][nf], af[1], b0, b1);
+      }
+    }
+  }
+}
+
+// Sums token t's row into out: slots in slot order, each slot's slices in slice order.
+template <bool BF16>
+__device__ __forceinline__ void reduce_token(const ExpertsParams& p, int t) {
+  const int64_t H = p.H;
+  for (int h = threadIdx.x; h < p.H; h += kThreads) {
+    float acc = 0.f;
+    if (p.atomic) {
+      acc = __ldcg(p.ybuf + t * H + h);  // L2: the other CTAs' atomics land there
+    } else {
+      for (int s = 0; s < p.k; ++s) {
+        const int64_t flat = (int64_t)t * p.k + s;
+        if (p.pair_position[flat] < 0) continue;
+        float c = 0.f;
+        for (int z = 0; z < p.nslices; ++z) c += __ldcg(p.ybuf + (flat * p.nslices + z) * H + h);
+        acc += c;
+      }
+    }
+    p.out[t * H + h] = float_to_bits<BF16>(acc);
+  }
+}
+
+__device__ __forceinline__ int active_slots(const ExpertsParams& p, int t) {
+  int n = 0;
+  for (int s = 0; s < p.k; ++s) n += p.pair_position[(int64_t)t * p.k + s] >= 0 ? 1 : 0;
+  return n;
+}
+
+// grid = persistent CTAs (any count: the bits do not depend on it); block = kThreads;
+// dynamic smem = smem_bytes(cc major). counters: [T] int, zero on entry; deterministic ybuf:
+// [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry.
+template <bool BF16, bool TRANS>
+__global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const ExpertsParams p) {
+  uint16_t* smem = dynamic_smem<uint16_t>();
+  uint16_t* sA = smem;
+  uint16_t* sB = sA + kStages * kAStage;
+  uint16_t* sH = sB + kStages * kBStage;
+  __shared__ int s_item0[kMaxExperts + 1];  // first item of each active expert (prefix sum)
+  __shared__ const uint16_t* s_brow[kBN];
+  __shared__ int s_done[kBN];
+  __shared__ int s_ndone;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+  const int H = p.H, I = p.I, NS = p.nslices;
+  const int A = p.meta[3];  // kMetaActive
+
+  // Tokens without an active slot get no item: their rows are zero (CTA c takes t = c mod G).
+  for (int t = blockIdx.x; t < p.T; t += gridDim.x) {
+    if (active_slots(p, t) == 0)
+      for (int h = tid; h < H; h += kThreads) p.out[(int64_t)t * H + h] = float_to_bits<BF16>(0.f);
+  }
+
+  // The work list: items of expert u are s_item0[u] .. s_item0[u+1]-1, token-block major.
+  if (warp == 0) {
+    int running = 0;
+    for (int base = 0; base < A; base += 32) {
+      const int u = base + lane;
+      int c = 0;
+      if (u < A) c = (p.act_offsets[u + 1] - p.act_offsets[u] + kBN - 1) / kBN * NS;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int v = __shfl_up_sync(kFullMask, c, d);
+        if (lane >= d) c += v;
+      }
+      if (u < A) s_item0[u + 1] = running + c;
+      running += __shfl_sync(kFullMask, c, 31);
+    }
+    if (lane == 0) s_item0[0] = 0;
+  }
+  if (tid == 0) s_ndone = 0;
+  __syncthreads();
+  const int64_t N = s_item0[A];
+  const int item_begin = static_cast<int>(N * blockIdx.x / gridDim.x);
+  const int item_end = static_cast<int>(N * (blockIdx.x + 1) / gridDim.x);
+
+  const int kt1 = (H + kBK - 1) / kBK;   // GEMM1 stages per pass
+  const int rt2 = (H + kBM - 1) / kBM;   // GEMM2 row tiles (one stage each)
+  const int64_t ld1 = TRANS ? 2 * (int64_t)I : H;
+  const int64_t ld2 = TRANS ? (int64_t)H : I;
+
+  int u = 0;
+  for (int item = item_begin; item < item_end; ++item) {
+    while (s_item0[u + 1] <= item) ++u;
+    const int rem = item - s_item0[u];
+    const int nb = (rem / NS) * kBN, slice = rem % NS;
+    const int e = p.act_experts[u];
+    const int p0 = p.act_offsets[u] + nb;
+    const int nrows = min(kBN, p.act_offsets[u + 1] - p0);
+    const int nf_active = (nrows + 7) / 8;
+    const int i_base = slice * kSlice;
+    const int passes = min(kSlice, I - i_base) > experts::kGateUpTile ? 2 : 1;
+    const int n1 = passes * kt1, n = n1 + rt2;
+    const uint16_t* Wgu = p.w_gu + (int64_t)e * 2 * I * H;
+    const uint16_t* Wdn = p.w_down + (int64_t)e * H * I;
+
+    for (int r = tid; r < kBN; r += kThreads)
+      s_brow[r] = r < nrows ? p.x + (int64_t)p.pair_token[p0 + r] * p.x_stride : nullptr;
+    __syncthreads();
+
+    auto load_stage = [&](int slot, int t) {
+      uint16_t* a = sA + slot * kAStage;
+      if (t < n1) {  // GEMM1: gate+up rows of 64 columns, x rows
+        const GateUpMap map{i_base + (t / kt1) * experts::kGateUpTile, I, p.order};
+        const int k0 = (t % kt1) * kBK;
+        load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
+        uint16_t* b = sB + slot * kBStage;
+        for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
+          const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+          const int kg = k0 + kc;
+          const uint16_t* row = s_brow[r];
+          const bool ok = row != nullptr && kg < H;
+          experts::cp_async16(b + r * kPad + kc, ok ? row + kg : Wgu, ok);
+        }
+      } else {  // GEMM2: 128 rows of w_down over the slice; B is sH
+        const DownMap map{(t - n1) * kBM, H};
+        load_weights<TRANS>(a, Wdn, ld2, i_base, I, map);
+      }
+    };
+
+    float acc[2][kNF][4];
+    zero_acc(acc);
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < n) load_stage(s, s);
+      experts::cp_async_commit();
+    }
+    for (int t = 0; t < n; ++t) {
+      experts::cp_async_wait<kStages - 2>();
+      __syncthreads();  // stage t landed for everyone; stage t-1 (and h) no longer read / complete
+      if (t + kStages - 1 < n) load_stage((t + kStages - 1) % kStages, t + kStages - 1);
+      experts::cp_async_commit();
+      const uint16_t* a = sA + (t % kStages) * kAStage;
+      int arow[2][2];
+      if (t < n1) {
+        const int pass = t / kt1;
+        const GateUpMap map{i_base + pass * experts::kGateUpTile, I, p.order};
+#pragma unroll
+        for (int mf = 0; mf < 2; ++mf) {
+          arow[mf][0] = map.frag_row(warp, mf, g);
+          arow[mf][1] = map.frag_row(warp, mf, g + 8);
+        }
+        mma_stage<BF16, TRANS>(acc, a, sB + (t % kStages) * kBStage, arow, nf_active);
+        if (t % kt1 == kt1 - 1) {  // pass done: activation into h (columns >= I are zero)
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const int ii = pass * experts::kGateUpTile + warp * 16 + g + 8 * h2;
+            const int i = i_base + ii;
+            float bg = 0.f, bu = 0.f;
+            if (p.b_gu != nullptr && i < I) {
+              const float* bias = p.b_gu + (int64_t)e * 2 * I;
+              bg = bias[p.order == experts::kInterleaved ? 2 * i : (p.order == experts::kGateUp ? i : I + i)];
+              bu = bias[p.order == experts::kInterleaved ? 2 * i + 1 : (p.order == experts::kGateUp ? I + i : i)];
+            }
+#pragma unroll
+            for (int nf = 0; nf < kNF; ++nf) {
+#pragma unroll
+              for (int q = 0; q < 2; ++q) {
+                const int r = nf * 8 + tig * 2 + q;
+                const float v = i < I ? experts::gated_activation(acc[0][nf][h2 * 2 + q] + bg,
+                                                                 acc[1][nf][h2 * 2 + q] + bu, p.activation,
+                                                                 p.alpha, p.limit)
+                                      : 0.f;
+                sH[r * kPad + ii] = float_to_bits<BF16>(v);
+                if (passes == 1) sH[r * kPad + ii + experts::kGateUpTile] = 0;  // no second pass
+              }
+            }
+          }
+          zero_acc(acc);
+        }
+      } else {
+        const DownMap map{(t - n1) * kBM, H};
+#pragma unroll
+        for (int mf = 0; mf < 2; ++mf) {
+          arow[mf][0] = map.frag_row(warp, mf, g);
+          arow[mf][1] = map.frag_row(warp, mf, g + 8);
+        }
+        mma_stage<BF16, TRANS>(acc, a, sH, arow, nf_active);
+#pragma unroll
+        for (int mf = 0; mf < 2; ++mf) {
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const int h = map.h0 + warp * 32 + mf * 16 + g + 8 * h2;
+            if (h >= H) continue;
+            const float bias = (p.b_down != nullptr && slice == 0) ? p.b_down[(int64_t)e * H + h] : 0.f;
+#pragma unroll
+            for (int nf = 0; nf < kNF; ++nf) {
+#pragma unroll
+              for (int q = 0; q < 2; ++q) {
+                const int r = nf * 8 + tig * 2 + q;
+                if (r < nrows) {
+                  const int pp = p0 + r;
+                  const int tok = p.pair_token[pp];
+                  const int64_t flat = (int64_t)tok * p.k + p.pair_slot[pp];
+                  const float c = (acc[mf][nf][h2 * 2 + q] + bias) * p.weights[flat];
+                  if (p.atomic)
+                    atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
+                  else
+                    p.ybuf[(flat * NS + slice) * H + h] = c;
+                }
+              }
+            }
+          }
+        }
+        zero_acc(acc);
+      }
+    }
+    experts::cp_async_wait<0>();
+
+    // Publish this item's partials, then count them per token: the item that completes a
+    // token (all its active slots x all slices) reduces that token's row.
+    __threadfence();
+    __syncthreads();
+    if (tid < nrows) {
+      const int tok = p.pair_token[p0 + tid];
+      const int need = active_slots(p, tok) * NS;
+      if (atomicAdd(p.counters + tok, 1) + 1 == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
+    }
+    __syncthreads();
+    const int ndone = s_ndone;
+    if (ndone > 0) {
+      __threadfence();  // see the other CTAs' partials of these tokens
+      for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
+    }
+    __syncthreads();  // s_done, s_ndone, s_brow and sH are reused by the next item
+    if (tid == 0) s_ndone = 0;
+  }
+}
+
+}  // namespace experts_v2
+}  // namespace moespec
