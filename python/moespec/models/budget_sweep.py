@@ -65,9 +65,7 @@ class Rule:
     @property
     def family(self) -> str:
         """The line a rule belongs to in the plot (all values of one rule kind, policy, candidates)."""
-        if self.kind == "none":
-            return "none"
-        return f"{'fixed C' if self.kind == 'fixed' else 'coverage'} {self.policy}/{self.candidates}"
+        return family(self.to_dict())
 
     def config(self):
         """The `moespec.integrations.BudgetConfig` that runs this rule (None for the baseline)."""
@@ -80,6 +78,13 @@ class Rule:
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "budget": self.budget, "coverage": self.coverage,
                 "policy": self.policy, "candidates": self.candidates}
+
+
+def family(rule: dict) -> str:
+    """The family of a rule given as `Rule.to_dict` (as recorded in the JSON): kind, policy, candidates."""
+    if rule["kind"] == "none":
+        return "none"
+    return f"{'fixed C' if rule['kind'] == 'fixed' else 'coverage'} {rule['policy']}/{rule['candidates']}"
 
 
 def sweep_rules(top_k: int, max_union: int, coverages: Sequence[float] = COVERAGES,
@@ -242,7 +247,7 @@ def recommend(result: dict, acceptance_tolerance: float = ACCEPTANCE_TOLERANCE,
     families: dict[str, dict] = {}
     for cost, key, rows in passing:
         rule = rows[0]["rule"]
-        fam = f"{'fixed C' if rule['kind'] == 'fixed' else 'coverage'} {rule['policy']}/{rule['candidates']}"
+        fam = family(rule)
         if fam not in families:
             families[fam] = {"rule": rule, "relative_bytes": cost}
     return {
@@ -361,8 +366,7 @@ def plot_sweep(rep: dict, path: Path) -> Optional[Path]:
         fams: dict[str, list] = {}
         for r in rows[1:]:
             rule = r["rule"]
-            fam = f"{'fixed C' if rule['kind'] == 'fixed' else 'coverage'} {rule['policy']}/{rule['candidates']}"
-            fams.setdefault(fam, []).append(r)
+            fams.setdefault(family(rule), []).append(r)
         for i, (metric, label) in enumerate((("tokens_per_verification", "tokens per verification"),
                                              ("token_match_rate", "greedy agreement (token match)"))):
             ax = axes[i][j]

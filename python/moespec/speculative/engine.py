@@ -180,7 +180,10 @@ def generate(
     for name in ("begin", "propose", "commit"):
         if not callable(getattr(drafter, name, None)):
             raise TypeError(f"drafter must implement the Drafter protocol (missing {name}())")
-    budget = _coerce_budget(model, budget, policy, candidates)
+    from ..ops import validate_candidates
+
+    candidates = validate_candidates(candidates, policy)  # resolved once: "all" or "union"
+    budget = _coerce_budget(model, budget)
     target_rows, _ = vocab_sizes(model)
     _check_prompt_ids(prompt, target_rows)
     if isinstance(drafter, DraftModelDrafter):
@@ -206,9 +209,7 @@ def generate(
 
     device = next(model.parameters()).device
     with _thread_scope(threads, model, device):
-        from ..ops import validate_candidates
-
-        rule = {"policy": policy, "candidates": validate_candidates(candidates, policy)}
+        rule = {"policy": policy, "candidates": candidates}
         key = cascade_key(model, drafter, cfg.to_dict(), ctrl, rule) if store is not None else None  # threads are in it
         if store is not None:
             store.restore(key, ctrl)
@@ -220,11 +221,10 @@ def generate(
         return out
 
 
-def _coerce_budget(model, budget, policy: str, candidates):
+def _coerce_budget(model, budget):
     """Validate the ``budget`` argument of `generate`; "auto" becomes the measured `BudgetConfig`."""
-    from ..ops import as_int, validate_candidates
+    from ..ops import as_int
 
-    validate_candidates(candidates, policy)
     if budget is None or isinstance(budget, (list, tuple)) or callable(budget):
         return budget
     if isinstance(budget, str):
