@@ -288,17 +288,15 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const Plan
   // the re-routing and the CSR so that the expert kernel's first loads find them in L2.
   if (q.pf_experts > 0) {
     const int n = kept_count < q.pf_experts ? kept_count : q.pf_experts;
-    uint32_t chunks[kPrefetchRanges];
-    int per_expert = 0;
-#pragma unroll
-    for (int g = 0; g < kPrefetchRanges; ++g) {
-      chunks[g] = q.pf[g].base != nullptr ? (q.pf[g].bytes + kPrefetchChunk - 1) / kPrefetchChunk : 0;
-      per_expert += (int)chunks[g];
-    }
-    for (int item = tid; item < n * per_expert; item += kThreads) {
+    static_assert(kPrefetchRanges == 2, "two ranges: gate and up rows");
+    const int chunks0 = q.pf[0].base != nullptr ? (int)((q.pf[0].bytes + kPrefetchChunk - 1) / kPrefetchChunk) : 0;
+    const int chunks1 = q.pf[1].base != nullptr ? (int)((q.pf[1].bytes + kPrefetchChunk - 1) / kPrefetchChunk) : 0;
+    const int per_expert = chunks0 + chunks1;
+    for (int item = tid; item < n * per_expert; item += kThreads) {  // expert-major: highest score first
       const int i = item / per_expert;
-      int c = item % per_expert, g = 0;
-      while (c >= (int)chunks[g]) c -= (int)chunks[g++];
+      int c = item % per_expert;
+      const int g = c < chunks0 ? 0 : 1;
+      c -= g ? chunks0 : 0;
       const int e = budgeted ? s_offs[i] : p.kept_experts[i];
       const uint32_t off = (uint32_t)c * kPrefetchChunk;
       const uint32_t bytes = q.pf[g].bytes - off < kPrefetchChunk ? q.pf[g].bytes - off : kPrefetchChunk;
