@@ -180,8 +180,8 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const Plan
     float sc = 0.f;
     if (p.score_mode == kScoreProb || (p.score_mode == kScoreTopk && !s_dup)) {
       const float* c = q.contrib + e;
-#pragma unroll 8
-      for (int t = 0; t < T; ++t) sc += __ldcg(c + (int64_t)t * E);  // token order, like v1
+#pragma unroll 16
+      for (int t = 0; t < T; ++t) sc += __ldcg(c + (int64_t)t * E);  // token order, like v1 (loads in flight)
     } else if (p.score_mode == kScoreTopk) {
       for (int i = 0; i < P; ++i)  // a token repeats an id: v1's pair order
         if (__ldcg(p.ids + i) == e) sc += __ldcg(p.weights + i);
@@ -304,14 +304,34 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const Plan
     }
   }
 
-  // ---- re-route tokens under the kept set (v1's phase D), one warp per token, lanes in parallel
+  // ---- re-route tokens under the kept set (v1's phase D), one warp per token, lanes in parallel.
+  // With at most 32 kept experts and T * C' <= kMaxE, every token's probabilities of the kept experts
+  // are loaded first by the whole block (one round trip instead of one per token and warp) into
+  // s_sorted[t * C' + j] (j: position in the kept list, which s_tmp[e] holds), and the row validity
+  // into s_cnt[t] (both free by now).
+  const bool staged_probs = p.route && budgeted && kept_count >= k && kept_count <= 32 && T * kept_count <= kMaxE;
+  if (staged_probs) {
+    for (int idx = tid; idx < T * kept_count; idx += kThreads) {
+      const int t = idx / kept_count, e = p.kept_experts[idx % kept_count];
+      const float m = __ldcg(p.row_max + t), s = __ldcg(p.row_sum + t);
+      s_sorted[idx] = softmax_prob(load_float(p.logits, p.logits_dtype, (int64_t)t * p.logits_stride + e), m, s);
+      if (idx % kept_count == 0) s_cnt[t] = isnan(s) ? 1 : 0;
+    }
+    __syncthreads();
+  }
   if (p.route) {
+    const int my_kept = lane < kept_count ? p.kept_experts[lane] : -1;  // lane j: the j-th kept expert (<= 32)
     for (int t = warp; t < T; t += kWarps) {
       const int64_t row = (int64_t)t * p.logits_stride;
-      const float m = __ldcg(p.row_max + t), s = __ldcg(p.row_sum + t);
+      float m = 0.f, s = 0.f;
+      if (!staged_probs) {
+        m = __ldcg(p.row_max + t);
+        s = __ldcg(p.row_sum + t);
+      }
+      const bool invalid = staged_probs ? s_cnt[t] != 0 : isnan(s);
       int* ids = p.ids + (int64_t)t * k;
       float* w = p.weights + (int64_t)t * k;
-      if (isnan(s)) {  // invalid row: the k lowest kept ids, weight 0
+      if (invalid) {  // invalid row: the k lowest kept ids, weight 0
         for (int r = lane; r < k; r += 32) {
           ids[r] = kept_count >= k ? p.kept_experts[r] : r;
           w[r] = 0.f;
@@ -327,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const Plan
           // v1's masked top-k picks the k best kept experts (all have a probability above the
           // -inf of the masked ones), and keeps a token's own top-k when all are kept: the same
           // as ranking the kept experts, one per lane, by the same total order.
-          const int e = lane < kept_count ? p.kept_experts[lane] : -1;
-          const float v = e >= 0 ? prob(e) : -INFINITY;
+          const int e = my_kept;
+          const float v = e < 0 ? -INFINITY : staged_probs ? s_sorted[t * kept_count + lane] : prob(e);
           int rank = 0;
           for (int j = 0; j < kept_count; ++j) {
             const float ov = __shfl_sync(kFullMask, v, j);
@@ -362,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const Plan
         }
       } else if (lane < k) {  // truncate
         const int id = __ldcg(ids + lane);
-        wv = (id >= 0 && s_keep[id]) ? prob(id) : 0.f;
+        wv = (id >= 0 && s_keep[id]) ? (staged_probs ? s_sorted[t * kept_count + s_tmp[id]] : prob(id)) : 0.f;
       }
       if (p.renormalize) {  // v1's sequential sum over the slots
         float sum = 0.f;
