@@ -145,12 +145,15 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const Plan
   }
   // A PDL successor may launch now; its griddep_wait still waits for this whole grid.
   griddep_launch_dependents();
-  __threadfence();  // this CTA's outputs are visible device-wide before its arrival counts
-  __syncthreads();
-  if (tid == 0) s_last = atomicAdd(q.sync, 1) == (int)gridDim.x - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();  // the other CTAs' outputs (they fenced before arriving)
+  if (gridDim.x > 1) {  // one CTA (T <= kTokensPerCta) is its own tail: no fence, no ticket
+    __threadfence();    // this CTA's outputs are visible device-wide before its arrival counts
+    __syncthreads();
+    if (tid == 0) s_last = atomicAdd(q.sync, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // the other CTAs' outputs (they fenced before arriving)
+  }
+  __syncthreads();  // (one CTA) every warp's token outputs before the tail reads them
   if (tid == 0) {
     s_dup = __ldcg(q.sync + 1) != 0;
     q.sync[0] = 0;  // every CTA has arrived: reset for the next launch (graph replays)
