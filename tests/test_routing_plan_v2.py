@@ -273,6 +273,9 @@ def test_v2_plan_prefetches_the_kept_experts_first_tiles(kdev, layout_name, gen,
     _cuda._C.emu_take_prefetches()
     y, plan = kernels.budgeted_moe_planned(x, z, w_gu, w_dn, k, 8, layout=layout, generation="v2")
     assert sorted(_cuda._C.emu_take_prefetches()) == _chunks(_expected_prefetch(plan, ranges, 2)[1])
+    monkeypatch.setattr(kernels, "_PREFETCH_TOTAL", 0)
+    kernels.budgeted_moe_planned(x, z, w_gu, w_dn, k, 8, layout=layout, generation="v2")
+    assert _cuda._C.emu_take_prefetches() == [], "_PREFETCH_TOTAL = 0 turns the prefetch off"
     want, routing = reference.budgeted_moe(x, z, w_gu, w_dn, k, 8, layout=layout)
     assert torch.isfinite(y.float()).all()
     if torch.equal(plan.kept_experts[: plan.counts()["kept"]].long(), routing.kept_experts):  # no score tie

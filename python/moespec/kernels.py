@@ -419,7 +419,7 @@ def _set_prefetch(a, w_gate_up: torch.Tensor, layout: ExpertLayout, device: torc
     if w_gate_up.device != device or w_gate_up.dim() != 3 or w_gate_up.shape[0] != a.E:
         return
     ranges = _prefetch_ranges(w_gate_up, layout)
-    if not ranges:
+    if not ranges or _PREFETCH_TOTAL <= 0:  # _PREFETCH_TOTAL = 0: no prefetch
         return
     per_expert = sum(r[2] for r in ranges)
     a.pf_experts = max(1, _PREFETCH_TOTAL // per_expert)
