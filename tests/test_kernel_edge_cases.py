@@ -1,4 +1,5 @@
-"""Edge cases of the routing-plan kernel against `moespec.reference` (on a GPU and on the emulator).
+"""Edge cases of the routing-plan kernel against `moespec.reference` (on a GPU and on the emulator), for
+both plan generations (`kgen`: the single-CTA v1 plan and the multi-CTA v2 plan).
 
 - rows of router logits without a valid softmax (all NaN, all -inf, NaN or +inf among finite values):
   the reference defines them (`reference.budget_routing_masked`) like padding tokens (no union, no

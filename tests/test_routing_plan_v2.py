@@ -216,6 +216,8 @@ def test_v2_plan_is_selected_by_the_generation(kdev, gen, monkeypatch):
     monkeypatch.setenv("MOESPEC_KERNELS", "v2")
     plan = kernels.plan_routing(z, 4, 8)
     assert plan.contrib is not None and plan.contrib.numel() == 9 * 64 and plan.sync is not None
+    given = kernels.plan_from_routing(plan.ids, plan.weights, 64)
+    assert given.sync is not None and given.contrib is None, "a given routing never scores: no [T, E] workspace"
     monkeypatch.setenv("MOESPEC_KERNELS", "v1")
     assert kernels.plan_routing(z, 4, 8).contrib is None
     with pytest.raises(ValueError, match="generation"):

@@ -134,8 +134,9 @@ class RoutingPlan:
 
     Workspaces of the generation-2 plan (docs/kernels-v2.md, "Routing plan v2"), allocated by
     `empty` when the generation in use is ``v2`` and otherwise on the first v2 launch: ``contrib``
-    fp32 ``[T*E]`` (per-token score contributions) and ``sync`` int32 ``[4]`` (the last-CTA ticket;
-    zero at allocation, and the kernel leaves it zero, so CUDA-graph replays need no memset).
+    fp32 ``[T*E]`` (per-token score contributions; only for plans that score experts, i.e. not for
+    `plan_from_routing`'s) and ``sync`` int32 ``[4]`` (the last-CTA ticket; zero at allocation, and
+    the kernel leaves it zero, so CUDA-graph replays need no memset).
     """
 
     T: int
@@ -159,9 +160,11 @@ class RoutingPlan:
     sync: Optional[torch.Tensor] = None
 
     @classmethod
-    def empty(cls, T: int, E: int, k: int, device, generation: Optional[str] = None) -> "RoutingPlan":
+    def empty(cls, T: int, E: int, k: int, device, generation: Optional[str] = None,
+              scores: bool = True) -> "RoutingPlan":
         """Allocate (uninitialised) buffers for ``T`` tokens, ``E`` experts and top-``k``; with the
-        ``v2`` generation (``generation``, else `kernel_generation`) also its workspaces."""
+        ``v2`` generation (``generation``, else `kernel_generation`) also its workspaces (the score
+        workspace only when ``scores``)."""
         dev = torch.device(device)
         i32 = dict(dtype=torch.int32, device=dev)
         f32 = dict(dtype=torch.float32, device=dev)
@@ -178,13 +181,13 @@ class RoutingPlan:
             max_active=max(1, min(E, T * k)),
         )
         if kernel_generation(generation) == "v2":
-            plan._v2_workspaces()
+            plan._v2_workspaces(scores)
         return plan
 
-    def _v2_workspaces(self) -> None:
+    def _v2_workspaces(self, scores: bool = True) -> None:
         """Allocate the generation-2 workspaces if missing (worst case: every token scores)."""
         dev = self.ids.device
-        if self.contrib is None:
+        if scores and self.contrib is None:
             self.contrib = torch.empty(max(self.T * self.E, 1), dtype=torch.float32, device=dev)
         if self.sync is None:
             self.sync = torch.zeros(4, dtype=torch.int32, device=dev)
@@ -199,12 +202,13 @@ class RoutingPlan:
                 "active": m[META_ACTIVE], "pairs": m[META_PAIRS]}
 
 
-def _plan_args(plan: RoutingPlan, generation: Optional[str] = None):
+def _plan_args(plan: RoutingPlan, generation: Optional[str] = None, scores: bool = True):
     a = _ext(plan.ids.device).PlanArgs()
     if kernel_generation(generation) == "v2":
-        plan._v2_workspaces()
+        plan._v2_workspaces(scores)
         a.generation = 2
-        a.contrib, a.sync = plan.contrib.data_ptr(), plan.sync.data_ptr()
+        a.sync = plan.sync.data_ptr()
+        a.contrib = 0 if plan.contrib is None else plan.contrib.data_ptr()
     a.T, a.E, a.k = plan.T, plan.E, plan.k
     a.ids, a.weights = plan.ids.data_ptr(), plan.weights.data_ptr()
     a.row_max, a.row_sum = plan.row_max.data_ptr(), plan.row_sum.data_ptr()
@@ -226,9 +230,9 @@ def _prep_logits(router_logits: torch.Tensor) -> torch.Tensor:
 
 
 def _get_plan(plan: Optional[RoutingPlan], T: int, E: int, k: int, device,
-              generation: Optional[str] = None) -> RoutingPlan:
+              generation: Optional[str] = None, scores: bool = True) -> RoutingPlan:
     if plan is None:
-        return RoutingPlan.empty(T, E, k, device, generation)
+        return RoutingPlan.empty(T, E, k, device, generation, scores)
     if not plan.matches(T, E, k, device):
         raise ValueError(f"RoutingPlan is sized for (T, E, k) = {(plan.T, plan.E, plan.k)} on {plan.ids.device}, "
                          f"need {(T, E, k)} on {device}")
@@ -313,7 +317,7 @@ def plan_routing(
     plan = _get_plan(plan, T, E, top_k, router_logits.device, generation)
     z = _prep_logits(router_logits)
     budgeted = budget is not None or coverage is not None
-    a = _plan_args(plan, generation)
+    a = _plan_args(plan, generation, scores=budgeted)
     if prefetch is not None and a.generation == 2:
         _set_prefetch(a, prefetch[0], prefetch[1], z.device)
     a.logits, a.logits_dtype, a.logits_stride = z.data_ptr(), _FLOAT_CODE[z.dtype], z.stride(0)
@@ -359,9 +363,9 @@ def plan_from_routing(
     T, k = topk_ids.shape
     if not plan_supported(num_experts, k):
         raise ValueError(f"the routing plan supports E <= {_plan_limits()[0]} and top_k <= {_plan_limits()[1]}")
-    plan = _get_plan(plan, T, num_experts, k, topk_ids.device, generation)
+    plan = _get_plan(plan, T, num_experts, k, topk_ids.device, generation, scores=False)
     ids = topk_ids.contiguous()
-    a = _plan_args(plan, generation)
+    a = _plan_args(plan, generation, scores=False)
     a.in_ids, a.in_ids_type = ids.data_ptr(), _ID_CODE[ids.dtype]
     w = None
     if topk_weights is not None:
