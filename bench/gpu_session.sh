@@ -106,6 +106,8 @@ if [[ "$STAGE" == all || "$STAGE" == sanitize ]]; then
 fi
 if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
   echo "== benchmark"
+  # The routing plan alone, v1 vs v2 (docs/kernels-v2.md, "Routing plan v2": the estimate it checks).
+  timeout 60 python bench/plan_timing.py --out "$OUT/bench" || echo "plan_timing failed or timed out"
   # One run per model, each writing its own files, so a time limit keeps the models already done.
   budget_s="${BENCH_TIMEOUT:-200}"
   models="${BENCH_MODELS:-qwen3-30b-a3b mixtral-8x7b olmoe-1b-7b gpt-oss-120b deepseek-v3}"

@@ -76,7 +76,9 @@ PYBIND11_MODULE(_C, m) {
       MOESPEC_RW(coverage) MOESPEC_RW(min_budget) MOESPEC_RW(all_candidates) MOESPEC_RW(policy) MOESPEC_RW(csr_mode) MOESPEC_RW(ids)
       MOESPEC_RW(weights) MOESPEC_RW(row_max) MOESPEC_RW(row_sum) MOESPEC_RW(scores) MOESPEC_RW(meta)
       MOESPEC_RW(union_experts) MOESPEC_RW(kept_experts) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets)
-      MOESPEC_RW(pair_token) MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position);
+      MOESPEC_RW(pair_token) MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(generation)
+      MOESPEC_RW(contrib) MOESPEC_RW(sync) MOESPEC_RW(pf_base0) MOESPEC_RW(pf_base1) MOESPEC_RW(pf_stride0)
+      MOESPEC_RW(pf_stride1) MOESPEC_RW(pf_bytes0) MOESPEC_RW(pf_bytes1) MOESPEC_RW(pf_experts);
 #undef MOESPEC_RW
   py::class_<moespec::ExpertsArgs>(m, "ExpertsArgs")
       .def(py::init<>())
@@ -102,7 +104,8 @@ PYBIND11_MODULE(_C, m) {
     if (!err.empty()) throw std::runtime_error("moespec: " + err);
   };
   m.def("routing_plan", plan, py::arg("args"), py::arg("stream"),
-        "Launch the single-CTA routing plan (union, scores, kept set, re-routing, CSR).");
+        "Launch the routing plan (union, scores, kept set, re-routing, CSR): one CTA (generation 1) or "
+        "token CTAs plus a last-CTA tail (generation 2).");
   m.def("moe_experts", experts, py::arg("args"), py::arg("stream"),
         "Launch GEMM1+SwiGLU, GEMM2+weights and the combine over a routing plan.");
   // moespec._cuda.has_kernel(op) looks for these op names; the three routing ops share the plan.
@@ -173,6 +176,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("emu_set_seed", &moespec_emu::set_seed, py::arg("seed"),
         "Seed the emulator's block and thread order (also MOESPEC_EMU_SEED).");
   m.def("emu_seed", &moespec_emu::seed);
+  m.def("emu_take_prefetches", &moespec_emu::take_prefetches,
+        "The L2 prefetch ranges (address, bytes) emulated kernels issued since the last call; clears them.");
   m.def("emu_selftest_names", &moespec_emu::selftest_names);
   m.def(
       "emu_selftest",

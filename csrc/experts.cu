@@ -89,8 +89,8 @@ std::string launch_v2_typed(const ExpertsParams& p, cudaStream_t stream) {
   if (err == cudaSuccess && p.atomic)
     err = cudaMemsetAsync(p.ybuf, 0, sizeof(float) * static_cast<size_t>(p.T) * p.H, stream);
   if (err != cudaSuccess) return std::string("moe_experts v2: memset failed: ") + cudaGetErrorString(err);
-  err = launch_kernel("persistent_experts_kernel", kern, dim3(sms > 0 ? sms : 1), dim3(experts_v2::kThreads), smem,
-                      stream, p);
+  err = launch_kernel_pdl("persistent_experts_kernel", kern, dim3(sms > 0 ? sms : 1), dim3(experts_v2::kThreads),
+                          smem, stream, p);
   if (err != cudaSuccess) return std::string("moe_experts v2: launch failed: ") + cudaGetErrorString(err);
   return "";
 }

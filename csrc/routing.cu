@@ -1,10 +1,12 @@
-// Host launcher of the routing plan (device code: csrc/include/moespec/routing.cuh).
+// Host launcher of the routing plan (device code: csrc/include/moespec/routing.cuh, generation 2:
+// routing_v2.cuh).
 #include <cuda_runtime.h>
 
 #include <string>
 
 #include "moespec/api.h"
 #include "moespec/routing.cuh"
+#include "moespec/routing_v2.cuh"
 
 namespace moespec {
 
@@ -62,6 +64,30 @@ std::string launch_routing_plan(const PlanArgs& a, int64_t stream) {
   p.pair_token = reinterpret_cast<int*>(a.pair_token);
   p.pair_slot = reinterpret_cast<int*>(a.pair_slot);
   p.pair_position = reinterpret_cast<int*>(a.pair_position);
+  if (a.generation == 2) {
+    if (a.sync == 0) return "routing plan v2: the sync buffer is missing";
+    if (a.score_mode != kScoreNone && a.contrib == 0) return "routing plan v2: the score workspace is missing";
+    routing_v2::PlanV2Params q{};
+    q.p = p;
+    q.contrib = reinterpret_cast<float*>(a.contrib);
+    q.sync = reinterpret_cast<int*>(a.sync);
+    const uintptr_t bases[2] = {a.pf_base0, a.pf_base1};
+    const int64_t strides[2] = {a.pf_stride0, a.pf_stride1}, sizes[2] = {a.pf_bytes0, a.pf_bytes1};
+    for (int g = 0; g < 2; ++g) {
+      if (bases[g] == 0 || a.pf_experts <= 0) continue;
+      if (bases[g] % 16 || strides[g] % 16 || sizes[g] % 16 || sizes[g] <= 0 || sizes[g] > (int64_t(1) << 30))
+        return "routing plan v2: prefetch ranges need 16-byte multiples of at most 1 GiB";
+      q.pf[g] = routing_v2::PrefetchRange{reinterpret_cast<const char*>(bases[g]), strides[g],
+                                          static_cast<uint32_t>(sizes[g])};
+    }
+    q.pf_experts = a.pf_experts > 0 ? a.pf_experts : 0;
+    const int grid = (a.T + routing_v2::kTokensPerCta - 1) / routing_v2::kTokensPerCta;
+    const cudaError_t err = launch_kernel("routing_plan_v2_kernel", routing_v2::routing_plan_v2_kernel, dim3(grid),
+                                          dim3(kThreads), 0, reinterpret_cast<cudaStream_t>(stream), q);
+    if (err != cudaSuccess) return std::string("routing plan v2 launch failed: ") + cudaGetErrorString(err);
+    return "";
+  }
+  if (a.generation != 1) return "routing plan: generation must be 1 or 2, got " + std::to_string(a.generation);
   const cudaError_t err = launch_kernel("routing_plan_kernel", routing_plan_kernel, dim3(1), dim3(kThreads), 0,
                                        reinterpret_cast<cudaStream_t>(stream), p);
   if (err != cudaSuccess) return std::string("routing plan launch failed: ") + cudaGetErrorString(err);

@@ -67,6 +67,15 @@ def kdev(request):
     return KernelDevice(request.param)
 
 
+@pytest.fixture(params=["v1", "v2"])
+def kgen(request, monkeypatch):
+    """Both kernel generations (MOESPEC_KERNELS, docs/kernels-v2.md): the routing plan and the expert
+    kernels of the generation reach every entry point, the op level included. (tests/test_cuda_kernels.py
+    has its own copy for its expert tests.)"""
+    monkeypatch.setenv("MOESPEC_KERNELS", request.param)
+    return request.param
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the test id plus a per-run salt, so inputs are fresh every run

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_cuda_kernels.py", "tests/test_kernel_edge_cases.py", "tests/test_emu.py"]
+TESTS = ["tests/test_cuda_kernels.py", "tests/test_kernel_edge_cases.py", "tests/test_routing_plan_v2.py",
+         "tests/test_emu.py"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Mutation:
 EXPERTS = "csrc/include/moespec/experts.cuh"
 EXPERTS_V2 = "csrc/include/moespec/experts_v2.cuh"
 ROUTING = "csrc/include/moespec/routing.cuh"
+ROUTING_V2 = "csrc/include/moespec/routing_v2.cuh"
 MUTATIONS = [
     Mutation("cp_async_wait", "weaker cp.async wait (one more group left in flight)", EXPERTS,
              "cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();"),
@@ -67,6 +69,16 @@ MUTATIONS = [
              "if (passes == 1) sH[r * kPad + ii + experts::kGateUpTile] = 0;", "(void)passes;"),
     Mutation("v2_bias_every_slice", "v2: b_down added by every I-slice instead of the first", EXPERTS_V2,
              "(p.b_down != nullptr && slice == 0)", "(p.b_down != nullptr)"),
+    Mutation("pdl_no_wait", "v2 experts launched as a PDL dependent without griddepcontrol.wait", EXPERTS_V2,
+             "  griddep_wait();  // launched as a PDL dependent", "  // (wait removed)"),
+    Mutation("plan_v2_ticket", "v2 plan: off-by-one last-CTA ticket (the tail runs before the last CTA arrived)",
+             ROUTING_V2, "atomicAdd(q.sync, 1) == (int)gridDim.x - 1", "atomicAdd(q.sync, 1) == (int)gridDim.x - 2"),
+    Mutation("plan_v2_no_reset", "v2 plan: the tail does not reset the ticket (a reused plan never runs its tail)",
+             ROUTING_V2, "    q.sync[0] = 0;  // every CTA has arrived", "    // (ticket not reset)"),
+    Mutation("plan_v2_dup_ignored", "v2 plan: topk scores summed per token even when a token repeats an id",
+             ROUTING_V2, "(p.score_mode == kScoreTopk && !s_dup)", "(p.score_mode == kScoreTopk)"),
+    Mutation("plan_v2_rank_split", "v2 plan: the split ranking drops one step of its lane reduction", ROUTING_V2,
+             "for (int off = R / 2; off > 0; off >>= 1) r +=", "for (int off = R / 4; off > 0; off >>= 1) r +="),
 ]
 
 

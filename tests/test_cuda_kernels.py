@@ -201,7 +201,7 @@ def _check_ids(ids_k, ids_r, probs):
 
 
 @kgrid("T,E,k", GRID, REP_ROUTING)
-def test_expert_union_matches_reference(kdev, T, E, k, gen):
+def test_expert_union_matches_reference(kdev, kgen, T, E, k, gen):
     _kernels(kdev)
     for duplicates, id_dtype in ((False, torch.int64), (True, torch.int32)):
         ids, _ = _rand_routing(gen, T, E, k, duplicates)
@@ -217,7 +217,7 @@ SCORE_GRID = GRID[::3] + [p for p in REP_ROUTING if p not in GRID[::3]]
 
 
 @kgrid("T,E,k", SCORE_GRID, REP_ROUTING)
-def test_score_experts_matches_reference(kdev, T, E, k, gen):
+def test_score_experts_matches_reference(kdev, kgen, T, E, k, gen):
     _kernels(kdev)
     dev = kdev.device
     for dtype in (torch.float32, torch.bfloat16):
@@ -238,7 +238,7 @@ def _budgets(union):
 
 
 @kgrid("T,E,k", GRID, REP_ROUTING)
-def test_budget_routing_matches_reference(kdev, T, E, k, gen):
+def test_budget_routing_matches_reference(kdev, kgen, T, E, k, gen):
     _kernels(kdev)
     z = _logits(gen, T, E, device=kdev.device)
     zc = z.cpu()
@@ -275,7 +275,7 @@ def test_budget_routing_matches_reference(kdev, T, E, k, gen):
             torch.testing.assert_close(got.topk_weights.cpu(), want.topk_weights, rtol=1e-5, atol=1e-6)
 
 
-def test_budget_routing_half_logits(kdev, gen):
+def test_budget_routing_half_logits(kdev, kgen, gen):
     _kernels(kdev)
     for dtype in (torch.bfloat16, torch.float16):
         z = _logits(gen, 16, 128, dtype, device=kdev.device)
@@ -303,7 +303,7 @@ def _assert_same_plan(a, b, what):
         assert torch.equal(a[key], b[key]), f"{what}: plan field {key} differs"
 
 
-def test_routing_plan_is_deterministic_and_capturable(kdev, gen):
+def test_routing_plan_is_deterministic_and_capturable(kdev, kgen, gen):
     """The plan repeats bitwise (on the emulator: under another block/thread order); on the GPU
     it is also captured in a CUDA graph and replayed on new logits."""
     k_ = _kernels(kdev)

@@ -298,10 +298,33 @@ def test_seeded_order(name, count):
     assert len(set(orders)) == len(orders), "different seeds gave the same order"
 
 
+def test_programmatic_dependent_launch_needs_the_wait():
+    """A PDL launch (launch_kernel_pdl) fails when a thread exits without griddepcontrol.wait (on a
+    GPU it could read its predecessor's outputs too early); a plain launch does not need the wait."""
+    err, v = _run("pdl_wait", 3)
+    assert err == "" and v[:64] == [1] * 64
+    err, v = _run("pdl_missing_wait", 3)
+    assert "exited without griddepcontrol.wait in a programmatic dependent launch" in err
+    assert "thread (0,0,0)" in err
+    err, v = _run("plain_launch_skips_wait", 3)
+    assert err == "" and v[0] == UNWRITTEN and v[1:64] == [1] * 63
+
+
+def test_l2_prefetch_is_checked_and_logged():
+    """The L2 prefetch seam logs the range it was given and rejects a misaligned one."""
+    C.emu_take_prefetches()
+    err, _ = _run("prefetch_ok", 1)
+    assert err == ""  # the scenario itself checks the logged (address, bytes)
+    err, _ = _run("prefetch_misaligned", 1)
+    assert "misaligned range" in err
+    assert C.emu_take_prefetches() == []
+
+
 def test_every_scenario_is_tested():
     tested = {*FAILING, "barrier_ok", "missing_barrier", "shuffles", "cp_async", "cp_async_misaligned",
               "smem_poison", "dyn_smem_without_opt_in", "dyn_smem_opt_in_per_kernel", "block_too_large",
-              "grid_y_too_large", "block_order", "thread_order"}
+              "grid_y_too_large", "block_order", "thread_order", "pdl_wait", "pdl_missing_wait",
+              "plain_launch_skips_wait", "prefetch_ok", "prefetch_misaligned"}
     assert set(C.emu_selftest_names()) == tested
     err, _ = C.emu_selftest("no_such_scenario")
     assert "no such self-test" in err

@@ -1,4 +1,5 @@
-"""Edge cases of the routing-plan kernel against `moespec.reference` (on a GPU and on the emulator).
+"""Edge cases of the routing-plan kernel against `moespec.reference` (on a GPU and on the emulator), for
+both plan generations (`kgen`: the single-CTA v1 plan and the multi-CTA v2 plan).
 
 - rows of router logits without a valid softmax (all NaN, all -inf, NaN or +inf among finite values):
   the reference defines them (`reference.budget_routing_masked`) like padding tokens (no union, no
@@ -166,14 +167,14 @@ def _with_invalid_rows(gen, T, E, k):
 
 
 @pytest.mark.parametrize("T,E,k", [(12, 64, 4), (9, 16, 2), (10, 128, 8)])
-def test_invalid_rows_route_as_padding(T, E, k, kdev, gen):
+def test_invalid_rows_route_as_padding(T, E, k, kdev, kgen, gen):
     z, valid = _with_invalid_rows(gen, T, E, k)
     union = _union(z, k, valid)
     for case in _cases(union, k, every=1 if E <= 64 else 2):
         _check_case(kdev, z, k, case, valid)
 
 
-def test_invalid_rows_plan_and_csr(kdev, gen):
+def test_invalid_rows_plan_and_csr(kdev, kgen, gen):
     """The planned API: bf16 logits, scores, CSR without invalid rows, determinism."""
     T, E, k = 10, 64, 4
     z, valid = _with_invalid_rows(gen, T, E, k)
@@ -205,7 +206,7 @@ def test_invalid_rows_plan_and_csr(kdev, gen):
 
 
 @pytest.mark.parametrize("T", [1, 3])
-def test_all_rows_invalid(T, kdev, gen):
+def test_all_rows_invalid(T, kdev, kgen, gen):
     E, k = 32, 4
     z = _logits(gen, T, E)
     z[0] = NAN
@@ -276,7 +277,7 @@ def _boundary_taus(csum, U, gen, n=4):
 @pytest.mark.parametrize("candidates", ["union", "all"])
 @pytest.mark.parametrize("T,E,k,score", [(17, 128, 4, "prob"), (64, 256, 8, "topk"), (6, 1024, 8, "prob"),
                                          (200, 64, 2, "prob")])
-def test_coverage_boundary_matches_reference_cumsum(T, E, k, score, candidates, kdev, gen):
+def test_coverage_boundary_matches_reference_cumsum(T, E, k, score, candidates, kdev, kgen, gen):
     """The kept count from the kernel's own scores equals `reference.select_kept_mask` on those
     scores for coverages placed exactly on (and one fp32 step around) the prefix masses of the
     candidates (the union, or every expert)."""
@@ -313,7 +314,7 @@ def test_coverage_boundary_matches_reference_cumsum(T, E, k, score, candidates, 
 
 
 @pytest.mark.parametrize("E,k", [(64, 1), (64, 2), (128, 4), (1024, 8)])
-def test_coverage_boundary_exact_fractions(E, k, kdev, gen):
+def test_coverage_boundary_exact_fractions(E, k, kdev, kgen, gen):
     """Every row spreads its mass evenly over exactly k experts (equal finite logits, the rest -inf),
     so probabilities, scores and prefix sums are exact binary fractions; with T a power of two,
     coverage = prefix_j / T puts the target exactly on a prefix mass. Then C = j + 1 (the prefix that
@@ -354,7 +355,7 @@ def test_coverage_boundary_exact_fractions(E, k, kdev, gen):
 
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (1, 1024, 8), (3, 60, 6), (17, 256, 1), (64, 128, 8),
                                    (200, 64, 4), (200, 1024, 8)])
-def test_budgets_against_reference(T, E, k, kdev, gen):
+def test_budgets_against_reference(T, E, k, kdev, kgen, gen):
     z = _logits(gen, T, E)
     union = _union(z, k)
     every = 1 if T * E <= 16384 else 4
@@ -375,7 +376,7 @@ def _without_boundary_ties(gen, T, E, k, dtype):
         z[tied] = _logits(gen, int(tied.sum()), E).to(dtype)
 
 
-def test_half_precision_logits(kdev, gen):
+def test_half_precision_logits(kdev, kgen, gen):
     for dtype in (torch.bfloat16, torch.float16):
         z = _without_boundary_ties(gen, 16, 128, 8, dtype)
         zf = z.float()
@@ -393,7 +394,7 @@ def test_half_precision_logits(kdev, gen):
 
 
 @pytest.mark.parametrize("T,E,k", [(8, 32, 4), (33, 256, 8), (1, 16, 3)])
-def test_equal_logit_ties_go_to_the_lower_id(T, E, k, kdev, gen):
+def test_equal_logit_ties_go_to_the_lower_id(T, E, k, kdev, kgen, gen):
     """Integer logits from a small range: many exact ties. The kernel's rule (value desc, then id
     asc) is checked exactly against a stable sort; the reference agrees up to those ties."""
     z = torch.randint(-2, 2, (T, E), generator=gen).float()
@@ -443,7 +444,7 @@ def test_equal_logit_ties_go_to_the_lower_id(T, E, k, kdev, gen):
 # ----------------------------------------------------------------------------- argument validation
 
 
-def test_plan_routing_validates_arguments(kdev, gen):
+def test_plan_routing_validates_arguments(kdev, kgen, gen):
     dev = kdev.device
     z = _logits(gen, 4, 16).to(dev)
     bad = [

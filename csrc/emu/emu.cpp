@@ -121,6 +121,7 @@ struct Fiber {
   int committed = 0;  // cp.async groups committed so far
   uint64_t result = 0;
   float d[4] = {0, 0, 0, 0};
+  bool griddep_waited = false;  // called griddep_wait (checked at exit in a PDL launch)
 };
 
 struct WarpSlot {
@@ -159,6 +160,7 @@ struct Launch {
   cudaError_t fail_code = cudaErrorLaunchFailure;
   std::string error;
   Rng rng{0};
+  bool pdl = false;  // programmatic dependent launch: every thread must call griddep_wait
 };
 
 Launch* g_launch = nullptr;
@@ -252,6 +254,8 @@ void fiber_entry() {
   Launch& L = *g_launch;
   Fiber* f = L.current;
   L.body.call(L.body.ctx);
+  if (L.pdl && !f->griddep_waited)  // on a GPU it could read the previous kernel's outputs too early
+    fail(thread_name(L, f) + " exited without griddepcontrol.wait in a programmatic dependent launch");
   finish_copies(f);
   f->state = State::kDone;
   --L.live;
@@ -367,6 +371,7 @@ void run_block(Launch& L) {
     f->state = State::kRunnable;
     f->copies.clear();
     f->committed = 0;
+    f->griddep_waited = false;
     make_stack(f);
     L.runnable.push_back(i);
   }
@@ -621,6 +626,38 @@ void cp_async_wait(int n) {
 
 void* dynamic_smem() { return current_launch("dynamic shared memory").dyn; }
 
+void griddep_wait() {
+  // Launches run in order: the previous kernel has completed. Record the call for the exit check.
+  Launch& L = current_launch("griddepcontrol.wait");
+  L.current->griddep_waited = true;
+}
+
+void griddep_launch_dependents() { (void)current_launch("griddepcontrol.launch_dependents"); }
+
+std::vector<std::pair<uintptr_t, uint32_t>> g_prefetches;  // guarded by g_launch_mutex while a launch runs
+
+void prefetch_l2(const void* p, uint32_t bytes) {
+  Launch& L = current_launch("prefetch.L2");
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  if (p == nullptr || bytes == 0 || a % 16 || bytes % 16) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%p, %u bytes", p, bytes);
+    fail("L2 prefetch of a null, empty or misaligned range by " + thread_name(L, L.current) + ": " + buf);
+  }
+  // Touch the range's ends: a range outside the tensor faults here (or trips the ASan lane).
+  const volatile char* c = static_cast<const volatile char*>(p);
+  (void)c[0];
+  (void)c[bytes - 1];
+  g_prefetches.emplace_back(a, bytes);
+}
+
+std::vector<std::pair<uintptr_t, uint32_t>> take_prefetches() {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  std::vector<std::pair<uintptr_t, uint32_t>> out;
+  out.swap(g_prefetches);
+  return out;
+}
+
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value < 0 || static_cast<size_t>(value) > kSmemMaxOptIn) {
@@ -634,7 +671,7 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 }
 
 cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   Body body) {
+                   Body body, bool pdl) {
   (void)stream;  // everything runs synchronously, in launch order
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   auto reject = [&](cudaError_t code, const std::string& why) {
@@ -668,6 +705,7 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
   L.grid = grid;
   L.block = block;
   L.nthreads = static_cast<int>(threads);
+  L.pdl = pdl;
   L.rng.s = g_seed ^ (0xA24BAED4963EE407ull * ++g_launches);
   for (int i = 0; i < L.nthreads; ++i) {
     Fiber* f = pooled_fiber(static_cast<size_t>(i));

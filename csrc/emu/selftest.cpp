@@ -125,6 +125,24 @@ __global__ void thread_order_kernel(Out o) {
   o.v[n++] = threadIdx.x;
 }
 
+// PDL: threads with threadIdx.x < skip leave without griddepcontrol.wait; the others wait, then write.
+__global__ void griddep_kernel(Out o, int skip) {
+  if (static_cast<int>(threadIdx.x) < skip) return;
+  griddep_launch_dependents();
+  griddep_wait();
+  o.v[threadIdx.x] = 1;
+}
+// L2 prefetch of [src + off, src + off + bytes).
+__global__ void prefetch_kernel(Out o, const char* src, int off, int bytes) {
+  if (threadIdx.x == 0) prefetch_l2(src + off, static_cast<uint32_t>(bytes));
+  o.v[threadIdx.x] = 1;
+}
+
+template <class... P, class... A>
+std::string run_pdl(const char* name, void (*k)(P...), dim3 grid, dim3 block, A... args) {
+  return error_text(launch_kernel_pdl(name, k, grid, block, 0, nullptr, args...));
+}
+
 template <class... P, class... A>
 std::string run(const char* name, void (*k)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
   return error_text(launch_kernel(name, k, grid, block, smem, nullptr, args...));
@@ -166,6 +184,26 @@ const std::map<std::string, Scenario>& scenarios() {
       {"grid_y_too_large", [](Out o) { return run("neighbour_kernel", neighbour_kernel, dim3(1, 70000), 64, 0, o, 1); }},
       {"block_order", [](Out o) { return run("block_order_kernel", block_order_kernel, 16, 32, 0, o); }},
       {"thread_order", [](Out o) { return run("thread_order_kernel", thread_order_kernel, 1, 64, 0, o); }},
+      {"pdl_wait", [](Out o) { return run_pdl("griddep_kernel", griddep_kernel, 2, 64, o, 0); }},
+      {"pdl_missing_wait", [](Out o) { return run_pdl("griddep_kernel", griddep_kernel, 2, 64, o, 1); }},
+      {"plain_launch_skips_wait", [](Out o) { return run("griddep_kernel", griddep_kernel, 2, 64, 0, o, 1); }},
+      {"prefetch_ok",
+       [](Out o) {
+         static char buf[4096] __attribute__((aligned(16)));
+         std::string r = run("prefetch_kernel", prefetch_kernel, 1, 32, 0, o, static_cast<const char*>(buf), 256, 1024);
+         const auto log = take_prefetches();
+         if (r.empty() && (log.size() != 1 || log[0].first != reinterpret_cast<uintptr_t>(buf + 256) ||
+                           log[0].second != 1024))
+           return std::string("prefetch log does not hold the one range issued");
+         return r;
+       }},
+      {"prefetch_misaligned",
+       [](Out o) {
+         static char buf[4096] __attribute__((aligned(16)));
+         std::string r = run("prefetch_kernel", prefetch_kernel, 1, 32, 0, o, static_cast<const char*>(buf), 8, 1024);
+         take_prefetches();
+         return r;
+       }},
   };
   return m;
 }

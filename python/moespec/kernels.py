@@ -131,6 +131,12 @@ class RoutingPlan:
       then token, then slot; ``pair_position [T, k]``: CSR position of each pair, -1 if inactive.
 
     ``max_active`` is a host-side upper bound on A, used to size the expert kernels' grid.
+
+    Workspaces of the generation-2 plan (docs/kernels-v2.md, "Routing plan v2"), allocated by
+    `empty` when the generation in use is ``v2`` and otherwise on the first v2 launch: ``contrib``
+    fp32 ``[T*E]`` (per-token score contributions; only for plans that score experts, i.e. not for
+    `plan_from_routing`'s) and ``sync`` int32 ``[4]`` (the last-CTA ticket; zero at allocation, and
+    the kernel leaves it zero, so CUDA-graph replays need no memset).
     """
 
     T: int
@@ -150,15 +156,20 @@ class RoutingPlan:
     pair_slot: torch.Tensor
     pair_position: torch.Tensor
     max_active: int = 1
+    contrib: Optional[torch.Tensor] = None
+    sync: Optional[torch.Tensor] = None
 
     @classmethod
-    def empty(cls, T: int, E: int, k: int, device) -> "RoutingPlan":
-        """Allocate (uninitialised) buffers for ``T`` tokens, ``E`` experts and top-``k``."""
+    def empty(cls, T: int, E: int, k: int, device, generation: Optional[str] = None,
+              scores: bool = True) -> "RoutingPlan":
+        """Allocate (uninitialised) buffers for ``T`` tokens, ``E`` experts and top-``k``; with the
+        ``v2`` generation (``generation``, else `kernel_generation`) also its workspaces (the score
+        workspace only when ``scores``)."""
         dev = torch.device(device)
         i32 = dict(dtype=torch.int32, device=dev)
         f32 = dict(dtype=torch.float32, device=dev)
         P = max(T * k, 1)
-        return cls(
+        plan = cls(
             T=T, E=E, k=k,
             ids=torch.empty(T, k, **i32), weights=torch.empty(T, k, **f32),
             row_max=torch.empty(max(T, 1), **f32), row_sum=torch.empty(max(T, 1), **f32),
@@ -169,6 +180,17 @@ class RoutingPlan:
             pair_position=torch.empty(T, k, **i32),
             max_active=max(1, min(E, T * k)),
         )
+        if kernel_generation(generation) == "v2":
+            plan._v2_workspaces(scores)
+        return plan
+
+    def _v2_workspaces(self, scores: bool = True) -> None:
+        """Allocate the generation-2 workspaces if missing (worst case: every token scores)."""
+        dev = self.ids.device
+        if scores and self.contrib is None:
+            self.contrib = torch.empty(max(self.T * self.E, 1), dtype=torch.float32, device=dev)
+        if self.sync is None:
+            self.sync = torch.zeros(4, dtype=torch.int32, device=dev)
 
     def matches(self, T: int, E: int, k: int, device) -> bool:
         return (self.T, self.E, self.k) == (T, E, k) and self.ids.device == torch.device(device)
@@ -180,8 +202,13 @@ class RoutingPlan:
                 "active": m[META_ACTIVE], "pairs": m[META_PAIRS]}
 
 
-def _plan_args(plan: RoutingPlan):
+def _plan_args(plan: RoutingPlan, generation: Optional[str] = None, scores: bool = True):
     a = _ext(plan.ids.device).PlanArgs()
+    if kernel_generation(generation) == "v2":
+        plan._v2_workspaces(scores)
+        a.generation = 2
+        a.sync = plan.sync.data_ptr()
+        a.contrib = 0 if plan.contrib is None else plan.contrib.data_ptr()
     a.T, a.E, a.k = plan.T, plan.E, plan.k
     a.ids, a.weights = plan.ids.data_ptr(), plan.weights.data_ptr()
     a.row_max, a.row_sum = plan.row_max.data_ptr(), plan.row_sum.data_ptr()
@@ -202,9 +229,10 @@ def _prep_logits(router_logits: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _get_plan(plan: Optional[RoutingPlan], T: int, E: int, k: int, device) -> RoutingPlan:
+def _get_plan(plan: Optional[RoutingPlan], T: int, E: int, k: int, device,
+              generation: Optional[str] = None, scores: bool = True) -> RoutingPlan:
     if plan is None:
-        return RoutingPlan.empty(T, E, k, device)
+        return RoutingPlan.empty(T, E, k, device, generation, scores)
     if not plan.matches(T, E, k, device):
         raise ValueError(f"RoutingPlan is sized for (T, E, k) = {(plan.T, plan.E, plan.k)} on {plan.ids.device}, "
                          f"need {(T, E, k)} on {device}")
@@ -251,6 +279,8 @@ def plan_routing(
     plan: Optional[RoutingPlan] = None,
     csr: bool = True,
     candidates: Optional[str] = None,
+    generation: Optional[str] = None,
+    prefetch: Optional[tuple] = None,
 ) -> RoutingPlan:
     """Softmax top-k routing under a budget, as one graph-capturable launch (no host sync).
 
@@ -266,6 +296,10 @@ def plan_routing(
             `budget_routing` (``candidates`` None: the policy's default).
         plan: buffers to reuse (must match ``(T, E, top_k)``); allocated when None.
         csr: also build the CSR of active pairs needed by `moe_experts_planned`.
+        generation: ``"v1"`` (one CTA) or ``"v2"`` (multi-CTA, docs/kernels-v2.md) plan, the same
+            outputs bit for bit; None: `kernel_generation` (``MOESPEC_KERNELS``).
+        prefetch: optional ``(w_gate_up, layout)``: the v2 plan then prefetches the kept experts'
+            first gate/up weight tiles into L2, highest score first (`_prefetch_ranges`); v1 ignores it.
 
     Returns:
         The filled `RoutingPlan`.
@@ -280,10 +314,12 @@ def plan_routing(
 
     candidates = validate_candidates(candidates, policy)
     T, E = router_logits.shape
-    plan = _get_plan(plan, T, E, top_k, router_logits.device)
+    plan = _get_plan(plan, T, E, top_k, router_logits.device, generation)
     z = _prep_logits(router_logits)
     budgeted = budget is not None or coverage is not None
-    a = _plan_args(plan)
+    a = _plan_args(plan, generation, scores=budgeted)
+    if prefetch is not None and a.generation == 2:
+        _set_prefetch(a, prefetch[0], prefetch[1], z.device)
     a.logits, a.logits_dtype, a.logits_stride = z.data_ptr(), _FLOAT_CODE[z.dtype], z.stride(0)
     a.route = 1
     a.renormalize = int(bool(renormalize))
@@ -311,6 +347,7 @@ def plan_from_routing(
     *,
     plan: Optional[RoutingPlan] = None,
     all_pairs: bool = False,
+    generation: Optional[str] = None,
 ) -> RoutingPlan:
     """Build the CSR plan of a given routing (graph-capturable, no host sync).
 
@@ -321,13 +358,14 @@ def plan_from_routing(
         kept_experts: optional ``[C]`` int ids allowed to run.
         all_pairs: CSR of every in-range pair (expert union) instead of the active ones
             (kept and non-zero weight).
+        generation: ``"v1"`` or ``"v2"`` plan kernel (the same outputs); None: `kernel_generation`.
     """
     T, k = topk_ids.shape
     if not plan_supported(num_experts, k):
         raise ValueError(f"the routing plan supports E <= {_plan_limits()[0]} and top_k <= {_plan_limits()[1]}")
-    plan = _get_plan(plan, T, num_experts, k, topk_ids.device)
+    plan = _get_plan(plan, T, num_experts, k, topk_ids.device, generation, scores=False)
     ids = topk_ids.contiguous()
-    a = _plan_args(plan)
+    a = _plan_args(plan, generation, scores=False)
     a.in_ids, a.in_ids_type = ids.data_ptr(), _ID_CODE[ids.dtype]
     w = None
     if topk_weights is not None:
@@ -349,6 +387,50 @@ def plan_from_routing(
     with _on(ids.device):
         _ext(ids.device).routing_plan(a, _stream(ids.device))
     return plan
+
+
+# L2 prefetch by the v2 plan (docs/kernels-v2.md): per kept expert, the rows the expert kernel's first
+# items stream (the first 64 gate and 64 up rows, or the first 128 rows of a transposed/interleaved
+# block), at most _PREFETCH_ROW_BYTES per range, and at most _PREFETCH_TOTAL bytes over all experts
+# (a fraction of an H100/H200's 50 MB L2, so the prefetch does not evict what it prefetched).
+_PREFETCH_ROWS = 64
+_PREFETCH_ROW_BYTES = 256 << 10
+_PREFETCH_TOTAL = 8 << 20
+
+
+def _prefetch_ranges(w_gate_up: torch.Tensor, layout: ExpertLayout) -> list[tuple[int, int, int]]:
+    """``[(address of expert 0's range, bytes between experts, bytes)]`` (one or two ranges) for the
+    v2 plan's L2 prefetch of ``w_gate_up`` (contiguous, ``layout``), or ``[]`` when it cannot be
+    expressed (not contiguous or not 16-byte aligned)."""
+    if w_gate_up.dim() != 3 or not w_gate_up.is_contiguous() or w_gate_up.data_ptr() % 16:
+        return []
+    es = w_gate_up.element_size()
+    stride = w_gate_up.stride(0) * es
+    row = w_gate_up.shape[2] * es  # bytes of one row of an expert's block
+    if stride % 16 or row % 16:
+        return []
+    base = w_gate_up.data_ptr()
+    if layout.transposed or layout.gate_up == "interleaved":
+        return [(base, stride, min(2 * _PREFETCH_ROWS * row, stride, _PREFETCH_ROW_BYTES))]
+    half = stride // 2  # gate rows then up rows (or the reverse): the first rows of each half
+    nbytes = min(_PREFETCH_ROWS * row, half, _PREFETCH_ROW_BYTES)
+    return [(base, stride, nbytes), (base + half, stride, nbytes)] if half % 16 == 0 else []
+
+
+def _set_prefetch(a, w_gate_up: torch.Tensor, layout: ExpertLayout, device: torch.device) -> None:
+    """Fill the prefetch fields of a v2 `PlanArgs` ``a`` (nothing when the weights are on another
+    device, hold another number of experts, or `_prefetch_ranges` finds no range)."""
+    if w_gate_up.device != device or w_gate_up.dim() != 3 or w_gate_up.shape[0] != a.E:
+        return
+    ranges = _prefetch_ranges(w_gate_up, layout)
+    if not ranges or _PREFETCH_TOTAL <= 0:  # _PREFETCH_TOTAL = 0: no prefetch
+        return
+    per_expert = sum(r[2] for r in ranges)
+    a.pf_experts = max(1, _PREFETCH_TOTAL // per_expert)
+    for g, (base, stride, nbytes) in enumerate(ranges):
+        setattr(a, f"pf_base{g}", base)
+        setattr(a, f"pf_stride{g}", stride)
+        setattr(a, f"pf_bytes{g}", nbytes)
 
 
 def experts_fallback_reason(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
@@ -494,9 +576,10 @@ def budgeted_moe_planned(
     generation: Optional[str] = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """A whole budgeted MoE layer, graph-capturable: returns ``(y [T, H], plan)``. Launches: the plan,
-    then 3-4 (``v1``) or one persistent kernel plus memsets (``v2``); see `kernel_generation`."""
+    then 3-4 (``v1``) or one persistent kernel plus memsets (``v2``); see `kernel_generation`. The
+    ``v2`` plan is the multi-CTA one, and it prefetches the kept experts' first gate/up tiles into L2."""
     plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, plan=plan,
-                        candidates=candidates)
+                        candidates=candidates, generation=generation, prefetch=(w_gate_up, layout))
     y = moe_experts_planned(x, w_gate_up, w_down, plan, layout, b_gate_up, b_down, deterministic, out, generation)
     return y, plan
 

@@ -47,6 +47,17 @@ struct PlanArgs {
   uintptr_t ids = 0, weights = 0, row_max = 0, row_sum = 0, scores = 0, meta = 0;
   uintptr_t union_experts = 0, kept_experts = 0, act_experts = 0, act_offsets = 0;
   uintptr_t pair_token = 0, pair_slot = 0, pair_position = 0;
+  // Plan generation: 1 (one CTA, routing.cuh) or 2 (multi-CTA, routing_v2.cuh; the same outputs).
+  // Generation 2 needs `contrib` (fp32 [T*E], when score_mode != 0) and `sync` (int32 [4], zeroed
+  // once; the kernel leaves it zeroed), and may prefetch into L2, for each of the first pf_experts
+  // kept experts e (highest score first), [pf_base[g] + e * pf_stride[g], + pf_bytes[g]) (g < 2,
+  // pf_base 0: unused; addresses, strides and sizes multiples of 16). Generation 1 ignores them.
+  int generation = 1;
+  uintptr_t contrib = 0, sync = 0;
+  uintptr_t pf_base0 = 0, pf_base1 = 0;
+  int64_t pf_stride0 = 0, pf_stride1 = 0;
+  int64_t pf_bytes0 = 0, pf_bytes1 = 0;
+  int pf_experts = 0;
 };
 
 // Largest E and k the single-CTA routing plan supports.

@@ -2,8 +2,9 @@
 //
 // The same device code builds for the GPU (nvcc) and for the CPU emulator (MOESPEC_CUDA=EMU, the
 // host compiler with csrc/emu/include first on the include path, which defines MOESPEC_EMU). The
-// two builds differ only inside the wrapper functions marked "emulation seam": kernel launches,
-// dynamic shared memory here and the PTX wrappers (cp.async, mma.sync) in experts.cuh.
+// two builds differ only inside the wrapper functions marked "emulation seam": kernel launches
+// (plain and programmatic-dependent), dynamic shared memory, the grid-dependency controls and the
+// L2 prefetch here, and the PTX wrappers (cp.async, mma.sync) in experts.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -72,6 +73,76 @@ inline cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), di
   (void)name;
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
+#endif
+}
+
+// Emulation seam: launch `kernel` as a programmatic dependent launch (PDL): on cc >= 9.0 it may
+// start while the previous kernel in the stream still runs (once every block of that kernel called
+// griddep_launch_dependents or exited), so it must call griddep_wait() before it reads anything the
+// previous kernel writes. Below cc 9.0 a plain launch (the attribute does not exist there). The
+// emulator runs launches in order and fails one whose threads exit without griddep_wait().
+template <class... Params, class... Args>
+inline cudaError_t launch_kernel_pdl(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                     cudaStream_t stream, Args&&... args) {
+#ifdef MOESPEC_EMU
+  return moespec_emu::launch_kernel_pdl(name, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+#else
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  if (major < 9) return launch_kernel(name, kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+#endif
+}
+
+// Emulation seam: griddepcontrol.wait. Blocks until the grid this one depends on (PDL) completed
+// and its memory is visible; returns at once without a programmatic dependency. Call it from every
+// thread before the first read of the previous kernel's outputs (the emulator checks that every
+// thread of a PDL launch called it).
+__device__ __forceinline__ void griddep_wait() {
+#if defined(MOESPEC_EMU)
+  moespec_emu::griddep_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Emulation seam: griddepcontrol.launch_dependents. Lets a PDL-launched successor start before this
+// grid ends (it still waits for this grid's completion in griddep_wait). A no-op below sm_90 and in
+// the emulator (launches run in order there).
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(MOESPEC_EMU)
+  moespec_emu::griddep_launch_dependents();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Emulation seam: prefetch [p, p + bytes) into L2 (p and bytes multiples of 16). One bulk prefetch
+// on sm_90, one prefetch.global.L2 per 128-byte line below. The emulator checks that the range lies
+// in memory it can read (touching its first and last byte, which the ASan lane checks) and logs it.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(MOESPEC_EMU)
+  moespec_emu::prefetch_l2(p, bytes);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#elif defined(__CUDA_ARCH__)
+  const char* c = static_cast<const char*>(p);
+  for (uint32_t off = 0; off < bytes; off += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+#else
+  (void)p;
+  (void)bytes;
 #endif
 }
 

@@ -160,6 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int H = p.H, I = p.I, NS = p.nslices;
+  griddep_wait();  // launched as a PDL dependent: the plan and the memsets before are complete and visible
   const int A = p.meta[3];  // kMetaActive
 
   // Tokens without an active slot get no item: their rows are zero (CTA c takes t = c mod G).

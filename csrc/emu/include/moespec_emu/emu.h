@@ -26,6 +26,7 @@
 #include <cstring>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #define MOESPEC_EMU 1
 
@@ -149,14 +150,22 @@ void cp_async_wait(int n);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d = a * b + c for the whole warp.
 void mma_m16n8k16(bool bf16, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 void* dynamic_smem();
+// griddepcontrol.wait / .launch_dependents (PDL) and the L2 prefetch (common.cuh's seams).
+void griddep_wait();
+void griddep_launch_dependents();
+void prefetch_l2(const void* p, uint32_t bytes);
+// The ranges prefetch_l2 saw since the last call (address, bytes), in issue order; clears the log.
+std::vector<std::pair<uintptr_t, uint32_t>> take_prefetches();
 
 // A kernel body, called once per emulated thread (a non-owning callable reference).
 struct Body {
   void (*call)(void*);
   void* ctx;
 };
+// pdl: launched with the programmatic-stream-serialization attribute (every thread must call
+// griddep_wait before it exits).
 cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   Body body);
+                   Body body, bool pdl = false);
 
 // Scheduling seed (also MOESPEC_EMU_SEED); the order of blocks and threads follows from it.
 void set_seed(uint64_t seed);
@@ -272,5 +281,23 @@ cudaError_t launch_kernel(const char* name, void (*kernel)(Params...), dim3 grid
             },
             &ctx};
   return launch(reinterpret_cast<const void*>(kernel), name, grid, block, smem, stream, body);
+}
+
+// The same as a programmatic dependent launch (PDL): still synchronous and in order, but every thread
+// must call griddep_wait() (the launch fails otherwise).
+template <class... Params, class... Args>
+cudaError_t launch_kernel_pdl(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                              cudaStream_t stream, Args&&... args) {
+  struct Ctx {
+    void (*kernel)(Params...);
+    std::tuple<Args&...> args;
+  };
+  Ctx ctx{kernel, std::tuple<Args&...>(args...)};
+  Body body{[](void* c) {
+              Ctx& x = *static_cast<Ctx*>(c);
+              std::apply([&](auto&... a) { x.kernel(a...); }, x.args);
+            },
+            &ctx};
+  return launch(reinterpret_cast<const void*>(kernel), name, grid, block, smem, stream, body, true);
 }
 }  // namespace moespec_emu

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moespec_emu {
@@ -18,6 +19,9 @@ std::string selftest_mma(bool bf16, const uint16_t* a, const uint16_t* b, const 
 // Runs the named scenario; returns "" when the launch succeeded or the emulator's error message.
 // `out` receives whatever values the scenario reports (documented next to each in selftest.cpp).
 std::string selftest(const std::string& name, std::vector<int64_t>* out);
+
+// The L2 prefetch ranges (address, bytes) emulated kernels issued since the last call; clears them.
+std::vector<std::pair<uintptr_t, uint32_t>> take_prefetches();
 std::vector<std::string> selftest_names();
 
 uint16_t to_bf16(float f);
