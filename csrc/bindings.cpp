@@ -173,6 +173,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("emu_set_seed", &moespec_emu::set_seed, py::arg("seed"),
         "Seed the emulator's block and thread order (also MOESPEC_EMU_SEED).");
   m.def("emu_seed", &moespec_emu::seed);
+  m.def("emu_set_sms", &moespec_emu::set_sm_count, py::arg("n"),
+        "Set the emulated SM count (default 5): the device attribute and how many blocks are resident at once.");
+  m.def("emu_sms", &moespec_emu::sm_count);
   m.def("emu_selftest_names", &moespec_emu::selftest_names);
   m.def(
       "emu_selftest",

@@ -81,11 +81,17 @@ enum cudaDeviceAttr : int {
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
+namespace moespec_emu {
+// Emulated SMs (default 5; tests change it): the attribute below, and how many blocks of a launch
+// are resident at once (one per SM), which is what a block's wait for another block relies on.
+int sm_count();
+void set_sm_count(int n);
+}  // namespace moespec_emu
 // The emulated device: an sm_90 part with few SMs, so persistent kernels loop over many items per
 // block and uneven shares are exercised.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   (void)device;
-  if (attr == cudaDevAttrMultiProcessorCount) *value = 5;
+  if (attr == cudaDevAttrMultiProcessorCount) *value = moespec_emu::sm_count();
   else if (attr == cudaDevAttrComputeCapabilityMajor) *value = 9;
   else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = 227 * 1024;
   else return cudaErrorInvalidValue;
@@ -149,6 +155,9 @@ void cp_async_wait(int n);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d = a * b + c for the whole warp.
 void mma_m16n8k16(bool bf16, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 void* dynamic_smem();
+// Waits until *flag >= value (another block's release): polls, and between polls lets the other
+// resident blocks run. Deadlock (no block can make progress) fails the launch.
+void wait_geq(const volatile int* flag, int value);
 
 // A kernel body, called once per emulated thread (a non-owning callable reference).
 struct Body {
@@ -238,7 +247,8 @@ inline float atomicAdd(float* p, float v) {
   return old;
 }
 
-// Blocks run one after another: every store is visible to later blocks, fences have nothing to do.
+// One OS thread runs every block (they interleave only at barriers, collectives and flag waits):
+// every store is visible to every later load, so fences have nothing to do.
 inline void __threadfence() {}
 template <class T>
 inline T __ldcg(const T* p) {
