@@ -434,7 +434,12 @@ def moe_experts_planned(
         nslices = -(-I // int(_ext(dev).experts_v2_slice))
         hbuf = torch.empty(1, 8, dtype=x.dtype, device=dev)  # unused by v2, checked for alignment
         ybuf = torch.empty((nslices * T * k if deterministic else T), H, dtype=torch.float32, device=dev)
-        counters = torch.empty(T, dtype=torch.int32, device=dev)
+        # Per-token counters + the stream-K workspace (sized by the device's SM count).
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            ncounters = int(_ext(dev).experts_v2_counters_len(T))
+        if ncounters < 0:
+            raise RuntimeError("moe_experts v2: cannot query the device's SM count")
+        counters = torch.empty(ncounters, dtype=torch.int32, device=dev)
         gubuf = None
     else:
         shape_experts = min(E, T * k)
@@ -466,6 +471,7 @@ def moe_experts_planned(
     a.gubuf = 0 if gubuf is None else gubuf.data_ptr()
     a.generation = 2 if gen == "v2" else 1
     a.counters = 0 if counters is None else counters.data_ptr()
+    a.counters_len = 0 if counters is None else counters.numel()
     with _on(dev):
         _ext(dev).moe_experts(a, _stream(dev))
     return out

@@ -45,9 +45,13 @@ constexpr int kMaxExperts = 1024;   // routing plan limit (routing::kMaxE)
 static_assert(kBM == kBK, "one padded stride serves both weight layouts");
 static_assert(kSlice == kBK, "GEMM2 reads one whole slice per stage");
 static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
-static_assert((kMaxExperts + 1) * 4 + kBN * 12 + 4 <= 8192, "static smem within the launcher's 8 KiB headroom");
+// The CTA's bookkeeping lives in dynamic shared memory too, after the ring and h: the emulator
+// keeps dynamic shared memory per resident block, but cannot find a template kernel's static
+// __shared__ variables (GCC puts them in COMDAT .bss sections), and a CTA waiting for another
+// one must not see that one's bookkeeping (docs/emulator.md).
+constexpr int kMetaBytes = kBN * 8 + ((kMaxExperts + 1) + kBN + 1) * 4;  // s_brow, s_item0, s_done, s_ndone
 
-constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2; }
+constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2 + kMetaBytes; }
 inline int smem_bytes(int cc_major) { return smem_bytes_for(cc_major >= 9 ? 4 : 3); }
 
 __device__ __forceinline__ void zero_acc(float (&acc)[2][kNF][4]) {
@@ -144,19 +148,51 @@ __device__ __forceinline__ int active_slots(const ExpertsParams& p, int t) {
   return n;
 }
 
-// grid = persistent CTAs (any count: the bits do not depend on it); block = kThreads;
-// dynamic smem = smem_bytes(cc major). counters: [T] int, zero on entry; deterministic ybuf:
-// [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry.
+// The counters buffer (int32) of a launch with G CTAs: [0, T) per-token counters, then per
+// split-item slot (at most G-1 items are split) two chain flags (k reached by the passes' partial
+// GEMM1 accumulators) and an h flag (passes whose h is published); the first counters_zeroed()
+// ints are zero on entry. Then, 16-byte aligned, the slots' fp32 accumulators [G][2][kThreads][32]
+// and their h tiles [G][kBN][kSlice] (16-bit).
+__host__ __device__ inline int64_t counters_zeroed(int64_t T, int64_t G) { return T + 3 * G; }
+__host__ __device__ inline int64_t acc_ws_offset(int64_t T, int64_t G) { return (counters_zeroed(T, G) + 3) & ~int64_t(3); }
+__host__ __device__ inline int64_t counters_len(int64_t T, int64_t G) {
+  return acc_ws_offset(T, G) + G * (2 * kThreads * 32 + kBN * kSlice / 2);
+}
+
+// Waits until *flag >= v, set by another CTA of this (co-resident, persistent) grid. Emulation seam.
+__device__ __forceinline__ void wait_geq(const int* flag, int v) {
+#if defined(MOESPEC_EMU)
+  moespec_emu::wait_geq(flag, v);
+#else
+  while (*reinterpret_cast<const volatile int*>(flag) < v) __nanosleep(64);
+#endif
+}
+
+// grid = persistent CTAs, at most one per SM (co-residency: a CTA may wait for another's
+// partials); the bits do not depend on the grid size. block = kThreads; dynamic smem =
+// smem_bytes(cc major). counters: counters_len(T, gridDim.x) ints, the first counters_zeroed()
+// zero on entry; deterministic ybuf: [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry.
+//
+// Stream-K: the work axis is every item's stages (GEMM1: passes x kt1 k-stages, GEMM2: rt2 row
+// tiles, 32 KB of weights each), item after item; CTA c takes stages [c*W/G, (c+1)*W/G), so the
+// shares are equal to one stage. Inside an item the axis runs GEMM2 row tiles first, then GEMM1
+// stages in descending (pass, k): the CTA owning an item's head (at the end of its share) owns the
+// row tiles and the highest k, the next CTA (at the start of its share) the lowest k. Each CTA
+// runs its piece of an item in the fused order (GEMM1 ascending, then its row tiles), so what it
+// waits for (the lower-k accumulator of a pass, the h of the passes) lies higher on the axis: done
+// by a later CTA at the start of its share. The waits point to higher CTAs only: no cycle.
+// A pass split across CTAs hands its fp32 accumulator over (the next piece continues it), so every
+// value is accumulated in the same order as in an unsplit item: the bits do not depend on the split.
 template <bool BF16, bool TRANS>
 __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const ExpertsParams p) {
   uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sA = smem;
   uint16_t* sB = sA + kStages * kAStage;
   uint16_t* sH = sB + kStages * kBStage;
-  __shared__ int s_item0[kMaxExperts + 1];  // first item of each active expert (prefix sum)
-  __shared__ const uint16_t* s_brow[kBN];
-  __shared__ int s_done[kBN];
-  __shared__ int s_ndone;
+  const uint16_t** s_brow = reinterpret_cast<const uint16_t**>(sH + kHTile);  // x rows of the item's tokens
+  int* s_item0 = reinterpret_cast<int*>(s_brow + kBN);  // [kMaxExperts + 1] first item of each active expert
+  int* s_done = s_item0 + kMaxExperts + 1;              // [kBN] tokens this CTA reduces
+  int& s_ndone = s_done[kBN];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int H = p.H, I = p.I, NS = p.nslices;
@@ -187,20 +223,31 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   }
   if (tid == 0) s_ndone = 0;
   __syncthreads();
-  const int64_t N = s_item0[A];
-  const int item_begin = static_cast<int>(N * blockIdx.x / gridDim.x);
-  const int item_end = static_cast<int>(N * (blockIdx.x + 1) / gridDim.x);
 
   const int kt1 = (H + kBK - 1) / kBK;   // GEMM1 stages per pass
   const int rt2 = (H + kBM - 1) / kBM;   // GEMM2 row tiles (one stage each)
   const int64_t ld1 = TRANS ? 2 * (int64_t)I : H;
   const int64_t ld2 = TRANS ? (int64_t)H : I;
 
+  // Stage axis: a token block of an expert is NS items; all but the last slice have two passes.
+  const int last_passes = I - (NS - 1) * kSlice > experts::kGateUpTile ? 2 : 1;
+  const int64_t Lfull = 2 * kt1 + rt2, Lblk = (NS - 1) * Lfull + last_passes * kt1 + rt2;
+  const int64_t W = (int64_t)(s_item0[A] / NS) * Lblk;
+  const int64_t G = gridDim.x;
+  const int64_t pos_end = W * (blockIdx.x + 1) / G;
+  int* const flags = p.counters + p.T;
+  float* const acc_ws = reinterpret_cast<float*>(p.counters + acc_ws_offset(p.T, G));
+  uint16_t* const h_ws = reinterpret_cast<uint16_t*>(acc_ws + G * 2 * kThreads * 32);
+
   int u = 0;
-  for (int item = item_begin; item < item_end; ++item) {
+  for (int64_t pos = W * blockIdx.x / G; pos < pos_end;) {
+    const int64_t blk = pos / Lblk;
+    const int slice = static_cast<int>(min(static_cast<long long>((pos % Lblk) / Lfull), (long long)(NS - 1)));
+    const int item = static_cast<int>(blk * NS + slice);
+    const int64_t P = blk * Lblk + slice * Lfull;  // the item's first stage on the axis
     while (s_item0[u + 1] <= item) ++u;
     const int rem = item - s_item0[u];
-    const int nb = (rem / NS) * kBN, slice = rem % NS;
+    const int nb = (rem / NS) * kBN;
     const int e = p.act_experts[u];
     const int p0 = p.act_offsets[u] + nb;
     const int nrows = min(kBN, p.act_offsets[u + 1] - p0);
@@ -211,17 +258,36 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
     const uint16_t* Wgu = p.w_gu + (int64_t)e * 2 * I * H;
     const uint16_t* Wdn = p.w_down + (int64_t)e * H * I;
 
+    // This CTA's piece [lo, hi) of the item's axis: GEMM1 stages t1a..t1b-1, row tiles g2a..g2b-1.
+    const int lo = static_cast<int>(pos - P), hi = static_cast<int>(min((long long)(pos_end - P), (long long)n));
+    pos = P + hi;
+    const bool whole = lo == 0 && hi == n;
+    const int t1a = n1 + rt2 - max(hi, rt2), t1b = n1 + rt2 - max(lo, rt2);
+    const int g2a = min(lo, rt2), g2b = min(hi, rt2);
+    const int m1 = t1b - t1a, m = m1 + g2b - g2a;
+    // A split item's workspace slot: the first CTA boundary inside it (the same for every piece).
+    int slot = 0;
+    if (!whole) {
+      int64_t c = P * G / W;
+      while (W * c / G <= P) ++c;
+      slot = static_cast<int>(c - 1);
+    }
+    int* const chain_flag = flags + 3 * slot;  // [pass]
+    int* const h_flag = flags + 3 * slot + 2;
+    uint16_t* const h_tile = h_ws + (int64_t)slot * kBN * kSlice;
+    auto stage_t = [&](int idx) { return idx < m1 ? t1a + idx : n1 + g2a + (idx - m1); };
+
     for (int r = tid; r < kBN; r += kThreads)
       s_brow[r] = r < nrows ? p.x + (int64_t)p.pair_token[p0 + r] * p.x_stride : nullptr;
     __syncthreads();
 
-    auto load_stage = [&](int slot, int t) {
-      uint16_t* a = sA + slot * kAStage;
+    auto load_stage = [&](int slot_, int t) {
+      uint16_t* a = sA + slot_ * kAStage;
       if (t < n1) {  // GEMM1: gate+up rows of 64 columns, x rows
         const GateUpMap map{i_base + (t / kt1) * experts::kGateUpTile, I, p.order};
         const int k0 = (t % kt1) * kBK;
         load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
-        uint16_t* b = sB + slot * kBStage;
+        uint16_t* b = sB + slot_ * kBStage;
         for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
           const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
           const int kg = k0 + kc;
@@ -237,17 +303,31 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
 
     float acc[2][kNF][4];
     zero_acc(acc);
+    if (m1 > 0 && t1a % kt1 != 0) {  // continue a pass another CTA began (its lower k)
+      const int pass = t1a / kt1;
+      if (tid == 0) wait_geq(chain_flag + pass, t1a % kt1);
+      __threadfence();
+      __syncthreads();
+      const float* src = acc_ws + ((int64_t)(slot * 2 + pass) * kThreads + tid) * 32;
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < kNF; ++b)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[a][b][c] = __ldcg(src + (a * kNF + b) * 4 + c);
+    }
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n) load_stage(s, s);
+      if (s < m) load_stage(s, stage_t(s));
       experts::cp_async_commit();
     }
-    for (int t = 0; t < n; ++t) {
+    for (int idx = 0; idx < m; ++idx) {
+      const int t = stage_t(idx);
       experts::cp_async_wait<kStages - 2>();
-      __syncthreads();  // stage t landed for everyone; stage t-1 (and h) no longer read / complete
-      if (t + kStages - 1 < n) load_stage((t + kStages - 1) % kStages, t + kStages - 1);
+      __syncthreads();  // stage idx landed for everyone; stage idx-1 (and h) no longer read / complete
+      if (idx + kStages - 1 < m) load_stage((idx + kStages - 1) % kStages, stage_t(idx + kStages - 1));
       experts::cp_async_commit();
-      const uint16_t* a = sA + (t % kStages) * kAStage;
+      const uint16_t* a = sA + (idx % kStages) * kAStage;
       int arow[2][2];
       if (t < n1) {
         const int pass = t / kt1;
@@ -257,8 +337,11 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
           arow[mf][0] = map.frag_row(warp, mf, g);
           arow[mf][1] = map.frag_row(warp, mf, g + 8);
         }
-        mma_stage<BF16, TRANS>(acc, a, sB + (t % kStages) * kBStage, arow, nf_active);
+        mma_stage<BF16, TRANS>(acc, a, sB + (idx % kStages) * kBStage, arow, nf_active);
         if (t % kt1 == kt1 - 1) {  // pass done: activation into h (columns >= I are zero)
+          // A whole item keeps h in shared memory; a split one publishes it for the row-tile owners.
+          uint16_t* hdst = whole ? sH : h_tile;
+          const int hld = whole ? kPad : kSlice;
 #pragma unroll
           for (int h2 = 0; h2 < 2; ++h2) {
             const int ii = pass * experts::kGateUpTile + warp * 16 + g + 8 * h2;
@@ -278,14 +361,42 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
                                                                  acc[1][nf][h2 * 2 + q] + bu, p.activation,
                                                                  p.alpha, p.limit)
                                       : 0.f;
-                sH[r * kPad + ii] = float_to_bits<BF16>(v);
-                if (passes == 1) sH[r * kPad + ii + experts::kGateUpTile] = 0;  // no second pass
+                hdst[r * hld + ii] = float_to_bits<BF16>(v);
+                if (passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;  // no second pass
               }
             }
           }
           zero_acc(acc);
+          if (!whole) {
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicAdd(h_flag, 1);
+          }
+        } else if (idx == m1 - 1) {  // the piece ends inside a pass: hand the accumulator on
+          const int pass_k0 = t1a / kt1 == pass ? t1a % kt1 : 0;
+          float* dst = acc_ws + ((int64_t)(slot * 2 + pass) * kThreads + tid) * 32;
+#pragma unroll
+          for (int a2 = 0; a2 < 2; ++a2)
+#pragma unroll
+            for (int b = 0; b < kNF; ++b)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) dst[(a2 * kNF + b) * 4 + c] = acc[a2][b][c];
+          __threadfence();
+          __syncthreads();
+          if (tid == 0) atomicAdd(chain_flag + pass, t % kt1 + 1 - pass_k0);
         }
       } else {
+        if (!whole && idx == m1) {  // first row tile of a split item: all passes' h, from global
+          if (tid == 0) wait_geq(h_flag, passes);
+          __threadfence();
+          __syncthreads();
+          const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
+          for (int w = tid; w < kBN * kSlice / 2; w += kThreads) {
+            const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
+            *reinterpret_cast<uint32_t*>(sH + r * kPad + c2) = __ldcg(src + w);
+          }
+          __syncthreads();
+        }
         const DownMap map{(t - n1) * kBM, H};
 #pragma unroll
         for (int mf = 0; mf < 2; ++mf) {
@@ -324,14 +435,15 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
     }
     experts::cp_async_wait<0>();
 
-    // Publish this item's partials, then count them per token: the item that completes a
-    // token (all its active slots x all slices) reduces that token's row.
+    // Publish this piece's partials (its row tiles), then count them per token: the piece that
+    // completes a token (active slots x slices x row tiles) reduces that token's row.
     __threadfence();
     __syncthreads();
-    if (tid < nrows) {
+    if (g2b > g2a && tid < nrows) {
       const int tok = p.pair_token[p0 + tid];
-      const int need = active_slots(p, tok) * NS;
-      if (atomicAdd(p.counters + tok, 1) + 1 == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
+      const int need = active_slots(p, tok) * NS * rt2;
+      const int add = g2b - g2a;
+      if (atomicAdd(p.counters + tok, add) + add == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
     }
     __syncthreads();
     const int ndone = s_ndone;
