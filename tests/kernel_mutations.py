@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_cuda_kernels.py", "tests/test_kernel_edge_cases.py", "tests/test_emu.py"]
+TESTS = ["tests/test_cuda_kernels.py", "tests/test_kernel_edge_cases.py", "tests/test_experts_v2_worklist.py",
+         "tests/test_emu.py"]
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,28 @@ MUTATIONS = [
     Mutation("v2_cp_async_wait", "v2: weaker cp.async wait in the persistent ring", EXPERTS_V2,
              "experts::cp_async_wait<kStages - 2>();", "experts::cp_async_wait<kStages - 1>();"),
     Mutation("v2_last_cta", "v2: off-by-one in the per-token completion count (no CTA reduces)", EXPERTS_V2,
-             "if (atomicAdd(p.counters + tok, 1) + 1 == need)", "if (atomicAdd(p.counters + tok, 1) == need)"),
+             "if (atomicAdd(p.counters + tok, add) + add == need)", "if (atomicAdd(p.counters + tok, add) == need)"),
     Mutation("v2_h_tail", "v2: h columns of a one-pass slice left unwritten", EXPERTS_V2,
-             "if (passes == 1) sH[r * kPad + ii + experts::kGateUpTile] = 0;", "(void)passes;"),
+             "if (passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;", "(void)passes;"),
     Mutation("v2_bias_every_slice", "v2: b_down added by every I-slice instead of the first", EXPERTS_V2,
              "(p.b_down != nullptr && slice == 0)", "(p.b_down != nullptr)"),
+    # Stream-K (the split of items across CTAs).
+    Mutation("v2_chain_no_wait", "v2 stream-K: a pass's continuation does not wait for the lower-k accumulator",
+             EXPERTS_V2, "if (tid == 0) wait_geq(chain_flag + pass, t1a % kt1);", "(void)chain_flag;"),
+    Mutation("v2_chain_lost", "v2 stream-K: the handed-over accumulator is dropped (restart from zero)",
+             EXPERTS_V2, "acc[a][b][c] = __ldcg(src + (a * kNF + b) * 4 + c);", "acc[a][b][c] = 0.f * src[0];"),
+    Mutation("v2_chain_count", "v2 stream-K: the accumulator hand-off publishes one k-stage too few",
+             EXPERTS_V2, "atomicAdd(chain_flag + pass, t % kt1 + 1 - pass_k0);",
+             "atomicAdd(chain_flag + pass, t % kt1 - pass_k0);"),
+    Mutation("v2_h_flag_missing", "v2 stream-K: a split item's pass never counts its published h", EXPERTS_V2,
+             "if (tid == 0) atomicAdd(h_flag, 1);", "(void)h_flag;"),
+    Mutation("v2_h_wait_one_pass", "v2 stream-K: row tiles wait for one pass's h instead of all (wrong order)",
+             EXPERTS_V2, "if (tid == 0) wait_geq(h_flag, passes);", "if (tid == 0) wait_geq(h_flag, 1);"),
+    Mutation("v2_skip_krange", "v2 stream-K: a CTA skips the first stage of the next CTA's share", EXPERTS_V2,
+             "for (int64_t pos = W * blockIdx.x / G; pos < pos_end;)",
+             "for (int64_t pos = W * blockIdx.x / G + (blockIdx.x > 0); pos < pos_end;)"),
+    Mutation("v2_counter_rows", "v2 stream-K: a piece counts one completion instead of its row tiles",
+             EXPERTS_V2, "const int add = g2b - g2a;", "const int add = 1;"),
 ]
 
 
