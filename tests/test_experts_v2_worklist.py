@@ -1,9 +1,9 @@
 """Generation-2 expert kernel: the stream-K work list (docs/kernels-v2.md).
 
-The persistent kernel splits a linear axis of weight stages (GEMM1 k-stages and GEMM2 row tiles of
-every (expert, token block, I-slice) item) evenly over its CTAs, so items are cut mid-pass (the fp32
-accumulator is handed to the next CTA), between passes, and between row tiles (h is published
-through global memory and the row-tile owners wait for it). These tests run it against
+The persistent kernel splits a linear axis of weight units (GEMM1 column units of 8 intermediate
+columns over all of K, GEMM2 row tiles over the whole slice, of every (expert, token block, I-slice)
+item) evenly over its CTAs, so items are cut inside a pass, between passes and between row tiles;
+a split item's h goes through global memory and its row-tile owners wait for it. These tests run it against
 `moespec.reference` at the work-list edge cases, with poisoned workspaces and outputs, and check
 that deterministic mode gives the same bits whatever the grid size (the emulated SM count) and
 the block/thread schedule. `_pieces` mirrors the kernel's split so the tests can assert that the
@@ -39,45 +39,60 @@ def _sms(kdev, n):
         C.emu_set_sms(old)
 
 
+def _units(nc, nr, kt1):
+    """An item's units in axis order, as the kernel interleaves them: ("c", column unit) of kt1
+    eighths of a stage and ("r", row tile) of 8 eighths."""
+    out, c, r = [], 0, 0
+    while c < nc or r < nr:
+        if r == nr or (c < nc and (c + 1) * nr <= (r + 1) * nc):
+            out.append(("c", c, kt1))
+            c += 1
+        else:
+            out.append(("r", r, 8))
+            r += 1
+    return out
+
+
 def _pieces(token_counts, H, I, G):
-    """Mirror of the kernel's split: for each item (expert with `token_counts[u]` tokens, block of
-    32, slice) the CTAs' pieces as (cta, lo, hi) on the item's axis [row tiles | GEMM1 stages in
-    descending (pass, k)]. Returns (pieces by item, items, kt1, rt2)."""
+    """Mirror of the kernel's split: per item (expert with `token_counts[u]` tokens, block of 32,
+    slice) the owning CTA of each unit, as {cta: ([column units], [row tiles])}; a unit belongs to
+    the CTA whose share [W*c/G, W*(c+1)/G) holds its start. Returns (pieces by item, items, rt2)."""
     kt1 = rt2 = -(-H // BK)
     ns = -(-I // SLICE)
     passes = [2 if min(SLICE, I - z * SLICE) > 64 else 1 for z in range(ns)]
-    lens = [p * kt1 + rt2 for p in passes]
     items = []
-    for c in token_counts:
-        for _ in range(-(-c // 32)):
-            items += [(z, lens[z]) for z in range(ns)]
-    W = sum(L for _, L in items)
+    for cnt in token_counts:
+        for _ in range(-(-cnt // 32)):
+            items += [(z, 8 * passes[z]) for z in range(ns)]
+    W = sum(nc * kt1 + 8 * rt2 for _, nc in items)
     out, P = [], 0
-    for z, L in items:
-        cut = []
-        for c in range(G):
-            lo, hi = max(W * c // G, P), min(W * (c + 1) // G, P + L)
-            if lo < hi:
-                cut.append((c, lo - P, hi - P))
-        out.append(cut)
-        P += L
-    return out, items, kt1, rt2
+    for z, nc in items:
+        own = {}
+        for kind, idx, w in _units(nc, rt2, kt1):
+            cta = next(c for c in range(G) if W * c // G <= P < W * (c + 1) // G)
+            own.setdefault(cta, ([], []))[0 if kind == "c" else 1].append(idx)
+            P += w
+        out.append(own)
+    return out, items, rt2
 
 
 def _split_kinds(token_counts, H, I, G):
-    """Which split paths a launch takes: 'mid_pass' (a pass's accumulator handed on), 'h' (an
-    item's h published for other CTAs), 'rows' (row tiles of one item on several CTAs)."""
-    pieces, _, kt1, rt2 = _pieces(token_counts, H, I, G)
+    """Which split paths a launch takes: 'h' (an item on several CTAs: h through global memory),
+    'cols' (one pass's columns on several CTAs), 'rows' (row tiles of one item on several CTAs),
+    'gemm1_only' / 'rows_only' (a CTA with only one kind of unit of a split item)."""
+    pieces, _, _ = _pieces(token_counts, H, I, G)
     kinds = set()
-    for cut in pieces:
-        if len(cut) < 2:
+    for own in pieces:
+        if len(own) < 2:
             continue
         kinds.add("h")
-        for _, lo, hi in cut[1:]:
-            if lo > rt2 and (lo - rt2) % kt1:
-                kinds.add("mid_pass")
-            if lo < rt2:
-                kinds.add("rows")
+        passes_of = [{c // 8 for c in cols} for cols, _ in own.values()]
+        if any(len([1 for ps in passes_of if p in ps]) > 1 for p in (0, 1)):
+            kinds.add("cols")
+        if sum(1 for _, rows in own.values() if rows) > 1:
+            kinds.add("rows")
+        for cols, rows in own.values():
+            kinds.add("gemm1_only" if not rows else ("rows_only" if not cols else "both"))
     return kinds
 
 
@@ -143,15 +158,21 @@ def test_worklist_edge_cases(kdev, case, T, E, k, H, I, sms_list, gen, monkeypat
 
 
 def test_edge_cases_cover_the_split_paths():
-    """The shapes above (and the layout test's) do take every split path of the kernel."""
-    one = _split_kinds([70], 200, 264, 5) | _split_kinds([70], 200, 264, 7)
-    t1 = set().union(*(_split_kinds([1] * 4, 264, 136, g) for g in (5, 16)))
-    assert {"mid_pass", "h", "rows"} <= one | t1, one | t1
-    assert _split_kinds([1] * 6, 136, 72, 5) >= {"h"}
-    assert _split_kinds([3] * 4, 520, 264, 7) == {"h", "mid_pass", "rows"}
-    # items < SMs: every item cut over several CTAs, no CTA without work.
-    pieces, items, _, _ = _pieces([1, 1], 136, 72, 9)
-    assert len(items) == 2 and {c for cut in pieces for c, _, _ in cut} == set(range(9))
+    """The shapes of these tests do take every split path of the kernel."""
+    every = {"h", "cols", "rows", "gemm1_only", "rows_only", "both"}
+    seen = set()
+    for case, T, E, k, H, I, sms_list in EDGE_CASES:
+        counts = {"one_expert_all_tokens": [T], "every_expert_one_token": [1] * T, "t1": [1] * k,
+                  "items_lt_sms": [1] * k, "items_eq_sms_plus_1": [1] * 6}.get(case)
+        if counts is not None:
+            for g in sms_list:
+                seen |= _split_kinds(counts, H, I, g)
+    layouts = _split_kinds([3] * 4, 520, 264, 7) | _split_kinds([3] * 4, 520, 264, 3)  # test_split_items_every_layout
+    assert {"h", "cols", "rows", "rows_only"} <= layouts, layouts
+    assert seen | layouts == every, seen | layouts
+    # items < SMs: both items cut over the 9 CTAs, every CTA with work.
+    pieces, items, _ = _pieces([1, 1], 136, 72, 9)
+    assert len(items) == 2 and set().union(*pieces) == set(range(9))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -203,7 +224,7 @@ def test_bits_independent_of_grid_and_schedule(kdev, gen, monkeypatch):
                 _reshuffle(kdev)
                 got = _run(kdev, x, w_gu, w_dn, ids, w, None, True)
                 assert torch.equal(got, base), f"{sms} CTAs"
-    assert kinds == {"h", "mid_pass", "rows"}, kinds
+    assert {"h", "cols", "rows"} <= kinds, kinds
 
 
 def test_counters_buffer_sized_by_the_sm_count(kdev):
@@ -215,5 +236,5 @@ def test_counters_buffer_sized_by_the_sm_count(kdev):
         n5 = C.experts_v2_counters_len(7)
     with _sms(kdev, 6):
         n6 = C.experts_v2_counters_len(7)
-    per_cta = 3 + 2 * 128 * 32 + 32 * 128 // 2  # 3 flags, fp32 accumulators of 2 passes, a 16-bit h tile
+    per_cta = 1 + 32 * 128 // 2  # an h count and a 16-bit h tile [32 tokens, 128 columns]
     assert per_cta <= n6 - n5 <= per_cta + 3 and n5 >= 7 + 5 * per_cta  # + 16-byte alignment

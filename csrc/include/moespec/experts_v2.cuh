@@ -148,16 +148,25 @@ __device__ __forceinline__ int active_slots(const ExpertsParams& p, int t) {
   return n;
 }
 
+// Restricts a GateUpMap to intermediate columns [c0, c1) of its 64 (multiples of 8, so the
+// transposed loader's 8-row chunks are wholly in or out): rows outside are zero-filled, never read.
+struct ColumnRange {
+  GateUpMap m;
+  int c0, c1;
+  __device__ __forceinline__ int col(int r) const {
+    return m.order == experts::kInterleaved ? (r >> 1) : (r & (experts::kGateUpTile - 1));
+  }
+  __device__ __forceinline__ int j(int r) const { return m.j(r); }
+  __device__ __forceinline__ bool valid(int r) const { return m.valid(r) && col(r) >= c0 && col(r) < c1; }
+};
+
 // The counters buffer (int32) of a launch with G CTAs: [0, T) per-token counters, then per
-// split-item slot (at most G-1 items are split) two chain flags (k reached by the passes' partial
-// GEMM1 accumulators) and an h flag (passes whose h is published); the first counters_zeroed()
-// ints are zero on entry. Then, 16-byte aligned, the slots' fp32 accumulators [G][2][kThreads][32]
-// and their h tiles [G][kBN][kSlice] (16-bit).
-__host__ __device__ inline int64_t counters_zeroed(int64_t T, int64_t G) { return T + 3 * G; }
-__host__ __device__ inline int64_t acc_ws_offset(int64_t T, int64_t G) { return (counters_zeroed(T, G) + 3) & ~int64_t(3); }
-__host__ __device__ inline int64_t counters_len(int64_t T, int64_t G) {
-  return acc_ws_offset(T, G) + G * (2 * kThreads * 32 + kBN * kSlice / 2);
-}
+// split-item slot (at most G-1 items are split) the count of published 8-column units of h; these
+// counters_zeroed() ints are zero on entry. Then, 16-byte aligned, the slots' h tiles
+// [G][kBN][kSlice] (16-bit).
+__host__ __device__ inline int64_t counters_zeroed(int64_t T, int64_t G) { return T + G; }
+__host__ __device__ inline int64_t h_ws_offset(int64_t T, int64_t G) { return (counters_zeroed(T, G) + 3) & ~int64_t(3); }
+__host__ __device__ inline int64_t counters_len(int64_t T, int64_t G) { return h_ws_offset(T, G) + G * kBN * kSlice / 2; }
 
 // Waits until *flag >= v, set by another CTA of this (co-resident, persistent) grid. Emulation seam.
 __device__ __forceinline__ void wait_geq(const int* flag, int v) {
@@ -168,21 +177,44 @@ __device__ __forceinline__ void wait_geq(const int* flag, int v) {
 #endif
 }
 
-// grid = persistent CTAs, at most one per SM (co-residency: a CTA may wait for another's
-// partials); the bits do not depend on the grid size. block = kThreads; dynamic smem =
-// smem_bytes(cc major). counters: counters_len(T, gridDim.x) ints, the first counters_zeroed()
-// zero on entry; deterministic ybuf: [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry.
+// An item's units on the work axis, in eighths of a stage (4 KB of weights): nc GEMM1 column
+// units (8 intermediate columns = 16 gate/up rows over K: kt1 eighths each) and nr GEMM2 row tiles
+// (8 eighths each), interleaved in proportion so that any stretch of the axis is ~2/3 GEMM1.
+// Returns the units whose start lies in [lo, hi): column units [*ua, *ub), row tiles [*ra, *rb).
+__device__ __forceinline__ void units_in(int nc, int nr, int kt1, int64_t lo, int64_t hi, int* ua, int* ub, int* ra,
+                                         int* rb) {
+  int c = 0, r = 0;
+  int64_t off = 0;
+  *ua = *ub = *ra = *rb = -1;
+  while (c < nc || r < nr) {
+    const bool col = r == nr || (c < nc && (int64_t)(c + 1) * nr <= (int64_t)(r + 1) * nc);
+    const bool in = off >= lo && off < hi;
+    if (col) {
+      if (in) *ua = *ua < 0 ? c : *ua, *ub = c + 1;
+      off += kt1, ++c;
+    } else {
+      if (in) *ra = *ra < 0 ? r : *ra, *rb = r + 1;
+      off += 8, ++r;
+    }
+  }
+  if (*ua < 0) *ua = *ub = 0;
+  if (*ra < 0) *ra = *rb = 0;
+}
+
+// grid = persistent CTAs, at most one per SM (co-residency: a CTA may wait for another's h);
+// the bits do not depend on the grid size. block = kThreads; dynamic smem = smem_bytes(cc major).
+// counters: counters_len(T, gridDim.x) ints, the first counters_zeroed() zero on entry;
+// deterministic ybuf: [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry.
 //
-// Stream-K: the work axis is every item's stages (GEMM1: passes x kt1 k-stages, GEMM2: rt2 row
-// tiles, 32 KB of weights each), item after item; CTA c takes stages [c*W/G, (c+1)*W/G), so the
-// shares are equal to one stage. Inside an item the axis runs GEMM2 row tiles first, then GEMM1
-// stages in descending (pass, k): the CTA owning an item's head (at the end of its share) owns the
-// row tiles and the highest k, the next CTA (at the start of its share) the lowest k. Each CTA
-// runs its piece of an item in the fused order (GEMM1 ascending, then its row tiles), so what it
-// waits for (the lower-k accumulator of a pass, the h of the passes) lies higher on the axis: done
-// by a later CTA at the start of its share. The waits point to higher CTAs only: no cycle.
-// A pass split across CTAs hands its fp32 accumulator over (the next piece continues it), so every
-// value is accumulated in the same order as in an unsplit item: the bits do not depend on the split.
+// Stream-K: the work axis is every item's units (above), item after item; CTA c takes the units
+// starting in [c*W/G, (c+1)*W/G), so the shares are equal to one unit (kt1/8 of a stage). An item
+// whose units fall to several CTAs is split by output only: GEMM1 by intermediate columns (each
+// over all of K), GEMM2 by row tiles (each over the whole slice), so every value is accumulated
+// exactly as in an unsplit item and the bits do not depend on the split. Its h goes through
+// global memory: every CTA first runs the GEMM1 units of its split items (at most two: its first
+// and last) and publishes their h columns, then its whole items (fused, h in shared memory), then
+// the row tiles of its split items, which wait until all column units of the item are published.
+// Only that last phase waits, and only for the first phase of other CTAs: no cycle, no deadlock.
 template <bool BF16, bool TRANS>
 __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const ExpertsParams p) {
   uint16_t* smem = dynamic_smem<uint16_t>();
@@ -229,230 +261,226 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   const int64_t ld1 = TRANS ? 2 * (int64_t)I : H;
   const int64_t ld2 = TRANS ? (int64_t)H : I;
 
-  // Stage axis: a token block of an expert is NS items; all but the last slice have two passes.
+  // The axis in eighths of a stage: a token block of an expert is NS items; all slices but the
+  // last have two passes (16 column units).
   const int last_passes = I - (NS - 1) * kSlice > experts::kGateUpTile ? 2 : 1;
-  const int64_t Lfull = 2 * kt1 + rt2, Lblk = (NS - 1) * Lfull + last_passes * kt1 + rt2;
+  const int64_t Lfull = 16 * (int64_t)kt1 + 8 * rt2, Lblk = (NS - 1) * Lfull + 8 * last_passes * kt1 + 8 * rt2;
   const int64_t W = (int64_t)(s_item0[A] / NS) * Lblk;
   const int64_t G = gridDim.x;
-  const int64_t pos_end = W * (blockIdx.x + 1) / G;
-  int* const flags = p.counters + p.T;
-  float* const acc_ws = reinterpret_cast<float*>(p.counters + acc_ws_offset(p.T, G));
-  uint16_t* const h_ws = reinterpret_cast<uint16_t*>(acc_ws + G * 2 * kThreads * 32);
-
-  int u = 0;
-  for (int64_t pos = W * blockIdx.x / G; pos < pos_end;) {
+  const int64_t my_lo = W * blockIdx.x / G, my_hi = W * (blockIdx.x + 1) / G;
+  int* const h_count = p.counters + p.T;  // [slot]
+  uint16_t* const h_ws = reinterpret_cast<uint16_t*>(p.counters + h_ws_offset(p.T, G));
+  // Items whose extent meets this CTA's share (its units start in [my_lo, my_hi)).
+  auto item_at = [&](int64_t pos) {
     const int64_t blk = pos / Lblk;
-    const int slice = static_cast<int>(min(static_cast<long long>((pos % Lblk) / Lfull), (long long)(NS - 1)));
-    const int item = static_cast<int>(blk * NS + slice);
-    const int64_t P = blk * Lblk + slice * Lfull;  // the item's first stage on the axis
-    while (s_item0[u + 1] <= item) ++u;
-    const int rem = item - s_item0[u];
-    const int nb = (rem / NS) * kBN;
-    const int e = p.act_experts[u];
-    const int p0 = p.act_offsets[u] + nb;
-    const int nrows = min(kBN, p.act_offsets[u + 1] - p0);
-    const int nf_active = (nrows + 7) / 8;
-    const int i_base = slice * kSlice;
-    const int passes = min(kSlice, I - i_base) > experts::kGateUpTile ? 2 : 1;
-    const int n1 = passes * kt1, n = n1 + rt2;
-    const uint16_t* Wgu = p.w_gu + (int64_t)e * 2 * I * H;
-    const uint16_t* Wdn = p.w_down + (int64_t)e * H * I;
+    return static_cast<int>(blk * NS + min(static_cast<long long>((pos % Lblk) / Lfull), (long long)(NS - 1)));
+  };
+  const int first_item = my_hi > my_lo ? item_at(my_lo) : 0;
+  const int last_item = my_hi > my_lo ? item_at(my_hi - 1) : -1;
 
-    // This CTA's piece [lo, hi) of the item's axis: GEMM1 stages t1a..t1b-1, row tiles g2a..g2b-1.
-    const int lo = static_cast<int>(pos - P), hi = static_cast<int>(min((long long)(pos_end - P), (long long)n));
-    pos = P + hi;
-    const bool whole = lo == 0 && hi == n;
-    const int t1a = n1 + rt2 - max(hi, rt2), t1b = n1 + rt2 - max(lo, rt2);
-    const int g2a = min(lo, rt2), g2b = min(hi, rt2);
-    const int m1 = t1b - t1a, m = m1 + g2b - g2a;
-    // A split item's workspace slot: the first CTA boundary inside it (the same for every piece).
-    int slot = 0;
-    if (!whole) {
-      int64_t c = P * G / W;
-      while (W * c / G <= P) ++c;
-      slot = static_cast<int>(c - 1);
-    }
-    int* const chain_flag = flags + 3 * slot;  // [pass]
-    int* const h_flag = flags + 3 * slot + 2;
-    uint16_t* const h_tile = h_ws + (int64_t)slot * kBN * kSlice;
-    auto stage_t = [&](int idx) { return idx < m1 ? t1a + idx : n1 + g2a + (idx - m1); };
-
-    for (int r = tid; r < kBN; r += kThreads)
-      s_brow[r] = r < nrows ? p.x + (int64_t)p.pair_token[p0 + r] * p.x_stride : nullptr;
-    __syncthreads();
-
-    auto load_stage = [&](int slot_, int t) {
-      uint16_t* a = sA + slot_ * kAStage;
-      if (t < n1) {  // GEMM1: gate+up rows of 64 columns, x rows
-        const GateUpMap map{i_base + (t / kt1) * experts::kGateUpTile, I, p.order};
-        const int k0 = (t % kt1) * kBK;
-        load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
-        uint16_t* b = sB + slot_ * kBStage;
-        for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
-          const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-          const int kg = k0 + kc;
-          const uint16_t* row = s_brow[r];
-          const bool ok = row != nullptr && kg < H;
-          experts::cp_async16(b + r * kPad + kc, ok ? row + kg : Wgu, ok);
-        }
-      } else {  // GEMM2: 128 rows of w_down over the slice; B is sH
-        const DownMap map{(t - n1) * kBM, H};
-        load_weights<TRANS>(a, Wdn, ld2, i_base, I, map);
+  for (int phase = 0; phase < 3; ++phase) {  // 0: split GEMM1, 1: whole items, 2: split row tiles
+    int u = 0;
+    for (int item = first_item; item <= last_item; ++item) {
+      const int slice = item % NS;
+      const int64_t P = (int64_t)(item / NS) * Lblk + slice * Lfull;  // the item's first eighth
+      const int i_base = slice * kSlice;
+      const int passes = min(kSlice, I - i_base) > experts::kGateUpTile ? 2 : 1;
+      const int nc = 8 * passes, n1 = passes * kt1;
+      const int64_t L = 8 * (int64_t)n1 + 8 * rt2;
+      int ua, ub, ra, rb;
+      units_in(nc, rt2, kt1, my_lo - P, my_hi - P, &ua, &ub, &ra, &rb);
+      if (ub == ua && rb == ra) continue;  // no unit of this item starts in the share
+      const bool whole = ua == 0 && ub == nc && ra == 0 && rb == rt2;
+      if (phase == 1 ? !whole : (whole || (phase == 0 ? ub == ua : rb == ra))) continue;
+      if (phase == 0) rb = ra;  // split: GEMM1 units now, row tiles in phase 2
+      if (phase == 2) ub = ua;
+      // A split item's workspace slot: the first CTA boundary inside it (the same for every piece).
+      int slot = 0;
+      if (!whole) {
+        int64_t c = P * G / W;
+        while (W * c / G <= P) ++c;
+        slot = static_cast<int>(c - 1);
       }
-    };
+      (void)L;
 
-    float acc[2][kNF][4];
-    zero_acc(acc);
-    if (m1 > 0 && t1a % kt1 != 0) {  // continue a pass another CTA began (its lower k)
-      const int pass = t1a / kt1;
-      if (tid == 0) wait_geq(chain_flag + pass, t1a % kt1);
-      __threadfence();
+      while (s_item0[u + 1] <= item) ++u;
+      const int rem = item - s_item0[u];
+      const int nb = (rem / NS) * kBN;
+      const int e = p.act_experts[u];
+      const int p0 = p.act_offsets[u] + nb;
+      const int nrows = min(kBN, p.act_offsets[u + 1] - p0);
+      const int nf_active = (nrows + 7) / 8;
+      const uint16_t* Wgu = p.w_gu + (int64_t)e * 2 * I * H;
+      const uint16_t* Wdn = p.w_down + (int64_t)e * H * I;
+      uint16_t* const h_tile = h_ws + (int64_t)slot * kBN * kSlice;
+      // Stages: GEMM1 passes ua/8 .. (ub-1)/8 (kt1 k-stages each, only the piece's columns), then
+      // row tiles ra .. rb-1.
+      const int t1a = (ua / 8) * kt1, t1b = ub > ua ? ((ub + 7) / 8) * kt1 : t1a;
+      const int m1 = t1b - t1a, m = m1 + rb - ra;
+      auto stage_t = [&](int idx) { return idx < m1 ? t1a + idx : n1 + ra + (idx - m1); };
+      auto cols = [&](int pass, int* c0, int* c1) {  // the piece's columns of a pass's 64
+        *c0 = max(ua - 8 * pass, 0) * 8;
+        *c1 = min(ub - 8 * pass, 8) * 8;
+      };
+
+      for (int r = tid; r < kBN; r += kThreads)
+        s_brow[r] = r < nrows ? p.x + (int64_t)p.pair_token[p0 + r] * p.x_stride : nullptr;
       __syncthreads();
-      const float* src = acc_ws + ((int64_t)(slot * 2 + pass) * kThreads + tid) * 32;
-#pragma unroll
-      for (int a = 0; a < 2; ++a)
-#pragma unroll
-        for (int b = 0; b < kNF; ++b)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[a][b][c] = __ldcg(src + (a * kNF + b) * 4 + c);
-    }
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < m) load_stage(s, stage_t(s));
-      experts::cp_async_commit();
-    }
-    for (int idx = 0; idx < m; ++idx) {
-      const int t = stage_t(idx);
-      experts::cp_async_wait<kStages - 2>();
-      __syncthreads();  // stage idx landed for everyone; stage idx-1 (and h) no longer read / complete
-      if (idx + kStages - 1 < m) load_stage((idx + kStages - 1) % kStages, stage_t(idx + kStages - 1));
-      experts::cp_async_commit();
-      const uint16_t* a = sA + (idx % kStages) * kAStage;
-      int arow[2][2];
-      if (t < n1) {
-        const int pass = t / kt1;
-        const GateUpMap map{i_base + pass * experts::kGateUpTile, I, p.order};
-#pragma unroll
-        for (int mf = 0; mf < 2; ++mf) {
-          arow[mf][0] = map.frag_row(warp, mf, g);
-          arow[mf][1] = map.frag_row(warp, mf, g + 8);
-        }
-        mma_stage<BF16, TRANS>(acc, a, sB + (idx % kStages) * kBStage, arow, nf_active);
-        if (t % kt1 == kt1 - 1) {  // pass done: activation into h (columns >= I are zero)
-          // A whole item keeps h in shared memory; a split one publishes it for the row-tile owners.
-          uint16_t* hdst = whole ? sH : h_tile;
-          const int hld = whole ? kPad : kSlice;
-#pragma unroll
-          for (int h2 = 0; h2 < 2; ++h2) {
-            const int ii = pass * experts::kGateUpTile + warp * 16 + g + 8 * h2;
-            const int i = i_base + ii;
-            float bg = 0.f, bu = 0.f;
-            if (p.b_gu != nullptr && i < I) {
-              const float* bias = p.b_gu + (int64_t)e * 2 * I;
-              bg = bias[p.order == experts::kInterleaved ? 2 * i : (p.order == experts::kGateUp ? i : I + i)];
-              bu = bias[p.order == experts::kInterleaved ? 2 * i + 1 : (p.order == experts::kGateUp ? I + i : i)];
-            }
-#pragma unroll
-            for (int nf = 0; nf < kNF; ++nf) {
-#pragma unroll
-              for (int q = 0; q < 2; ++q) {
-                const int r = nf * 8 + tig * 2 + q;
-                const float v = i < I ? experts::gated_activation(acc[0][nf][h2 * 2 + q] + bg,
-                                                                 acc[1][nf][h2 * 2 + q] + bu, p.activation,
-                                                                 p.alpha, p.limit)
-                                      : 0.f;
-                hdst[r * hld + ii] = float_to_bits<BF16>(v);
-                if (passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;  // no second pass
-              }
-            }
+
+      auto load_stage = [&](int slot_, int t) {
+        uint16_t* a = sA + slot_ * kAStage;
+        if (t < n1) {  // GEMM1: gate+up rows of the piece's columns of a pass, x rows
+          const int pass = t / kt1;
+          int c0, c1;
+          cols(pass, &c0, &c1);
+          const ColumnRange map{GateUpMap{i_base + pass * experts::kGateUpTile, I, p.order}, c0, c1};
+          const int k0 = (t % kt1) * kBK;
+          load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
+          uint16_t* b = sB + slot_ * kBStage;
+          for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
+            const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+            const int kg = k0 + kc;
+            const uint16_t* row = s_brow[r];
+            const bool ok = row != nullptr && kg < H;
+            experts::cp_async16(b + r * kPad + kc, ok ? row + kg : Wgu, ok);
           }
-          zero_acc(acc);
-          if (!whole) {
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) atomicAdd(h_flag, 1);
-          }
-        } else if (idx == m1 - 1) {  // the piece ends inside a pass: hand the accumulator on
-          const int pass_k0 = t1a / kt1 == pass ? t1a % kt1 : 0;
-          float* dst = acc_ws + ((int64_t)(slot * 2 + pass) * kThreads + tid) * 32;
-#pragma unroll
-          for (int a2 = 0; a2 < 2; ++a2)
-#pragma unroll
-            for (int b = 0; b < kNF; ++b)
-#pragma unroll
-              for (int c = 0; c < 4; ++c) dst[(a2 * kNF + b) * 4 + c] = acc[a2][b][c];
-          __threadfence();
-          __syncthreads();
-          if (tid == 0) atomicAdd(chain_flag + pass, t % kt1 + 1 - pass_k0);
+        } else {  // GEMM2: 128 rows of w_down over the slice; B is sH
+          const DownMap map{(t - n1) * kBM, H};
+          load_weights<TRANS>(a, Wdn, ld2, i_base, I, map);
         }
-      } else {
-        if (!whole && idx == m1) {  // first row tile of a split item: all passes' h, from global
-          if (tid == 0) wait_geq(h_flag, passes);
+      };
+
+      float acc[2][kNF][4];
+      zero_acc(acc);
+#pragma unroll
+      for (int s = 0; s < kStages - 1; ++s) {
+        if (s < m) load_stage(s, stage_t(s));
+        experts::cp_async_commit();
+      }
+      for (int idx = 0; idx < m; ++idx) {
+        const int t = stage_t(idx);
+        if (!whole && idx == m1) {  // first row tile of a split item: every column's h, from global
+          if (tid == 0) wait_geq(h_count + slot, nc);
           __threadfence();
-          __syncthreads();
+          __syncthreads();  // (also: the previous item's GEMM2 no longer reads sH)
           const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
           for (int w = tid; w < kBN * kSlice / 2; w += kThreads) {
             const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
             *reinterpret_cast<uint32_t*>(sH + r * kPad + c2) = __ldcg(src + w);
           }
-          __syncthreads();
         }
-        const DownMap map{(t - n1) * kBM, H};
+        experts::cp_async_wait<kStages - 2>();
+        __syncthreads();  // stage idx landed for everyone; stage idx-1 (and h) no longer read / complete
+        if (idx + kStages - 1 < m) load_stage((idx + kStages - 1) % kStages, stage_t(idx + kStages - 1));
+        experts::cp_async_commit();
+        const uint16_t* a = sA + (idx % kStages) * kAStage;
+        int arow[2][2];
+        if (t < n1) {
+          const int pass = t / kt1;
+          const GateUpMap map{i_base + pass * experts::kGateUpTile, I, p.order};
 #pragma unroll
-        for (int mf = 0; mf < 2; ++mf) {
-          arow[mf][0] = map.frag_row(warp, mf, g);
-          arow[mf][1] = map.frag_row(warp, mf, g + 8);
-        }
-        mma_stage<BF16, TRANS>(acc, a, sH, arow, nf_active);
+          for (int mf = 0; mf < 2; ++mf) {
+            arow[mf][0] = map.frag_row(warp, mf, g);
+            arow[mf][1] = map.frag_row(warp, mf, g + 8);
+          }
+          mma_stage<BF16, TRANS>(acc, a, sB + (idx % kStages) * kBStage, arow, nf_active);
+          if (t % kt1 == kt1 - 1) {  // pass done: activation into h (columns >= I are zero)
+            // A whole item keeps h in shared memory; a split one publishes its columns.
+            int c0, c1;
+            cols(pass, &c0, &c1);
+            uint16_t* hdst = whole ? sH : h_tile;
+            const int hld = whole ? kPad : kSlice;
 #pragma unroll
-        for (int mf = 0; mf < 2; ++mf) {
+            for (int h2 = 0; h2 < 2; ++h2) {
+              const int ci = warp * 16 + g + 8 * h2;  // column within the pass
+              const int ii = pass * experts::kGateUpTile + ci;
+              const int i = i_base + ii;
+              if (ci < c0 || ci >= c1) continue;  // another CTA's columns
+              float bg = 0.f, bu = 0.f;
+              if (p.b_gu != nullptr && i < I) {
+                const float* bias = p.b_gu + (int64_t)e * 2 * I;
+                bg = bias[p.order == experts::kInterleaved ? 2 * i : (p.order == experts::kGateUp ? i : I + i)];
+                bu = bias[p.order == experts::kInterleaved ? 2 * i + 1 : (p.order == experts::kGateUp ? I + i : i)];
+              }
 #pragma unroll
-          for (int h2 = 0; h2 < 2; ++h2) {
-            const int h = map.h0 + warp * 32 + mf * 16 + g + 8 * h2;
-            if (h >= H) continue;
-            const float bias = (p.b_down != nullptr && slice == 0) ? p.b_down[(int64_t)e * H + h] : 0.f;
+              for (int nf = 0; nf < kNF; ++nf) {
 #pragma unroll
-            for (int nf = 0; nf < kNF; ++nf) {
+                for (int q = 0; q < 2; ++q) {
+                  const int r = nf * 8 + tig * 2 + q;
+                  const float v = i < I ? experts::gated_activation(acc[0][nf][h2 * 2 + q] + bg,
+                                                                   acc[1][nf][h2 * 2 + q] + bu, p.activation,
+                                                                   p.alpha, p.limit)
+                                        : 0.f;
+                  hdst[r * hld + ii] = float_to_bits<BF16>(v);
+                  if (passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;  // no second pass
+                }
+              }
+            }
+            zero_acc(acc);
+            if (!whole) {  // publish this pass's columns
+              __threadfence();
+              __syncthreads();
+              if (tid == 0) atomicAdd(h_count + slot, (c1 - c0) / 8);
+            }
+          }
+        } else {
+          const DownMap map{(t - n1) * kBM, H};
 #pragma unroll
-              for (int q = 0; q < 2; ++q) {
-                const int r = nf * 8 + tig * 2 + q;
-                if (r < nrows) {
-                  const int pp = p0 + r;
-                  const int tok = p.pair_token[pp];
-                  const int64_t flat = (int64_t)tok * p.k + p.pair_slot[pp];
-                  const float c = (acc[mf][nf][h2 * 2 + q] + bias) * p.weights[flat];
-                  if (p.atomic)
-                    atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
-                  else
-                    p.ybuf[(flat * NS + slice) * H + h] = c;
+          for (int mf = 0; mf < 2; ++mf) {
+            arow[mf][0] = map.frag_row(warp, mf, g);
+            arow[mf][1] = map.frag_row(warp, mf, g + 8);
+          }
+          mma_stage<BF16, TRANS>(acc, a, sH, arow, nf_active);
+#pragma unroll
+          for (int mf = 0; mf < 2; ++mf) {
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {
+              const int h = map.h0 + warp * 32 + mf * 16 + g + 8 * h2;
+              if (h >= H) continue;
+              const float bias = (p.b_down != nullptr && slice == 0) ? p.b_down[(int64_t)e * H + h] : 0.f;
+#pragma unroll
+              for (int nf = 0; nf < kNF; ++nf) {
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                  const int r = nf * 8 + tig * 2 + q;
+                  if (r < nrows) {
+                    const int pp = p0 + r;
+                    const int tok = p.pair_token[pp];
+                    const int64_t flat = (int64_t)tok * p.k + p.pair_slot[pp];
+                    const float c = (acc[mf][nf][h2 * 2 + q] + bias) * p.weights[flat];
+                    if (p.atomic)
+                      atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
+                    else
+                      p.ybuf[(flat * NS + slice) * H + h] = c;
+                  }
                 }
               }
             }
           }
+          zero_acc(acc);
         }
-        zero_acc(acc);
       }
-    }
-    experts::cp_async_wait<0>();
+      experts::cp_async_wait<0>();
 
-    // Publish this piece's partials (its row tiles), then count them per token: the piece that
-    // completes a token (active slots x slices x row tiles) reduces that token's row.
-    __threadfence();
-    __syncthreads();
-    if (g2b > g2a && tid < nrows) {
-      const int tok = p.pair_token[p0 + tid];
-      const int need = active_slots(p, tok) * NS * rt2;
-      const int add = g2b - g2a;
-      if (atomicAdd(p.counters + tok, add) + add == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
+      // Publish this piece's partials (its row tiles), then count them per token: the piece that
+      // completes a token (active slots x slices x row tiles) reduces that token's row.
+      __threadfence();
+      __syncthreads();
+      if (rb > ra && tid < nrows) {
+        const int tok = p.pair_token[p0 + tid];
+        const int need = active_slots(p, tok) * NS * rt2;
+        const int add = rb - ra;
+        if (atomicAdd(p.counters + tok, add) + add == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
+      }
+      __syncthreads();
+      const int ndone = s_ndone;
+      if (ndone > 0) {
+        __threadfence();  // see the other CTAs' partials of these tokens
+        for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
+      }
+      __syncthreads();  // s_done, s_ndone, s_brow and sH are reused by the next item
+      if (tid == 0) s_ndone = 0;
     }
-    __syncthreads();
-    const int ndone = s_ndone;
-    if (ndone > 0) {
-      __threadfence();  // see the other CTAs' partials of these tokens
-      for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
-    }
-    __syncthreads();  // s_done, s_ndone, s_brow and sH are reused by the next item
-    if (tid == 0) s_ndone = 0;
   }
 }
 
