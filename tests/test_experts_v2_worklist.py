@@ -3,7 +3,8 @@
 The persistent kernel splits a linear axis of weight units (GEMM1 column units of 8 intermediate
 columns over all of K, GEMM2 row tiles over the whole slice, of every (expert, token block, I-slice)
 item) evenly over its CTAs, so items are cut inside a pass, between passes and between row tiles;
-a split item's h goes through global memory and its row-tile owners wait for it. These tests run it against
+a split item's h goes through global memory and its row-tile owners wait for it. One cp.async ring
+runs through all the pieces of a CTA. These tests run it against
 `moespec.reference` at the work-list edge cases, with poisoned workspaces and outputs, and check
 that deterministic mode gives the same bits whatever the grid size (the emulated SM count) and
 the block/thread schedule. `_pieces` mirrors the kernel's split so the tests can assert that the
@@ -96,6 +97,25 @@ def _split_kinds(token_counts, H, I, G):
     return kinds
 
 
+def _cta_pieces(token_counts, H, I, G):
+    """Per CTA, the stage counts of its pieces in the order the kernel runs them (split items'
+    GEMM1 units, whole items, split items' row tiles): one cp.async ring runs through them."""
+    pieces, items, rt2 = _pieces(token_counts, H, I, G)
+    kt1 = rt2
+    out = {c: [[], [], []] for c in range(G)}
+    for (z, nc), own in zip(items, pieces):
+        for c, (cols, rows) in own.items():
+            gemm1 = len({u // 8 for u in cols}) * kt1
+            if len(own) == 1:
+                out[c][1].append(gemm1 + len(rows))
+            else:
+                if cols:
+                    out[c][0].append(gemm1)
+                if rows:
+                    out[c][2].append(len(rows))
+    return {c: a + b + d for c, (a, b, d) in out.items()}
+
+
 def _run(kdev, x, w_gu, w_dn, ids, w, kept, det, layout=ExpertLayout(), b_gu=None, b_dn=None):
     return ops.moe_experts(x, w_gu, w_dn, ids.to(kdev.device).int(), w.to(kdev.device), kept, det, layout,
                            b_gate_up=b_gu, b_down=b_dn, backend=kdev.backend)
@@ -170,6 +190,10 @@ def test_edge_cases_cover_the_split_paths():
     layouts = _split_kinds([3] * 4, 520, 264, 7) | _split_kinds([3] * 4, 520, 264, 3)  # test_split_items_every_layout
     assert {"h", "cols", "rows", "rows_only"} <= layouts, layouts
     assert seen | layouts == every, seen | layouts
+    # The ring runs across pieces shorter than its lookahead (3 stages): the load cursor is then
+    # more than one piece ahead of the compute cursor.
+    short = [ps for ps in _cta_pieces([1] * 16, 136, 72, 5).values() if any(n < 3 for n in ps[:-1])]
+    assert short and max(len(ps) for ps in short) >= 4, short
     # items < SMs: both items cut over the 9 CTAs, every CTA with work.
     pieces, items, _ = _pieces([1, 1], 136, 72, 9)
     assert len(items) == 2 and set().union(*pieces) == set(range(9))

@@ -49,9 +49,10 @@ static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
 // keeps dynamic shared memory per resident block, but cannot find a template kernel's static
 // __shared__ variables (GCC puts them in COMDAT .bss sections), and a CTA waiting for another
 // one must not see that one's bookkeeping (docs/emulator.md).
-constexpr int kMetaBytes = kBN * 8 + ((kMaxExperts + 1) + kBN + 1) * 4;  // s_brow, s_item0, s_done, s_ndone
+// s_item0, s_done, s_ndone, and stages + 1 piece descriptors of 17 ints.
+constexpr int meta_bytes(int stages) { return ((kMaxExperts + 1) + kBN + 1) * 4 + (stages + 1) * 17 * 4; }
 
-constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2 + kMetaBytes; }
+constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2 + meta_bytes(stages); }
 inline int smem_bytes(int cc_major) { return smem_bytes_for(cc_major >= 9 ? 4 : 3); }
 
 __device__ __forceinline__ void zero_acc(float (&acc)[2][kNF][4]) {
@@ -201,6 +202,13 @@ __device__ __forceinline__ void units_in(int nc, int nr, int kt1, int64_t lo, in
   if (*ra < 0) *ra = *rb = 0;
 }
 
+// One piece of work of a CTA: its units of one item in one phase (see the kernel).
+struct Piece {
+  int item, slice, e, p0, nrows, i_base, passes, n1, ua, ub, ra, rb, whole, slot, t1a, m1, m;
+};
+static_assert(sizeof(Piece) == 17 * sizeof(int), "meta_bytes reserves 17 ints per piece");
+constexpr int kPieceSlots = kStages + 1;  // the computed piece + up to kStages-1 ahead + one being written
+
 // grid = persistent CTAs, at most one per SM (co-residency: a CTA may wait for another's h);
 // the bits do not depend on the grid size. block = kThreads; dynamic smem = smem_bytes(cc major).
 // counters: counters_len(T, gridDim.x) ints, the first counters_zeroed() zero on entry;
@@ -215,16 +223,20 @@ __device__ __forceinline__ void units_in(int nc, int nr, int kt1, int64_t lo, in
 // and last) and publishes their h columns, then its whole items (fused, h in shared memory), then
 // the row tiles of its split items, which wait until all column units of the item are published.
 // Only that last phase waits, and only for the first phase of other CTAs: no cycle, no deadlock.
+//
+// One cp.async ring runs through all the CTA's pieces: a load cursor walks the piece sequence
+// kStages-1 stages ahead of the compute cursor, so the next piece's first stages stream while the
+// current one finishes (its epilogue, counts and token reductions): no per-piece prologue or drain.
 template <bool BF16, bool TRANS>
 __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const ExpertsParams p) {
   uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sA = smem;
   uint16_t* sB = sA + kStages * kAStage;
   uint16_t* sH = sB + kStages * kBStage;
-  const uint16_t** s_brow = reinterpret_cast<const uint16_t**>(sH + kHTile);  // x rows of the item's tokens
-  int* s_item0 = reinterpret_cast<int*>(s_brow + kBN);  // [kMaxExperts + 1] first item of each active expert
-  int* s_done = s_item0 + kMaxExperts + 1;              // [kBN] tokens this CTA reduces
+  int* s_item0 = reinterpret_cast<int*>(sH + kHTile);  // [kMaxExperts + 1] first item of each active expert
+  int* s_done = s_item0 + kMaxExperts + 1;             // [kBN] tokens this CTA reduces
   int& s_ndone = s_done[kBN];
+  Piece* s_piece = reinterpret_cast<Piece*>(s_done + kBN + 1);  // [kPieceSlots], written by thread 0
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int H = p.H, I = p.I, NS = p.nslices;
@@ -278,15 +290,23 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   const int first_item = my_hi > my_lo ? item_at(my_lo) : 0;
   const int last_item = my_hi > my_lo ? item_at(my_hi - 1) : -1;
 
-  for (int phase = 0; phase < 3; ++phase) {  // 0: split GEMM1, 1: whole items, 2: split row tiles
-    int u = 0;
-    for (int item = first_item; item <= last_item; ++item) {
+  // The piece sequence: phase 0 = split items' GEMM1 units, 1 = whole items, 2 = split items'
+  // row tiles; items in order within a phase. next_piece advances (phase, item, u) to the next
+  // piece with work and fills `pc`; false at the end. Every thread runs it (same result).
+  auto next_piece = [&](int& phase, int& item, int& u, Piece& pc) -> bool {
+    for (;;) {
+      ++item;
+      if (item > last_item) {
+        if (++phase == 3) return false;
+        item = first_item - 1;
+        u = 0;
+        continue;
+      }
       const int slice = item % NS;
       const int64_t P = (int64_t)(item / NS) * Lblk + slice * Lfull;  // the item's first eighth
       const int i_base = slice * kSlice;
       const int passes = min(kSlice, I - i_base) > experts::kGateUpTile ? 2 : 1;
-      const int nc = 8 * passes, n1 = passes * kt1;
-      const int64_t L = 8 * (int64_t)n1 + 8 * rt2;
+      const int nc = 8 * passes;
       int ua, ub, ra, rb;
       units_in(nc, rt2, kt1, my_lo - P, my_hi - P, &ua, &ub, &ra, &rb);
       if (ub == ua && rb == ra) continue;  // no unit of this item starts in the share
@@ -294,182 +314,211 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
       if (phase == 1 ? !whole : (whole || (phase == 0 ? ub == ua : rb == ra))) continue;
       if (phase == 0) rb = ra;  // split: GEMM1 units now, row tiles in phase 2
       if (phase == 2) ub = ua;
-      // A split item's workspace slot: the first CTA boundary inside it (the same for every piece).
-      int slot = 0;
+      int slot = 0;  // a split item's workspace slot: the first CTA boundary inside it
       if (!whole) {
         int64_t c = P * G / W;
         while (W * c / G <= P) ++c;
         slot = static_cast<int>(c - 1);
       }
-      (void)L;
-
       while (s_item0[u + 1] <= item) ++u;
-      const int rem = item - s_item0[u];
-      const int nb = (rem / NS) * kBN;
-      const int e = p.act_experts[u];
-      const int p0 = p.act_offsets[u] + nb;
-      const int nrows = min(kBN, p.act_offsets[u + 1] - p0);
-      const int nf_active = (nrows + 7) / 8;
-      const uint16_t* Wgu = p.w_gu + (int64_t)e * 2 * I * H;
-      const uint16_t* Wdn = p.w_down + (int64_t)e * H * I;
-      uint16_t* const h_tile = h_ws + (int64_t)slot * kBN * kSlice;
-      // Stages: GEMM1 passes ua/8 .. (ub-1)/8 (kt1 k-stages each, only the piece's columns), then
-      // row tiles ra .. rb-1.
-      const int t1a = (ua / 8) * kt1, t1b = ub > ua ? ((ub + 7) / 8) * kt1 : t1a;
-      const int m1 = t1b - t1a, m = m1 + rb - ra;
-      auto stage_t = [&](int idx) { return idx < m1 ? t1a + idx : n1 + ra + (idx - m1); };
-      auto cols = [&](int pass, int* c0, int* c1) {  // the piece's columns of a pass's 64
-        *c0 = max(ua - 8 * pass, 0) * 8;
-        *c1 = min(ub - 8 * pass, 8) * 8;
-      };
+      const int nb = ((item - s_item0[u]) / NS) * kBN;
+      pc.item = item;
+      pc.slice = slice;
+      pc.e = p.act_experts[u];
+      pc.p0 = p.act_offsets[u] + nb;
+      pc.nrows = min(kBN, p.act_offsets[u + 1] - pc.p0);
+      pc.i_base = i_base;
+      pc.passes = passes;
+      pc.n1 = passes * kt1;
+      pc.ua = ua, pc.ub = ub, pc.ra = ra, pc.rb = rb;
+      pc.whole = whole;
+      pc.slot = slot;
+      // Stages: GEMM1 passes ua/8 .. (ub-1)/8 (kt1 k-stages each, only the piece's columns),
+      // then row tiles ra .. rb-1.
+      pc.t1a = (ua / 8) * kt1;
+      pc.m1 = ub > ua ? ((ub + 7) / 8) * kt1 - pc.t1a : 0;
+      pc.m = pc.m1 + rb - ra;
+      return true;
+    }
+  };
+  auto stage_t = [&](const Piece& pc, int idx) { return idx < pc.m1 ? pc.t1a + idx : pc.n1 + pc.ra + (idx - pc.m1); };
+  auto cols = [&](const Piece& pc, int pass, int* c0, int* c1) {  // the piece's columns of a pass's 64
+    *c0 = max(pc.ua - 8 * pass, 0) * 8;
+    *c1 = min(pc.ub - 8 * pass, 8) * 8;
+  };
 
-      for (int r = tid; r < kBN; r += kThreads)
-        s_brow[r] = r < nrows ? p.x + (int64_t)p.pair_token[p0 + r] * p.x_stride : nullptr;
-      __syncthreads();
-
-      auto load_stage = [&](int slot_, int t) {
-        uint16_t* a = sA + slot_ * kAStage;
-        if (t < n1) {  // GEMM1: gate+up rows of the piece's columns of a pass, x rows
-          const int pass = t / kt1;
-          int c0, c1;
-          cols(pass, &c0, &c1);
-          const ColumnRange map{GateUpMap{i_base + pass * experts::kGateUpTile, I, p.order}, c0, c1};
-          const int k0 = (t % kt1) * kBK;
-          load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
-          uint16_t* b = sB + slot_ * kBStage;
-          for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
-            const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-            const int kg = k0 + kc;
-            const uint16_t* row = s_brow[r];
-            const bool ok = row != nullptr && kg < H;
-            experts::cp_async16(b + r * kPad + kc, ok ? row + kg : Wgu, ok);
-          }
-        } else {  // GEMM2: 128 rows of w_down over the slice; B is sH
-          const DownMap map{(t - n1) * kBM, H};
-          load_weights<TRANS>(a, Wdn, ld2, i_base, I, map);
-        }
-      };
-
-      float acc[2][kNF][4];
-      zero_acc(acc);
-#pragma unroll
-      for (int s = 0; s < kStages - 1; ++s) {
-        if (s < m) load_stage(s, stage_t(s));
-        experts::cp_async_commit();
+  // Load cursor: piece `lp`, its next stage lidx; lcount pieces found so far (their descriptors in
+  // s_piece[n % kPieceSlots]); the ring slot of a stage is its global number mod kStages.
+  int lphase = 0, litem = first_item - 1, lu = 0, lcount = 0, lidx = 0;
+  Piece lp;
+  bool lmore = next_piece(lphase, litem, lu, lp);
+  if (lmore) {
+    if (tid == 0) s_piece[0] = lp;
+    lcount = 1;
+  }
+  auto load_next = [&](int ring) {  // issues the next stage of the load cursor into ring slot `ring`
+    if (!lmore) return;
+    const int t = stage_t(lp, lidx);
+    uint16_t* a = sA + ring * kAStage;
+    if (t < lp.n1) {  // GEMM1: gate+up rows of the piece's columns of a pass, x rows
+      const int pass = t / kt1;
+      int c0, c1;
+      cols(lp, pass, &c0, &c1);
+      const ColumnRange map{GateUpMap{lp.i_base + pass * experts::kGateUpTile, I, p.order}, c0, c1};
+      const int k0 = (t % kt1) * kBK;
+      const uint16_t* Wgu = p.w_gu + (int64_t)lp.e * 2 * I * H;
+      load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
+      uint16_t* b = sB + ring * kBStage;
+      for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
+        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+        const int kg = k0 + kc;
+        const bool ok = r < lp.nrows && kg < H;
+        const uint16_t* row = ok ? p.x + (int64_t)p.pair_token[lp.p0 + r] * p.x_stride + kg : Wgu;
+        experts::cp_async16(b + r * kPad + kc, row, ok);
       }
-      for (int idx = 0; idx < m; ++idx) {
-        const int t = stage_t(idx);
-        if (!whole && idx == m1) {  // first row tile of a split item: every column's h, from global
-          if (tid == 0) wait_geq(h_count + slot, nc);
-          __threadfence();
-          __syncthreads();  // (also: the previous item's GEMM2 no longer reads sH)
-          const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
-          for (int w = tid; w < kBN * kSlice / 2; w += kThreads) {
-            const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
-            *reinterpret_cast<uint32_t*>(sH + r * kPad + c2) = __ldcg(src + w);
-          }
+    } else {  // GEMM2: 128 rows of w_down over the slice; B is sH
+      const DownMap map{(t - lp.n1) * kBM, H};
+      load_weights<TRANS>(a, p.w_down + (int64_t)lp.e * H * I, ld2, lp.i_base, I, map);
+    }
+    if (++lidx == lp.m) {  // the next piece; the compute cursor reads its descriptor >= 1 barrier later
+      lidx = 0;
+      lmore = next_piece(lphase, litem, lu, lp);
+      if (lmore) {
+        if (tid == 0) s_piece[lcount % kPieceSlots] = lp;
+        ++lcount;
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    load_next(s);
+    experts::cp_async_commit();
+  }
+  __syncthreads();  // s_piece[0] written
+
+  // Compute cursor: piece number cnum, stage idx; gs = global stage number (ring slot gs % kStages).
+  float acc[2][kNF][4];
+  zero_acc(acc);
+  int gs = 0;
+  for (int cnum = 0; cnum < lcount; ++cnum) {  // lcount grows as the load cursor finds pieces
+    const Piece pc = s_piece[cnum % kPieceSlots];
+    const int nf_active = (pc.nrows + 7) / 8;
+    uint16_t* const h_tile = h_ws + (int64_t)pc.slot * kBN * kSlice;
+    for (int idx = 0; idx < pc.m; ++idx, ++gs) {
+      const int t = stage_t(pc, idx);
+      if (!pc.whole && idx == pc.m1) {  // first row tile of a split item: every column's h, from global
+        if (tid == 0) wait_geq(h_count + pc.slot, 8 * pc.passes);
+        __threadfence();
+        __syncthreads();  // (also: the previous piece's GEMM2 no longer reads sH)
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
+        for (int w = tid; w < kBN * kSlice / 2; w += kThreads) {
+          const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
+          *reinterpret_cast<uint32_t*>(sH + r * kPad + c2) = __ldcg(src + w);
         }
-        experts::cp_async_wait<kStages - 2>();
-        __syncthreads();  // stage idx landed for everyone; stage idx-1 (and h) no longer read / complete
-        if (idx + kStages - 1 < m) load_stage((idx + kStages - 1) % kStages, stage_t(idx + kStages - 1));
-        experts::cp_async_commit();
-        const uint16_t* a = sA + (idx % kStages) * kAStage;
-        int arow[2][2];
-        if (t < n1) {
-          const int pass = t / kt1;
-          const GateUpMap map{i_base + pass * experts::kGateUpTile, I, p.order};
+      }
+      experts::cp_async_wait<kStages - 2>();
+      __syncthreads();  // stage gs landed for everyone; stage gs-1 (and h) no longer read / complete
+      load_next((gs + kStages - 1) % kStages);
+      experts::cp_async_commit();
+      const uint16_t* a = sA + (gs % kStages) * kAStage;
+      int arow[2][2];
+      if (t < pc.n1) {
+        const int pass = t / kt1;
+        const GateUpMap map{pc.i_base + pass * experts::kGateUpTile, I, p.order};
 #pragma unroll
-          for (int mf = 0; mf < 2; ++mf) {
-            arow[mf][0] = map.frag_row(warp, mf, g);
-            arow[mf][1] = map.frag_row(warp, mf, g + 8);
-          }
-          mma_stage<BF16, TRANS>(acc, a, sB + (idx % kStages) * kBStage, arow, nf_active);
-          if (t % kt1 == kt1 - 1) {  // pass done: activation into h (columns >= I are zero)
-            // A whole item keeps h in shared memory; a split one publishes its columns.
-            int c0, c1;
-            cols(pass, &c0, &c1);
-            uint16_t* hdst = whole ? sH : h_tile;
-            const int hld = whole ? kPad : kSlice;
+        for (int mf = 0; mf < 2; ++mf) {
+          arow[mf][0] = map.frag_row(warp, mf, g);
+          arow[mf][1] = map.frag_row(warp, mf, g + 8);
+        }
+        mma_stage<BF16, TRANS>(acc, a, sB + (gs % kStages) * kBStage, arow, nf_active);
+        if (t % kt1 == kt1 - 1) {  // pass done: activation into h (columns >= I are zero)
+          // A whole item keeps h in shared memory; a split one publishes its columns.
+          int c0, c1;
+          cols(pc, pass, &c0, &c1);
+          uint16_t* hdst = pc.whole ? sH : h_tile;
+          const int hld = pc.whole ? kPad : kSlice;
 #pragma unroll
-            for (int h2 = 0; h2 < 2; ++h2) {
-              const int ci = warp * 16 + g + 8 * h2;  // column within the pass
-              const int ii = pass * experts::kGateUpTile + ci;
-              const int i = i_base + ii;
-              if (ci < c0 || ci >= c1) continue;  // another CTA's columns
-              float bg = 0.f, bu = 0.f;
-              if (p.b_gu != nullptr && i < I) {
-                const float* bias = p.b_gu + (int64_t)e * 2 * I;
-                bg = bias[p.order == experts::kInterleaved ? 2 * i : (p.order == experts::kGateUp ? i : I + i)];
-                bu = bias[p.order == experts::kInterleaved ? 2 * i + 1 : (p.order == experts::kGateUp ? I + i : i)];
-              }
-#pragma unroll
-              for (int nf = 0; nf < kNF; ++nf) {
-#pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                  const int r = nf * 8 + tig * 2 + q;
-                  const float v = i < I ? experts::gated_activation(acc[0][nf][h2 * 2 + q] + bg,
-                                                                   acc[1][nf][h2 * 2 + q] + bu, p.activation,
-                                                                   p.alpha, p.limit)
-                                        : 0.f;
-                  hdst[r * hld + ii] = float_to_bits<BF16>(v);
-                  if (passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;  // no second pass
-                }
-              }
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const int ci = warp * 16 + g + 8 * h2;  // column within the pass
+            const int ii = pass * experts::kGateUpTile + ci;
+            const int i = pc.i_base + ii;
+            if (ci < c0 || ci >= c1) continue;  // another CTA's columns
+            float bg = 0.f, bu = 0.f;
+            if (p.b_gu != nullptr && i < I) {
+              const float* bias = p.b_gu + (int64_t)pc.e * 2 * I;
+              bg = bias[p.order == experts::kInterleaved ? 2 * i : (p.order == experts::kGateUp ? i : I + i)];
+              bu = bias[p.order == experts::kInterleaved ? 2 * i + 1 : (p.order == experts::kGateUp ? I + i : i)];
             }
-            zero_acc(acc);
-            if (!whole) {  // publish this pass's columns
-              __threadfence();
-              __syncthreads();
-              if (tid == 0) atomicAdd(h_count + slot, (c1 - c0) / 8);
-            }
-          }
-        } else {
-          const DownMap map{(t - n1) * kBM, H};
 #pragma unroll
-          for (int mf = 0; mf < 2; ++mf) {
-            arow[mf][0] = map.frag_row(warp, mf, g);
-            arow[mf][1] = map.frag_row(warp, mf, g + 8);
-          }
-          mma_stage<BF16, TRANS>(acc, a, sH, arow, nf_active);
+            for (int nf = 0; nf < kNF; ++nf) {
 #pragma unroll
-          for (int mf = 0; mf < 2; ++mf) {
-#pragma unroll
-            for (int h2 = 0; h2 < 2; ++h2) {
-              const int h = map.h0 + warp * 32 + mf * 16 + g + 8 * h2;
-              if (h >= H) continue;
-              const float bias = (p.b_down != nullptr && slice == 0) ? p.b_down[(int64_t)e * H + h] : 0.f;
-#pragma unroll
-              for (int nf = 0; nf < kNF; ++nf) {
-#pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                  const int r = nf * 8 + tig * 2 + q;
-                  if (r < nrows) {
-                    const int pp = p0 + r;
-                    const int tok = p.pair_token[pp];
-                    const int64_t flat = (int64_t)tok * p.k + p.pair_slot[pp];
-                    const float c = (acc[mf][nf][h2 * 2 + q] + bias) * p.weights[flat];
-                    if (p.atomic)
-                      atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
-                    else
-                      p.ybuf[(flat * NS + slice) * H + h] = c;
-                  }
-                }
+              for (int q = 0; q < 2; ++q) {
+                const int r = nf * 8 + tig * 2 + q;
+                const float v = i < I ? experts::gated_activation(acc[0][nf][h2 * 2 + q] + bg,
+                                                                 acc[1][nf][h2 * 2 + q] + bu, p.activation,
+                                                                 p.alpha, p.limit)
+                                      : 0.f;
+                hdst[r * hld + ii] = float_to_bits<BF16>(v);
+                if (pc.passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;  // no second pass
               }
             }
           }
           zero_acc(acc);
+          if (!pc.whole) {  // publish this pass's columns
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicAdd(h_count + pc.slot, (c1 - c0) / 8);
+          }
         }
+      } else {
+        const DownMap map{(t - pc.n1) * kBM, H};
+#pragma unroll
+        for (int mf = 0; mf < 2; ++mf) {
+          arow[mf][0] = map.frag_row(warp, mf, g);
+          arow[mf][1] = map.frag_row(warp, mf, g + 8);
+        }
+        mma_stage<BF16, TRANS>(acc, a, sH, arow, nf_active);
+#pragma unroll
+        for (int mf = 0; mf < 2; ++mf) {
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const int h = map.h0 + warp * 32 + mf * 16 + g + 8 * h2;
+            if (h >= H) continue;
+            const float bias = (p.b_down != nullptr && pc.slice == 0) ? p.b_down[(int64_t)pc.e * H + h] : 0.f;
+#pragma unroll
+            for (int nf = 0; nf < kNF; ++nf) {
+#pragma unroll
+              for (int q = 0; q < 2; ++q) {
+                const int r = nf * 8 + tig * 2 + q;
+                if (r < pc.nrows) {
+                  const int pp = pc.p0 + r;
+                  const int tok = p.pair_token[pp];
+                  const int64_t flat = (int64_t)tok * p.k + p.pair_slot[pp];
+                  const float c = (acc[mf][nf][h2 * 2 + q] + bias) * p.weights[flat];
+                  if (p.atomic)
+                    atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
+                  else
+                    p.ybuf[(flat * NS + pc.slice) * H + h] = c;
+                }
+              }
+            }
+          }
+        }
+        zero_acc(acc);
       }
-      experts::cp_async_wait<0>();
+    }
 
-      // Publish this piece's partials (its row tiles), then count them per token: the piece that
-      // completes a token (active slots x slices x row tiles) reduces that token's row.
+    // Publish this piece's partials (its row tiles), then count them per token: the piece that
+    // completes a token (active slots x slices x row tiles) reduces that token's row. The next
+    // pieces' first stages are in flight meanwhile.
+    if (pc.rb > pc.ra) {
       __threadfence();
       __syncthreads();
-      if (rb > ra && tid < nrows) {
-        const int tok = p.pair_token[p0 + tid];
+      if (tid < pc.nrows) {
+        const int tok = p.pair_token[pc.p0 + tid];
         const int need = active_slots(p, tok) * NS * rt2;
-        const int add = rb - ra;
+        const int add = pc.rb - pc.ra;
         if (atomicAdd(p.counters + tok, add) + add == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
       }
       __syncthreads();
@@ -478,10 +527,11 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
         __threadfence();  // see the other CTAs' partials of these tokens
         for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
       }
-      __syncthreads();  // s_done, s_ndone, s_brow and sH are reused by the next item
+      __syncthreads();  // s_done and s_ndone are reused by the next piece
       if (tid == 0) s_ndone = 0;
     }
   }
+  experts::cp_async_wait<0>();
 }
 
 }  // namespace experts_v2
