@@ -9,7 +9,8 @@ phases of every CTA (split GEMM1 units, whole items, split row tiles that wait f
 CTA streaming at its fair share of the copy bandwidth, and adds what the axis does not hold:
 re-streaming (an expert's weights once per 32-token block), the deterministic fp32 partials
 (written, then read by the reducing CTA), the split items' h tiles, launch + ring fill and the
-reduction tail. Token counts: T*k pairs over the C kept experts (a budget re-routes a token's k
+reduction tail. One cp.async ring runs through all the pieces of a CTA, so a piece boundary costs no
+refill (the count of pieces is shown for reference). Token counts: T*k pairs over the C kept experts (a budget re-routes a token's k
 slots to kept experts), +-25 % popularity skew. Python stdlib only.
 
     python tools/v2_bandwidth_model.py            # the Markdown table of docs/kernels-v2.md
@@ -22,7 +23,6 @@ BW = 4.3e12  # H200 copy bandwidth, B/s (docs/design.md section 5 measures it pe
 G = 132  # SMs = persistent CTAs
 EIGHTH = 128 * 128 * 2 / 8  # the axis unit: an eighth of a 32 KB weight stage
 LAUNCH_S = 3e-6  # launch + first ring fill
-FILL_S = 0.5e-6  # one ring fill per piece (the ring does not yet run across a CTA's items)
 TAIL_S = 2e-6  # the last tokens' reductions
 
 
@@ -93,7 +93,7 @@ def estimate(H, I, E, k, T, budget):
     partials = T * k * -(-I // 128) * H * 4 * 2  # deterministic mode: written, then read
     h_tiles = splits * 32 * 128 * 2 * 2
     t_bytes = (weights + partials + h_tiles) / BW
-    t_busiest = busiest * EIGHTH / (BW / G) + pieces * FILL_S
+    t_busiest = busiest * EIGHTH / (BW / G)  # one ring runs through a CTA's pieces: no refills
     t = LAUNCH_S + max(t_bytes, t_busiest) + TAIL_S
     return dict(C=C, tok=avg, items=items, W=W / 8, share=W / 8 / G, busiest=busiest / 8, wait=wait / 8,
                 splits=splits, pieces=pieces, restream=weights / (C * expert_bytes), partials=partials / (C * expert_bytes),
