@@ -215,7 +215,8 @@ constexpr int kPieceSlots = kStages + 1;  // the computed piece + up to kStages-
 // deterministic ybuf: [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry.
 //
 // Stream-K: the work axis is every item's units (above), item after item; CTA c takes the units
-// starting in [c*W/G, (c+1)*W/G), so the shares are equal to one unit (kt1/8 of a stage). An item
+// starting in [c*W/G, (c+1)*W/G), so the shares are equal to within one unit (a column unit is kt1/8
+// of a stage, a row tile one stage). An item
 // whose units fall to several CTAs is split by output only: GEMM1 by intermediate columns (each
 // over all of K), GEMM2 by row tiles (each over the whole slice), so every value is accumulated
 // exactly as in an unsplit item and the bits do not depend on the split. Its h goes through
