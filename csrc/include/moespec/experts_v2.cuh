@@ -122,24 +122,41 @@ __device__ __forceinline__ void mma_stage(float (&acc)[2][kNF][4], const uint16_
   }
 }
 
-// Sums token t's row into out: slots in slot order, each slot's slices in slice order.
+__device__ __forceinline__ void add4(float4& a, const float4& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; }
+
+// Sums token t's row into out: slots in slot order, each slot's slices in slice order. Each thread
+// takes 4 consecutive columns as float4 (H is a multiple of 8, checked by the launcher) and issues
+// up to 8 slices' L2 loads before adding them in order: one CTA reads k * nslices * H * 4 bytes
+// here, and with one scalar load in flight per thread that tail would be latency-bound.
 template <bool BF16>
 __device__ __forceinline__ void reduce_token(const ExpertsParams& p, int t) {
   const int64_t H = p.H;
-  for (int h = threadIdx.x; h < p.H; h += kThreads) {
-    float acc = 0.f;
+  const int NS = p.nslices;
+  for (int64_t h = 4 * (int64_t)threadIdx.x; h < H; h += 4 * kThreads) {
+    float4 acc = {0.f, 0.f, 0.f, 0.f};
     if (p.atomic) {
-      acc = __ldcg(p.ybuf + t * H + h);  // L2: the other CTAs' atomics land there
+      acc = __ldcg(reinterpret_cast<const float4*>(p.ybuf + t * H + h));  // L2: the CTAs' atomics land there
     } else {
       for (int s = 0; s < p.k; ++s) {
         const int64_t flat = (int64_t)t * p.k + s;
         if (p.pair_position[flat] < 0) continue;
-        float c = 0.f;
-        for (int z = 0; z < p.nslices; ++z) c += __ldcg(p.ybuf + (flat * p.nslices + z) * H + h);
-        acc += c;
+        const float* row = p.ybuf + flat * NS * H + h;
+        float4 c = {0.f, 0.f, 0.f, 0.f};
+        for (int z0 = 0; z0 < NS; z0 += 8) {
+          float4 v[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (z0 + j < NS) v[j] = __ldcg(reinterpret_cast<const float4*>(row + (z0 + j) * H));
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (z0 + j < NS) add4(c, v[j]);
+        }
+        add4(acc, c);
       }
     }
-    p.out[t * H + h] = float_to_bits<BF16>(acc);
+    uint16_t* o = p.out + t * H + h;
+    o[0] = float_to_bits<BF16>(acc.x), o[1] = float_to_bits<BF16>(acc.y);
+    o[2] = float_to_bits<BF16>(acc.z), o[3] = float_to_bits<BF16>(acc.w);
   }
 }
 

@@ -51,6 +51,9 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 // ------------------------------------------------------------------------ runtime API subset
 typedef struct moespec_emu_stream* cudaStream_t;
