@@ -89,11 +89,13 @@ PYBIND11_MODULE(_C, m) {
       MOESPEC_RW(meta) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token)
       MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(hbuf) MOESPEC_RW(ybuf)
       MOESPEC_RW(out) MOESPEC_RW(atomic) MOESPEC_RW(max_experts) MOESPEC_RW(ksplit)
-      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf) MOESPEC_RW(generation) MOESPEC_RW(counters);
+      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf) MOESPEC_RW(generation) MOESPEC_RW(counters) MOESPEC_RW(counters_len);
 #undef MOESPEC_RW
   m.attr("plan_max_experts") = moespec::plan_max_experts();
   m.attr("plan_max_topk") = moespec::plan_max_topk();
   m.attr("experts_v2_slice") = moespec::experts_v2_slice();
+  m.def("experts_v2_counters_len", &moespec::experts_v2_counters_len, py::arg("T"),
+        "Ints of the generation-2 counters buffer for T tokens on the current device.");
 
   auto plan = [](const moespec::PlanArgs& a, int64_t stream) {
     std::string err = moespec::launch_routing_plan(a, stream);
@@ -178,6 +180,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("emu_seed", &moespec_emu::seed);
   m.def("emu_take_prefetches", &moespec_emu::take_prefetches,
         "The L2 prefetch ranges (address, bytes) emulated kernels issued since the last call; clears them.");
+  m.def("emu_set_sms", &moespec_emu::set_sm_count, py::arg("n"),
+        "Set the emulated SM count (default 5): the device attribute and how many blocks are resident at once.");
+  m.def("emu_sms", &moespec_emu::sm_count);
   m.def("emu_selftest_names", &moespec_emu::selftest_names);
   m.def(
       "emu_selftest",

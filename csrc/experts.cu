@@ -66,7 +66,7 @@ std::string launch_typed(const ExpertsParams& p, int max_experts, cudaStream_t s
 
 // Generation 2: one persistent CTA per SM (its shared memory allows no second one).
 template <bool BF16, bool TRANS>
-std::string launch_v2_typed(const ExpertsParams& p, cudaStream_t stream) {
+std::string launch_v2_typed(const ExpertsParams& p, int64_t counters_len, cudaStream_t stream) {
   int dev = 0, sms = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -76,21 +76,24 @@ std::string launch_v2_typed(const ExpertsParams& p, cudaStream_t stream) {
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return std::string("moe_experts v2: cannot query the device: ") + cudaGetErrorString(err);
   const int smem = experts_v2::smem_bytes(major);
-  // 8 KiB of headroom for the kernel's static shared memory (4.5 KB: docs/kernel-resources.md).
-  if (smem + 8192 > optin)
-    return "moe_experts v2: needs " + std::to_string(smem + 8192) +
+  // All of the kernel's shared memory is dynamic (no static __shared__: docs/kernel-resources.md).
+  if (smem > optin)
+    return "moe_experts v2: needs " + std::to_string(smem) +
            " bytes of shared memory per block, this GPU allows " + std::to_string(optin) +
            " (A100/H100/H200 class parts have enough); use MOESPEC_KERNELS=v1";
   constexpr auto kern = experts_v2::persistent_experts_kernel<BF16, TRANS>;
   err = allow_smem<kern>(smem);
   if (err != cudaSuccess)
     return std::string("moe_experts v2: cannot reserve shared memory: ") + cudaGetErrorString(err);
-  err = cudaMemsetAsync(p.counters, 0, sizeof(int) * static_cast<size_t>(p.T), stream);
-  if (err == cudaSuccess && p.atomic)
-    err = cudaMemsetAsync(p.ybuf, 0, sizeof(float) * static_cast<size_t>(p.T) * p.H, stream);
-  if (err != cudaSuccess) return std::string("moe_experts v2: memset failed: ") + cudaGetErrorString(err);
-  err = launch_kernel_pdl("persistent_experts_kernel", kern, dim3(sms > 0 ? sms : 1), dim3(experts_v2::kThreads),
-                          smem, stream, p);
+  const int grid = sms > 0 ? sms : 1;
+  if (counters_len < experts_v2::counters_len(p.T, grid))
+    return "moe_experts v2: the counters buffer has " + std::to_string(counters_len) + " ints, needs " +
+           std::to_string(experts_v2::counters_len(p.T, grid)) + " (experts_v2_counters_len)";
+  // No memset here: the counters (and the atomic accumulator) are zero on entry and the kernel leaves
+  // them zero (the caller allocates them zeroed once), so nothing sits between the routing plan and
+  // this programmatic dependent launch.
+  err = launch_kernel_pdl("persistent_experts_kernel", kern, dim3(grid), dim3(experts_v2::kThreads), smem,
+                          stream, p);
   if (err != cudaSuccess) return std::string("moe_experts v2: launch failed: ") + cudaGetErrorString(err);
   return "";
 }
@@ -106,6 +109,13 @@ void split_k(int K, int asked, int* splits, int* chunk) {
 }  // namespace
 
 int experts_v2_slice() { return experts_v2::kSlice; }
+
+int64_t experts_v2_counters_len(int T) {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return -1;
+  return experts_v2::counters_len(T, sms > 0 ? sms : 1);
+}
 
 std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   if (a.dtype != 1 && a.dtype != 2) return "moe_experts: only bf16 (1) and fp16 (2) activations have kernels";
@@ -159,8 +169,9 @@ std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool bf16 = a.dtype == 1;
   if (a.generation == 2) {
-    if (bf16) return a.transposed ? launch_v2_typed<true, true>(p, s) : launch_v2_typed<true, false>(p, s);
-    return a.transposed ? launch_v2_typed<false, true>(p, s) : launch_v2_typed<false, false>(p, s);
+    const int64_t n = a.counters_len;
+    if (bf16) return a.transposed ? launch_v2_typed<true, true>(p, n, s) : launch_v2_typed<true, false>(p, n, s);
+    return a.transposed ? launch_v2_typed<false, true>(p, n, s) : launch_v2_typed<false, false>(p, n, s);
   }
   if (bf16) return a.transposed ? launch_typed<true, true>(p, a.max_experts, s) : launch_typed<true, false>(p, a.max_experts, s);
   return a.transposed ? launch_typed<false, true>(p, a.max_experts, s) : launch_typed<false, false>(p, a.max_experts, s);

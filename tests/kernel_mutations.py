@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_cuda_kernels.py", "tests/test_kernel_edge_cases.py", "tests/test_routing_plan_v2.py",
+         "tests/test_experts_v2_worklist.py",
          "tests/test_emu.py"]
 
 
@@ -64,11 +65,11 @@ MUTATIONS = [
     Mutation("v2_cp_async_wait", "v2: weaker cp.async wait in the persistent ring", EXPERTS_V2,
              "experts::cp_async_wait<kStages - 2>();", "experts::cp_async_wait<kStages - 1>();"),
     Mutation("v2_last_cta", "v2: off-by-one in the per-token completion count (no CTA reduces)", EXPERTS_V2,
-             "if (atomicAdd(p.counters + tok, 1) + 1 == need)", "if (atomicAdd(p.counters + tok, 1) == need)"),
+             "if (atomicAdd(p.counters + tok, add) + add == need)", "if (atomicAdd(p.counters + tok, add) == need)"),
     Mutation("v2_h_tail", "v2: h columns of a one-pass slice left unwritten", EXPERTS_V2,
-             "if (passes == 1) sH[r * kPad + ii + experts::kGateUpTile] = 0;", "(void)passes;"),
+             "if (pc.passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;", "(void)hld;"),
     Mutation("v2_bias_every_slice", "v2: b_down added by every I-slice instead of the first", EXPERTS_V2,
-             "(p.b_down != nullptr && slice == 0)", "(p.b_down != nullptr)"),
+             "(p.b_down != nullptr && pc.slice == 0)", "(p.b_down != nullptr)"),
     Mutation("pdl_no_wait", "v2 experts launched as a PDL dependent without griddepcontrol.wait", EXPERTS_V2,
              "  griddep_wait();  // launched as a PDL dependent", "  // (wait removed)"),
     Mutation("plan_v2_ticket", "v2 plan: off-by-one last-CTA ticket (the tail runs before the last CTA arrived)",
@@ -79,6 +80,29 @@ MUTATIONS = [
              ROUTING_V2, "(p.score_mode == kScoreTopk && !s_dup)", "(p.score_mode == kScoreTopk)"),
     Mutation("plan_v2_rank_split", "v2 plan: the split ranking drops one step of its lane reduction", ROUTING_V2,
              "for (int off = R / 2; off > 0; off >>= 1) r +=", "for (int off = R / 4; off > 0; off >>= 1) r +="),
+    Mutation("v2_exit_no_reset", "v2: the last CTA to exit does not zero the counters (no memset before the PDL launch)",
+             EXPERTS_V2, "for (int64_t i = tid; i < counters_zeroed(p.T, G); i += kThreads) p.counters[i] = 0;",
+             "(void)0;"),
+    # Stream-K (the split of items across CTAs).
+    Mutation("v2_h_no_wait", "v2 stream-K: row tiles of a split item do not wait for its h", EXPERTS_V2,
+             "if (tid == 0) wait_geq(h_count + pc.slot, 8 * pc.passes);", "(void)h_count;"),
+    Mutation("v2_h_count", "v2 stream-K: a pass publishes one 8-column unit of h too few (missing arrival)",
+             EXPERTS_V2, "atomicAdd(h_count + pc.slot, (c1 - c0) / 8);",
+             "atomicAdd(h_count + pc.slot, (c1 - c0) / 8 - 1);"),
+    Mutation("v2_h_wait_early", "v2 stream-K: row tiles wait for the first pass's h only (wrong order)", EXPERTS_V2,
+             "if (tid == 0) wait_geq(h_count + pc.slot, 8 * pc.passes);", "if (tid == 0) wait_geq(h_count + pc.slot, 8);"),
+    Mutation("v2_skip_unit", "v2 stream-K: a CTA skips the first unit of its share", EXPERTS_V2,
+             "units_in(nc, rt2, kt1, my_lo - P, my_hi - P, &ua, &ub, &ra, &rb);",
+             "units_in(nc, rt2, kt1, my_lo - P + (blockIdx.x > 0), my_hi - P, &ua, &ub, &ra, &rb);"),
+    Mutation("v2_h_unit_unwritten", "v2 stream-K: a split pass publishes its last 8 h columns without writing them",
+             EXPERTS_V2, "if (ci < c0 || ci >= c1) continue;", "if (ci < c0 || ci >= c1 - (pc.whole ? 0 : 8)) continue;"),
+    Mutation("v2_piece_slots", "v2 ring across pieces: too few piece descriptors (one overwritten while in use)",
+             EXPERTS_V2, "constexpr int kPieceSlots = kStages + 1;", "constexpr int kPieceSlots = 2;"),
+    Mutation("v2_ring_tokens", "v2 ring across pieces: a stage of the next piece loads the current piece's tokens",
+             EXPERTS_V2, "p.x + (int64_t)p.pair_token[lp.p0 + r] * p.x_stride + kg",
+             "p.x + (int64_t)p.pair_token[s_piece[0].p0 + r] * p.x_stride + kg"),
+    Mutation("v2_counter_rows", "v2 stream-K: a piece counts one completion instead of its row tiles",
+             EXPERTS_V2, "const int add = pc.rb - pc.ra;", "const int add = 1;"),
 ]
 
 

@@ -122,6 +122,8 @@ FAILING = {
     "partial_mask": ("mask", "0x0000ffff"),
     "divergent_collective": ("divergent",),
     "warp_vs_block": ("deadlock", "__syncwarp", "__syncthreads"),
+    "grid_barrier_oversubscribed": ("deadlock", "every resident block waits on a flag", "1 blocks not started"),
+    "flag_never_set": ("deadlock", "blocks (0,0,0)"),
 }
 
 _SUBPROCESS = textwrap.dedent("""
@@ -320,11 +322,45 @@ def test_l2_prefetch_is_checked_and_logged():
     assert C.emu_take_prefetches() == []
 
 
+@pytest.mark.parametrize("sms", [1, 2, 5, 7])
+def test_flag_chain_interleaves_resident_blocks(sms):
+    """Block b waits for block b+1's flag: the blocks must be resident together and interleave at
+    the wait. Each keeps its own static and dynamic shared memory across the switches, and the
+    waits release in chain order (last block first), whatever the seeded start order."""
+    try:
+        C.emu_set_sms(sms)
+        for seed in SEEDS[:4]:
+            err, v = _run("flag_chain", seed)
+            assert err == ""
+            assert v[:sms] == [100 + b for b in range(sms)] and v[sms:16] == [UNWRITTEN] * (16 - sms)
+            assert v[16:16 + sms] == [200 + b for b in range(sms)]
+            assert v[32:32 + sms] == list(range(sms - 1, -1, -1))
+    finally:
+        C.emu_set_sms(5)
+
+
+@pytest.mark.parametrize("sms", [1, 3, 5])
+def test_grid_barrier_needs_residency(sms):
+    """A grid barrier completes when the grid fits the emulated SMs (one block each) and is
+    reported as a deadlock, never a hang, when one block more cannot become resident."""
+    try:
+        C.emu_set_sms(sms)
+        assert C.emu_sms() == sms
+        for seed in SEEDS[:3]:
+            err, v = _run("grid_barrier_resident", seed)
+            assert err == "" and v[:sms] == [sms] * sms and v[sms:] == [UNWRITTEN] * (512 - sms)
+            err, _ = _run("grid_barrier_oversubscribed", seed)
+            assert "every resident block waits on a flag" in err and f"on {sms} emulated SMs" in err
+    finally:
+        C.emu_set_sms(5)
+
+
 def test_every_scenario_is_tested():
     tested = {*FAILING, "barrier_ok", "missing_barrier", "shuffles", "cp_async", "cp_async_misaligned",
               "smem_poison", "dyn_smem_without_opt_in", "dyn_smem_opt_in_per_kernel", "block_too_large",
               "grid_y_too_large", "block_order", "thread_order", "pdl_wait", "pdl_missing_wait",
-              "plain_launch_skips_wait", "prefetch_ok", "prefetch_misaligned"}
+              "plain_launch_skips_wait", "prefetch_ok", "prefetch_misaligned",
+              "flag_chain", "grid_barrier_resident"}
     assert set(C.emu_selftest_names()) == tested
     err, _ = C.emu_selftest("no_such_scenario")
     assert "no such self-test" in err

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -97,7 +98,7 @@ uint64_t g_seed = initial_seed();
 uint64_t g_launches = 0;  // launches since the seed was set: each gets its own order
 
 
-enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kFlagWait, kDone };
 
 struct Copy {
   void* dst;
@@ -156,6 +157,8 @@ struct Launch {
 #endif
   char* dyn = nullptr;
   size_t dyn_bytes = 0;
+  std::vector<int> waiters;  // threads of the current block parked in wait_geq
+  bool progress = false;     // a thread did something other than a failed flag poll
   bool failed = false;
   cudaError_t fail_code = cudaErrorLaunchFailure;
   std::string error;
@@ -349,12 +352,57 @@ std::string deadlock_report(const Launch& L) {
   return msg + "a barrier or collective that not all its threads reach never completes on a GPU";
 }
 
-void run_block(Launch& L) {
+int g_sm_count = 5;  // emulated SMs: the co-residency limit of a launch (set_sm_count)
+
+size_t shared_section_bytes() {
+  return static_cast<size_t>(__stop_moespec_emu_shared - __start_moespec_emu_shared);
+}
+
+// A resident block's state while another block runs (Launch holds the running block's).
+struct Resident {
+  uint3 block_idx{};
+  std::vector<Fiber*> fibers;
+  std::vector<int> runnable;
+  std::vector<int> waiters;
+  int live = 0;
+  int at_block_barrier = 0;
+  std::vector<WarpSlot> warps;
+  char* dyn = nullptr;
+  std::vector<char> shared;  // its copy of the static shared section
+  int slot = 0;              // fibers [slot*nthreads, ...) of the pool, dyn arena slot
+};
+
+void swap_block(Launch& L, Resident& r) {
+  std::swap(L.block_idx, r.block_idx);
+  L.fibers.swap(r.fibers);
+  L.runnable.swap(r.runnable);
+  L.waiters.swap(r.waiters);
+  std::swap(L.live, r.live);
+  std::swap(L.at_block_barrier, r.at_block_barrier);
+  L.warps.swap(r.warps);
+  std::swap(L.dyn, r.dyn);
+}
+
+// Runs the current block's threads until none is runnable (all exited, or waiting at barriers
+// or flags).
+void run_threads(Launch& L) {
+  while (!L.failed && !L.runnable.empty()) {
+    const size_t j = L.rng.below(L.runnable.size());
+    const int idx = L.runnable[j];
+    L.runnable[j] = L.runnable.back();
+    L.runnable.pop_back();
+    Fiber* f = L.fibers[idx];
+    switch_to_fiber(L, f);
+    if (f->state != State::kFlagWait) L.progress = true;
+  }
+}
+
+void start_block(Launch& L) {
   // Shared memory of the previous block must not leak into this one.
-  std::memset(__start_moespec_emu_shared, kPoison,
-              static_cast<size_t>(__stop_moespec_emu_shared - __start_moespec_emu_shared));
+  std::memset(__start_moespec_emu_shared, kPoison, shared_section_bytes());
   std::memset(L.dyn, kPoison, L.dyn_bytes);
   L.runnable.clear();
+  L.waiters.clear();
   L.live = L.nthreads;
   L.at_block_barrier = 0;
   for (WarpSlot& s : L.warps) {
@@ -374,20 +422,6 @@ void run_block(Launch& L) {
     f->griddep_waited = false;
     make_stack(f);
     L.runnable.push_back(i);
-  }
-  while (!L.failed) {
-    if (L.runnable.empty()) {
-      if (L.live > 0) {
-        L.failed = true;
-        L.error = std::string("kernel ") + L.name + ": " + deadlock_report(L);
-      }
-      break;
-    }
-    const size_t j = L.rng.below(L.runnable.size());
-    const int idx = L.runnable[j];
-    L.runnable[j] = L.runnable.back();
-    L.runnable.pop_back();
-    switch_to_fiber(L, L.fibers[idx]);
   }
 }
 
@@ -658,6 +692,22 @@ std::vector<std::pair<uintptr_t, uint32_t>> take_prefetches() {
   return out;
 }
 
+void wait_geq(const volatile int* flag, int value) {
+  Launch& L = current_launch("flag wait");
+  Fiber* f = L.current;
+  while (*flag < value) {  // poll; park until the scheduler lets this block's waiters poll again
+    f->state = State::kFlagWait;
+    L.waiters.push_back(f->linear);
+    switch_to_scheduler(L, f, false);
+  }
+}
+
+void set_sm_count(int n) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_sm_count = n < 1 ? 1 : n;
+}
+int sm_count() { return g_sm_count; }
+
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (value < 0 || static_cast<size_t>(value) > kSmemMaxOptIn) {
@@ -707,28 +757,98 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
   L.nthreads = static_cast<int>(threads);
   L.pdl = pdl;
   L.rng.s = g_seed ^ (0xA24BAED4963EE407ull * ++g_launches);
-  for (int i = 0; i < L.nthreads; ++i) {
-    Fiber* f = pooled_fiber(static_cast<size_t>(i));
-    if (f == nullptr) return reject(cudaErrorLaunchFailure, "cannot map emulated thread stacks");
-    L.fibers.push_back(f);
-  }
-  L.warps.resize(static_cast<size_t>((L.nthreads + 31) / 32));
-  const size_t arena = smem + 128;
+  const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  // Up to one block per emulated SM is resident at a time (the guarantee a persistent kernel gets
+  // when its grid does not exceed the SM count at one block per SM).
+  const int slots = static_cast<int>(std::min<uint64_t>(nblocks, static_cast<uint64_t>(g_sm_count)));
+  for (size_t i = 0; i < static_cast<size_t>(slots) * L.nthreads; ++i)
+    if (pooled_fiber(i) == nullptr) return reject(cudaErrorLaunchFailure, "cannot map emulated thread stacks");
+  const size_t stride = (smem + 127) & ~size_t(127);
+  const size_t arena = stride * slots + 128;
   if (g_dyn_arena.size() < arena) g_dyn_arena.resize(arena);
-  L.dyn = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(g_dyn_arena.data()) + 127) & ~uintptr_t(127));
+  char* arena0 = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(g_dyn_arena.data()) + 127) & ~uintptr_t(127));
   L.dyn_bytes = smem;
+  const int nwarps = (L.nthreads + 31) / 32;
 
-  // Blocks run one at a time, in a random order: a kernel that relies on block order fails.
-  std::vector<uint64_t> order(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  // Blocks start in a random order; a block runs until it exits or all its live threads wait (at a
+  // barrier or on a flag of wait_geq). Then the next block starts while an SM is free; when none
+  // is, the flag waiters of every resident block poll again, the blocks in a random order. A
+  // kernel without flag waits thus runs its blocks one after another, as before.
+  std::vector<uint64_t> order(nblocks);
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[L.rng.below(i)]);
 
+  std::vector<Resident> parked;
+  std::vector<int> free_slots;
+  for (int sl = slots - 1; sl >= 0; --sl) free_slots.push_back(sl);
+  const size_t shared_bytes = shared_section_bytes();
+  size_t next = 0;
   g_launch = &L;
-  for (uint64_t b : order) {
-    L.block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
-                        static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
-    run_block(L);
-    if (L.failed) break;
+  // After the running block stops: frees its SM, reports a barrier deadlock, or parks it.
+  auto settle = [&](int slot) {
+    if (L.live == 0) {
+      free_slots.push_back(slot);
+      return;
+    }
+    if (L.waiters.empty()) {  // nothing can wake it: a barrier no thread will complete
+      L.failed = true;
+      L.error = std::string("kernel ") + L.name + ": " + deadlock_report(L);
+      return;
+    }
+    Resident r;
+    r.slot = slot;
+    r.shared.assign(__start_moespec_emu_shared, __start_moespec_emu_shared + shared_bytes);
+    swap_block(L, r);
+    parked.push_back(std::move(r));
+  };
+  while (!L.failed) {
+    if (next < order.size() && !free_slots.empty()) {
+      const uint64_t b = order[next++];
+      const int slot = free_slots.back();
+      free_slots.pop_back();
+      L.block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                          static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
+      L.fibers.assign(g_fiber_pool.begin() + static_cast<ptrdiff_t>(slot) * L.nthreads,
+                      g_fiber_pool.begin() + static_cast<ptrdiff_t>(slot + 1) * L.nthreads);
+      L.warps.assign(static_cast<size_t>(nwarps), WarpSlot());
+      L.dyn = arena0 + stride * static_cast<size_t>(slot);
+      start_block(L);
+      run_threads(L);
+      if (!L.failed) settle(slot);
+      continue;
+    }
+    if (parked.empty()) break;  // every block has exited
+    if (!L.progress) {          // the last round only polled flags that no thread will set
+      L.failed = true;
+      std::string who;
+      for (const Resident& r : parked)
+        who += (who.empty() ? "" : ", ") + std::string("(") + std::to_string(r.block_idx.x) + "," +
+               std::to_string(r.block_idx.y) + "," + std::to_string(r.block_idx.z) + ")";
+      L.error = std::string("kernel ") + L.name + ": deadlock: every resident block waits on a flag (blocks " + who +
+                " on " + std::to_string(slots) + " emulated SMs; " + std::to_string(order.size() - next) +
+                " blocks not started): a wait for another block's work needs that block resident and able to finish it";
+      break;
+    }
+    L.progress = false;
+    std::vector<Resident> round;
+    round.swap(parked);
+    for (size_t i = round.size(); i > 1; --i) std::swap(round[i - 1], round[L.rng.below(i)]);
+    for (size_t i = 0; i < round.size(); ++i) {
+      Resident& r = round[i];
+      if (L.failed) {
+        parked.push_back(std::move(r));
+        continue;
+      }
+      swap_block(L, r);
+      std::memcpy(__start_moespec_emu_shared, r.shared.data(), shared_bytes);
+      for (int w : L.waiters) {
+        L.fibers[w]->state = State::kRunnable;
+        L.runnable.push_back(w);
+      }
+      L.waiters.clear();
+      run_threads(L);
+      if (!L.failed) settle(r.slot);
+    }
   }
   g_launch = nullptr;
   g_thread = nullptr;

@@ -143,6 +143,42 @@ std::string run_pdl(const char* name, void (*k)(P...), dim3 grid, dim3 block, A.
   return error_text(launch_kernel_pdl(name, k, grid, block, 0, nullptr, args...));
 }
 
+// Co-resident blocks: block b waits for block b+1's flag (a chain, so blocks must interleave),
+// with static and dynamic shared memory written before the wait and read after it.
+// out[b] = the static word read back, out[16 + b] = the dynamic word, out[32 + i] = the i-th
+// block to pass its wait; flags[] are zero on entry.
+__global__ void flag_chain_kernel(Out o, int* flags) {
+  __shared__ int mine;
+  int* d = static_cast<int*>(dynamic_smem());
+  const int b = blockIdx.x;
+  if (threadIdx.x == 0) mine = 100 + b, d[0] = 200 + b;
+  __syncthreads();
+  if (b + 1 < static_cast<int>(gridDim.x) && threadIdx.x == 0) wait_geq(flags + b + 1, 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    o.v[b] = mine;
+    o.v[16 + b] = d[0];
+    o.v[32 + (*o.counter)++] = b;
+    flags[b] = 1;
+  }
+}
+// Every block waits until all blocks arrived (a grid barrier): completes only while the whole
+// grid is resident. out[b] = arrivals seen after the wait.
+__global__ void grid_barrier_kernel(Out o, int* arrived) {
+  if (threadIdx.x == 0) {
+    ++*arrived;
+    wait_geq(arrived, static_cast<int>(gridDim.x));
+    o.v[blockIdx.x] = *arrived;
+  }
+  __syncthreads();
+}
+// Block 0 waits on a flag nobody sets.
+__global__ void flag_never_set_kernel(Out o, int* flags) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) wait_geq(flags, 1);
+  __syncthreads();
+  o.v[blockIdx.x] = 1;
+}
+
 template <class... P, class... A>
 std::string run(const char* name, void (*k)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
   return error_text(launch_kernel(name, k, grid, block, smem, nullptr, args...));
@@ -203,6 +239,30 @@ const std::map<std::string, Scenario>& scenarios() {
          std::string r = run("prefetch_kernel", prefetch_kernel, 1, 32, 0, o, static_cast<const char*>(buf), 8, 1024);
          take_prefetches();
          return r;
+       }},
+      {"flag_chain",
+       [](Out o) {
+         static int flags[16];
+         for (int& f : flags) f = 0;
+         return run("flag_chain_kernel", flag_chain_kernel, sm_count(), 64, 256, o, static_cast<int*>(flags));
+       }},
+      {"grid_barrier_resident",
+       [](Out o) {
+         static int arrived;
+         arrived = 0;
+         return run("grid_barrier_kernel", grid_barrier_kernel, sm_count(), 32, 0, o, &arrived);
+       }},
+      {"grid_barrier_oversubscribed",
+       [](Out o) {
+         static int arrived;
+         arrived = 0;
+         return run("grid_barrier_kernel", grid_barrier_kernel, sm_count() + 1, 32, 0, o, &arrived);
+       }},
+      {"flag_never_set",
+       [](Out o) {
+         static int flags[1];
+         flags[0] = 0;
+         return run("flag_never_set_kernel", flag_never_set_kernel, 3, 32, 0, o, static_cast<int*>(flags));
        }},
   };
   return m;

@@ -136,7 +136,11 @@ class RoutingPlan:
     `empty` when the generation in use is ``v2`` and otherwise on the first v2 launch: ``contrib``
     fp32 ``[T*E]`` (per-token score contributions; only for plans that score experts, i.e. not for
     `plan_from_routing`'s) and ``sync`` int32 ``[4]`` (the last-CTA ticket; zero at allocation, and
-    the kernel leaves it zero, so CUDA-graph replays need no memset).
+    the kernel leaves it zero, so CUDA-graph replays need no memset). The v2 *expert* kernel keeps
+    its state here too, allocated zeroed on its first use with this plan and left zero by every
+    launch (so no memset sits between the plan and the expert kernel, which overlaps the plan's
+    tail): ``expert_counters`` int32 (per-token counters, stream-K flags and workspace) and, for
+    ``deterministic=False``, ``expert_accum`` fp32 ``[T, H]``.
     """
 
     T: int
@@ -158,6 +162,8 @@ class RoutingPlan:
     max_active: int = 1
     contrib: Optional[torch.Tensor] = None
     sync: Optional[torch.Tensor] = None
+    expert_counters: Optional[torch.Tensor] = None
+    expert_accum: Optional[torch.Tensor] = None
 
     @classmethod
     def empty(cls, T: int, E: int, k: int, device, generation: Optional[str] = None,
@@ -191,6 +197,25 @@ class RoutingPlan:
             self.contrib = torch.empty(max(self.T * self.E, 1), dtype=torch.float32, device=dev)
         if self.sync is None:
             self.sync = torch.zeros(4, dtype=torch.int32, device=dev)
+        if self.expert_counters is None:  # zeroed here, before the plan's launch: see _v2_expert_state
+            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+                n = int(_ext(dev).experts_v2_counters_len(self.T))
+            if n > 0:
+                self.expert_counters = torch.zeros(n, dtype=torch.int32, device=dev)
+
+    def _v2_expert_state(self, ncounters: int, H: int, atomic: bool):
+        """The v2 expert kernel's zero-on-entry buffers (allocated zeroed when missing or too small,
+        the counters already by `_v2_workspaces`, i.e. before the v2 plan's first launch, so that no
+        memset separates the plan from the expert kernel; the kernel leaves them zero): counters int32 ``[>= ncounters]`` and, when ``atomic``, the
+        accumulator fp32 ``[T, H]`` (else None)."""
+        dev = self.ids.device
+        if self.expert_counters is None or self.expert_counters.numel() < ncounters:
+            self.expert_counters = torch.zeros(ncounters, dtype=torch.int32, device=dev)
+        if not atomic:
+            return self.expert_counters, None
+        if self.expert_accum is None or self.expert_accum.shape[1] != H:
+            self.expert_accum = torch.zeros(self.T, H, dtype=torch.float32, device=dev)
+        return self.expert_counters, self.expert_accum
 
     def matches(self, T: int, E: int, k: int, device) -> bool:
         return (self.T, self.E, self.k) == (T, E, k) and self.ids.device == torch.device(device)
@@ -515,8 +540,15 @@ def moe_experts_planned(
         ksplit = ksplit1 = 1
         nslices = -(-I // int(_ext(dev).experts_v2_slice))
         hbuf = torch.empty(1, 8, dtype=x.dtype, device=dev)  # unused by v2, checked for alignment
-        ybuf = torch.empty((nslices * T * k if deterministic else T), H, dtype=torch.float32, device=dev)
-        counters = torch.empty(T, dtype=torch.int32, device=dev)
+        # Per-token counters + the stream-K workspace (sized by the device's SM count), and the atomic
+        # accumulator: zero on entry, kept in the plan (the kernel leaves them zero; no memset launch).
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            ncounters = int(_ext(dev).experts_v2_counters_len(T))
+        if ncounters < 0:
+            raise RuntimeError("moe_experts v2: cannot query the device's SM count")
+        counters, ybuf = plan._v2_expert_state(ncounters, H, not deterministic)
+        if deterministic:  # fp32 partials per (pair, I-slice): every element written before it is read
+            ybuf = torch.empty(nslices * T * k, H, dtype=torch.float32, device=dev)
         gubuf = None
     else:
         shape_experts = min(E, T * k)
@@ -548,6 +580,7 @@ def moe_experts_planned(
     a.gubuf = 0 if gubuf is None else gubuf.data_ptr()
     a.generation = 2 if gen == "v2" else 1
     a.counters = 0 if counters is None else counters.data_ptr()
+    a.counters_len = 0 if counters is None else counters.numel()
     with _on(dev):
         _ext(dev).moe_experts(a, _stream(dev))
     return out

@@ -91,16 +91,22 @@ struct ExpertsArgs {
   uintptr_t gubuf = 0;  // fp32 [ksplit1, T*k, I, 2] partials of a split GEMM1, or 0
   // Kernel generation: 1 (GEMM1, [SwiGLU], GEMM2, combine launches) or 2 (one persistent launch,
   // docs/kernels-v2.md). Generation 2 ignores hbuf, ksplit, ksplit1, gubuf and max_experts, needs
-  // `counters` (int32 [T]) and a deterministic ybuf of T*k*ceil(I/experts_v2_slice()) rows.
+  // `counters` (int32 [experts_v2_counters_len(T)]: per-token counters and the stream-K
+  // workspace) and a deterministic ybuf of T*k*ceil(I/experts_v2_slice()) rows.
   int generation = 1;
   uintptr_t counters = 0;
+  int64_t counters_len = 0;  // ints in `counters` (checked against experts_v2_counters_len)
 };
 
 // I columns per generation-2 work item (sizes the deterministic ybuf).
 int experts_v2_slice();
+// Ints of the generation-2 counters buffer for T tokens on the current device (its SM count sizes
+// the stream-K workspace), or -1 if the device cannot be queried.
+int64_t experts_v2_counters_len(int T);
 
 // Generation 1: GEMM1+SwiGLU, GEMM2+weights, combine (plus a memset in atomic mode) on `stream`.
-// Generation 2: memsets of the counters (and the atomic accumulator), one persistent kernel.
+// Generation 2: one persistent kernel, launched as a programmatic dependent of the plan; its counters
+// (and, atomic mode, the accumulator ybuf) must be zero on entry, and are zero again on exit.
 std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream);
 
 }  // namespace moespec

@@ -45,9 +45,14 @@ constexpr int kMaxExperts = 1024;   // routing plan limit (routing::kMaxE)
 static_assert(kBM == kBK, "one padded stride serves both weight layouts");
 static_assert(kSlice == kBK, "GEMM2 reads one whole slice per stage");
 static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
-static_assert((kMaxExperts + 1) * 4 + kBN * 12 + 4 <= 8192, "static smem within the launcher's 8 KiB headroom");
+// The CTA's bookkeeping lives in dynamic shared memory too, after the ring and h: the emulator
+// keeps dynamic shared memory per resident block, but cannot find a template kernel's static
+// __shared__ variables (GCC puts them in COMDAT .bss sections), and a CTA waiting for another
+// one must not see that one's bookkeeping (docs/emulator.md).
+// s_item0, s_done, s_ndone, and stages + 1 piece descriptors of 17 ints.
+constexpr int meta_bytes(int stages) { return ((kMaxExperts + 1) + kBN + 1) * 4 + (stages + 1) * 17 * 4; }
 
-constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2; }
+constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2 + meta_bytes(stages); }
 inline int smem_bytes(int cc_major) { return smem_bytes_for(cc_major >= 9 ? 4 : 3); }
 
 __device__ __forceinline__ void zero_acc(float (&acc)[2][kNF][4]) {
@@ -117,24 +122,43 @@ __device__ __forceinline__ void mma_stage(float (&acc)[2][kNF][4], const uint16_
   }
 }
 
-// Sums token t's row into out: slots in slot order, each slot's slices in slice order.
+__device__ __forceinline__ void add4(float4& a, const float4& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; }
+
+// Sums token t's row into out: slots in slot order, each slot's slices in slice order. Each thread
+// takes 4 consecutive columns as float4 (H is a multiple of 8, checked by the launcher) and issues
+// up to 8 slices' L2 loads before adding them in order: one CTA reads k * nslices * H * 4 bytes
+// here, and with one scalar load in flight per thread that tail would be latency-bound.
 template <bool BF16>
 __device__ __forceinline__ void reduce_token(const ExpertsParams& p, int t) {
   const int64_t H = p.H;
-  for (int h = threadIdx.x; h < p.H; h += kThreads) {
-    float acc = 0.f;
+  const int NS = p.nslices;
+  for (int64_t h = 4 * (int64_t)threadIdx.x; h < H; h += 4 * kThreads) {
+    float4 acc = {0.f, 0.f, 0.f, 0.f};
     if (p.atomic) {
-      acc = __ldcg(p.ybuf + t * H + h);  // L2: the other CTAs' atomics land there
+      float4* row = reinterpret_cast<float4*>(p.ybuf + t * H + h);
+      acc = __ldcg(row);                        // L2: the CTAs' atomics land there
+      *row = float4{0.f, 0.f, 0.f, 0.f};        // every contribution is in: leave it zero for the next launch
     } else {
       for (int s = 0; s < p.k; ++s) {
         const int64_t flat = (int64_t)t * p.k + s;
         if (p.pair_position[flat] < 0) continue;
-        float c = 0.f;
-        for (int z = 0; z < p.nslices; ++z) c += __ldcg(p.ybuf + (flat * p.nslices + z) * H + h);
-        acc += c;
+        const float* row = p.ybuf + flat * NS * H + h;
+        float4 c = {0.f, 0.f, 0.f, 0.f};
+        for (int z0 = 0; z0 < NS; z0 += 8) {
+          float4 v[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (z0 + j < NS) v[j] = __ldcg(reinterpret_cast<const float4*>(row + (z0 + j) * H));
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (z0 + j < NS) add4(c, v[j]);
+        }
+        add4(acc, c);
       }
     }
-    p.out[t * H + h] = float_to_bits<BF16>(acc);
+    uint16_t* o = p.out + t * H + h;
+    o[0] = float_to_bits<BF16>(acc.x), o[1] = float_to_bits<BF16>(acc.y);
+    o[2] = float_to_bits<BF16>(acc.z), o[3] = float_to_bits<BF16>(acc.w);
   }
 }
 
@@ -144,19 +168,96 @@ __device__ __forceinline__ int active_slots(const ExpertsParams& p, int t) {
   return n;
 }
 
-// grid = persistent CTAs (any count: the bits do not depend on it); block = kThreads;
-// dynamic smem = smem_bytes(cc major). counters: [T] int, zero on entry; deterministic ybuf:
-// [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry.
+// Restricts a GateUpMap to intermediate columns [c0, c1) of its 64 (multiples of 8, so the
+// transposed loader's 8-row chunks are wholly in or out): rows outside are zero-filled, never read.
+struct ColumnRange {
+  GateUpMap m;
+  int c0, c1;
+  __device__ __forceinline__ int col(int r) const {
+    return m.order == experts::kInterleaved ? (r >> 1) : (r & (experts::kGateUpTile - 1));
+  }
+  __device__ __forceinline__ int j(int r) const { return m.j(r); }
+  __device__ __forceinline__ bool valid(int r) const { return m.valid(r) && col(r) >= c0 && col(r) < c1; }
+};
+
+// The counters buffer (int32) of a launch with G CTAs: [0, T) per-token counters, then per
+// split-item slot (at most G-1 items are split) the count of published 8-column units of h, then
+// the exit ticket; these counters_zeroed() ints are zero on entry, and the last CTA to exit zeroes
+// them again (so no memset sits between the routing plan and this PDL launch, and graph replays
+// need none). Then, 16-byte aligned, the slots' h tiles [G][kBN][kSlice] (16-bit).
+__host__ __device__ inline int64_t counters_zeroed(int64_t T, int64_t G) { return T + G + 1; }
+__host__ __device__ inline int64_t h_ws_offset(int64_t T, int64_t G) { return (counters_zeroed(T, G) + 3) & ~int64_t(3); }
+__host__ __device__ inline int64_t counters_len(int64_t T, int64_t G) { return h_ws_offset(T, G) + G * kBN * kSlice / 2; }
+
+// Waits until *flag >= v, set by another CTA of this (co-resident, persistent) grid. Emulation seam.
+__device__ __forceinline__ void wait_geq(const int* flag, int v) {
+#if defined(MOESPEC_EMU)
+  moespec_emu::wait_geq(flag, v);
+#else
+  while (*reinterpret_cast<const volatile int*>(flag) < v) __nanosleep(64);
+#endif
+}
+
+// An item's units on the work axis, in eighths of a stage (4 KB of weights): nc GEMM1 column
+// units (8 intermediate columns = 16 gate/up rows over K: kt1 eighths each) and nr GEMM2 row tiles
+// (8 eighths each), interleaved in proportion so that any stretch of the axis is ~2/3 GEMM1.
+// Returns the units whose start lies in [lo, hi): column units [*ua, *ub), row tiles [*ra, *rb).
+__device__ __forceinline__ void units_in(int nc, int nr, int kt1, int64_t lo, int64_t hi, int* ua, int* ub, int* ra,
+                                         int* rb) {
+  int c = 0, r = 0;
+  int64_t off = 0;
+  *ua = *ub = *ra = *rb = -1;
+  while (c < nc || r < nr) {
+    const bool col = r == nr || (c < nc && (int64_t)(c + 1) * nr <= (int64_t)(r + 1) * nc);
+    const bool in = off >= lo && off < hi;
+    if (col) {
+      if (in) *ua = *ua < 0 ? c : *ua, *ub = c + 1;
+      off += kt1, ++c;
+    } else {
+      if (in) *ra = *ra < 0 ? r : *ra, *rb = r + 1;
+      off += 8, ++r;
+    }
+  }
+  if (*ua < 0) *ua = *ub = 0;
+  if (*ra < 0) *ra = *rb = 0;
+}
+
+// One piece of work of a CTA: its units of one item in one phase (see the kernel).
+struct Piece {
+  int item, slice, e, p0, nrows, i_base, passes, n1, ua, ub, ra, rb, whole, slot, t1a, m1, m;
+};
+static_assert(sizeof(Piece) == 17 * sizeof(int), "meta_bytes reserves 17 ints per piece");
+constexpr int kPieceSlots = kStages + 1;  // the computed piece + up to kStages-1 ahead + one being written
+
+// grid = persistent CTAs, at most one per SM (co-residency: a CTA may wait for another's h);
+// the bits do not depend on the grid size. block = kThreads; dynamic smem = smem_bytes(cc major).
+// counters: counters_len(T, gridDim.x) ints, the first counters_zeroed() zero on entry and on exit;
+// deterministic ybuf: [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry and on exit.
+//
+// Stream-K: the work axis is every item's units (above), item after item; CTA c takes the units
+// starting in [c*W/G, (c+1)*W/G), so the shares are equal to within one unit (a column unit is kt1/8
+// of a stage, a row tile one stage). An item
+// whose units fall to several CTAs is split by output only: GEMM1 by intermediate columns (each
+// over all of K), GEMM2 by row tiles (each over the whole slice), so every value is accumulated
+// exactly as in an unsplit item and the bits do not depend on the split. Its h goes through
+// global memory: every CTA first runs the GEMM1 units of its split items (at most two: its first
+// and last) and publishes their h columns, then its whole items (fused, h in shared memory), then
+// the row tiles of its split items, which wait until all column units of the item are published.
+// Only that last phase waits, and only for the first phase of other CTAs: no cycle, no deadlock.
+//
+// One cp.async ring runs through all the CTA's pieces: a load cursor walks the piece sequence
+// kStages-1 stages ahead of the compute cursor, so the next piece's first stages stream while the
+// current one finishes (its epilogue, counts and token reductions): no per-piece prologue or drain.
 template <bool BF16, bool TRANS>
 __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const ExpertsParams p) {
   uint16_t* smem = dynamic_smem<uint16_t>();
   uint16_t* sA = smem;
   uint16_t* sB = sA + kStages * kAStage;
   uint16_t* sH = sB + kStages * kBStage;
-  __shared__ int s_item0[kMaxExperts + 1];  // first item of each active expert (prefix sum)
-  __shared__ const uint16_t* s_brow[kBN];
-  __shared__ int s_done[kBN];
-  __shared__ int s_ndone;
+  int* s_item0 = reinterpret_cast<int*>(sH + kHTile);  // [kMaxExperts + 1] first item of each active expert
+  int* s_done = s_item0 + kMaxExperts + 1;             // [kBN] tokens this CTA reduces
+  int& s_ndone = s_done[kBN];
+  Piece* s_piece = reinterpret_cast<Piece*>(s_done + kBN + 1);  // [kPieceSlots], written by thread 0
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int H = p.H, I = p.I, NS = p.nslices;
@@ -188,85 +289,186 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   }
   if (tid == 0) s_ndone = 0;
   __syncthreads();
-  const int64_t N = s_item0[A];
-  const int item_begin = static_cast<int>(N * blockIdx.x / gridDim.x);
-  const int item_end = static_cast<int>(N * (blockIdx.x + 1) / gridDim.x);
 
   const int kt1 = (H + kBK - 1) / kBK;   // GEMM1 stages per pass
   const int rt2 = (H + kBM - 1) / kBM;   // GEMM2 row tiles (one stage each)
   const int64_t ld1 = TRANS ? 2 * (int64_t)I : H;
   const int64_t ld2 = TRANS ? (int64_t)H : I;
 
-  int u = 0;
-  for (int item = item_begin; item < item_end; ++item) {
-    while (s_item0[u + 1] <= item) ++u;
-    const int rem = item - s_item0[u];
-    const int nb = (rem / NS) * kBN, slice = rem % NS;
-    const int e = p.act_experts[u];
-    const int p0 = p.act_offsets[u] + nb;
-    const int nrows = min(kBN, p.act_offsets[u + 1] - p0);
-    const int nf_active = (nrows + 7) / 8;
-    const int i_base = slice * kSlice;
-    const int passes = min(kSlice, I - i_base) > experts::kGateUpTile ? 2 : 1;
-    const int n1 = passes * kt1, n = n1 + rt2;
-    const uint16_t* Wgu = p.w_gu + (int64_t)e * 2 * I * H;
-    const uint16_t* Wdn = p.w_down + (int64_t)e * H * I;
+  // The axis in eighths of a stage: a token block of an expert is NS items; all slices but the
+  // last have two passes (16 column units).
+  const int last_passes = I - (NS - 1) * kSlice > experts::kGateUpTile ? 2 : 1;
+  const int64_t Lfull = 16 * (int64_t)kt1 + 8 * rt2, Lblk = (NS - 1) * Lfull + 8 * last_passes * kt1 + 8 * rt2;
+  const int64_t W = (int64_t)(s_item0[A] / NS) * Lblk;
+  const int64_t G = gridDim.x;
+  const int64_t my_lo = W * blockIdx.x / G, my_hi = W * (blockIdx.x + 1) / G;
+  int* const h_count = p.counters + p.T;  // [slot]
+  uint16_t* const h_ws = reinterpret_cast<uint16_t*>(p.counters + h_ws_offset(p.T, G));
+  // Items whose extent meets this CTA's share (its units start in [my_lo, my_hi)).
+  auto item_at = [&](int64_t pos) {
+    const int64_t blk = pos / Lblk;
+    return static_cast<int>(blk * NS + min(static_cast<long long>((pos % Lblk) / Lfull), (long long)(NS - 1)));
+  };
+  const int first_item = my_hi > my_lo ? item_at(my_lo) : 0;
+  const int last_item = my_hi > my_lo ? item_at(my_hi - 1) : -1;
 
-    for (int r = tid; r < kBN; r += kThreads)
-      s_brow[r] = r < nrows ? p.x + (int64_t)p.pair_token[p0 + r] * p.x_stride : nullptr;
-    __syncthreads();
-
-    auto load_stage = [&](int slot, int t) {
-      uint16_t* a = sA + slot * kAStage;
-      if (t < n1) {  // GEMM1: gate+up rows of 64 columns, x rows
-        const GateUpMap map{i_base + (t / kt1) * experts::kGateUpTile, I, p.order};
-        const int k0 = (t % kt1) * kBK;
-        load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
-        uint16_t* b = sB + slot * kBStage;
-        for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
-          const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-          const int kg = k0 + kc;
-          const uint16_t* row = s_brow[r];
-          const bool ok = row != nullptr && kg < H;
-          experts::cp_async16(b + r * kPad + kc, ok ? row + kg : Wgu, ok);
-        }
-      } else {  // GEMM2: 128 rows of w_down over the slice; B is sH
-        const DownMap map{(t - n1) * kBM, H};
-        load_weights<TRANS>(a, Wdn, ld2, i_base, I, map);
+  // The piece sequence: phase 0 = split items' GEMM1 units, 1 = whole items, 2 = split items'
+  // row tiles; items in order within a phase. next_piece advances (phase, item, u) to the next
+  // piece with work and fills `pc`; false at the end. Every thread runs it (same result).
+  auto next_piece = [&](int& phase, int& item, int& u, Piece& pc) -> bool {
+    for (;;) {
+      ++item;
+      if (item > last_item) {
+        if (++phase == 3) return false;
+        item = first_item - 1;
+        u = 0;
+        continue;
       }
-    };
-
-    float acc[2][kNF][4];
-    zero_acc(acc);
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < n) load_stage(s, s);
-      experts::cp_async_commit();
+      const int slice = item % NS;
+      const int64_t P = (int64_t)(item / NS) * Lblk + slice * Lfull;  // the item's first eighth
+      const int i_base = slice * kSlice;
+      const int passes = min(kSlice, I - i_base) > experts::kGateUpTile ? 2 : 1;
+      const int nc = 8 * passes;
+      int ua, ub, ra, rb;
+      units_in(nc, rt2, kt1, my_lo - P, my_hi - P, &ua, &ub, &ra, &rb);
+      if (ub == ua && rb == ra) continue;  // no unit of this item starts in the share
+      const bool whole = ua == 0 && ub == nc && ra == 0 && rb == rt2;
+      if (phase == 1 ? !whole : (whole || (phase == 0 ? ub == ua : rb == ra))) continue;
+      if (phase == 0) rb = ra;  // split: GEMM1 units now, row tiles in phase 2
+      if (phase == 2) ub = ua;
+      int slot = 0;  // a split item's workspace slot: the first CTA boundary inside it
+      if (!whole) {
+        int64_t c = P * G / W;
+        while (W * c / G <= P) ++c;
+        slot = static_cast<int>(c - 1);
+      }
+      while (s_item0[u + 1] <= item) ++u;
+      const int nb = ((item - s_item0[u]) / NS) * kBN;
+      pc.item = item;
+      pc.slice = slice;
+      pc.e = p.act_experts[u];
+      pc.p0 = p.act_offsets[u] + nb;
+      pc.nrows = min(kBN, p.act_offsets[u + 1] - pc.p0);
+      pc.i_base = i_base;
+      pc.passes = passes;
+      pc.n1 = passes * kt1;
+      pc.ua = ua, pc.ub = ub, pc.ra = ra, pc.rb = rb;
+      pc.whole = whole;
+      pc.slot = slot;
+      // Stages: GEMM1 passes ua/8 .. (ub-1)/8 (kt1 k-stages each, only the piece's columns),
+      // then row tiles ra .. rb-1.
+      pc.t1a = (ua / 8) * kt1;
+      pc.m1 = ub > ua ? ((ub + 7) / 8) * kt1 - pc.t1a : 0;
+      pc.m = pc.m1 + rb - ra;
+      return true;
     }
-    for (int t = 0; t < n; ++t) {
+  };
+  auto stage_t = [&](const Piece& pc, int idx) { return idx < pc.m1 ? pc.t1a + idx : pc.n1 + pc.ra + (idx - pc.m1); };
+  auto cols = [&](const Piece& pc, int pass, int* c0, int* c1) {  // the piece's columns of a pass's 64
+    *c0 = max(pc.ua - 8 * pass, 0) * 8;
+    *c1 = min(pc.ub - 8 * pass, 8) * 8;
+  };
+
+  // Load cursor: piece `lp`, its next stage lidx; lcount pieces found so far (their descriptors in
+  // s_piece[n % kPieceSlots]); the ring slot of a stage is its global number mod kStages.
+  int lphase = 0, litem = first_item - 1, lu = 0, lcount = 0, lidx = 0;
+  Piece lp;
+  bool lmore = next_piece(lphase, litem, lu, lp);
+  if (lmore) {
+    if (tid == 0) s_piece[0] = lp;
+    lcount = 1;
+  }
+  auto load_next = [&](int ring) {  // issues the next stage of the load cursor into ring slot `ring`
+    if (!lmore) return;
+    const int t = stage_t(lp, lidx);
+    uint16_t* a = sA + ring * kAStage;
+    if (t < lp.n1) {  // GEMM1: gate+up rows of the piece's columns of a pass, x rows
+      const int pass = t / kt1;
+      int c0, c1;
+      cols(lp, pass, &c0, &c1);
+      const ColumnRange map{GateUpMap{lp.i_base + pass * experts::kGateUpTile, I, p.order}, c0, c1};
+      const int k0 = (t % kt1) * kBK;
+      const uint16_t* Wgu = p.w_gu + (int64_t)lp.e * 2 * I * H;
+      load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
+      uint16_t* b = sB + ring * kBStage;
+      for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
+        const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+        const int kg = k0 + kc;
+        const bool ok = r < lp.nrows && kg < H;
+        const uint16_t* row = ok ? p.x + (int64_t)p.pair_token[lp.p0 + r] * p.x_stride + kg : Wgu;
+        experts::cp_async16(b + r * kPad + kc, row, ok);
+      }
+    } else {  // GEMM2: 128 rows of w_down over the slice; B is sH
+      const DownMap map{(t - lp.n1) * kBM, H};
+      load_weights<TRANS>(a, p.w_down + (int64_t)lp.e * H * I, ld2, lp.i_base, I, map);
+    }
+    if (++lidx == lp.m) {  // the next piece; the compute cursor reads its descriptor >= 1 barrier later
+      lidx = 0;
+      lmore = next_piece(lphase, litem, lu, lp);
+      if (lmore) {
+        if (tid == 0) s_piece[lcount % kPieceSlots] = lp;
+        ++lcount;
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    load_next(s);
+    experts::cp_async_commit();
+  }
+  __syncthreads();  // s_piece[0] written
+
+  // Compute cursor: piece number cnum, stage idx; gs = global stage number (ring slot gs % kStages).
+  float acc[2][kNF][4];
+  zero_acc(acc);
+  int gs = 0;
+  for (int cnum = 0; cnum < lcount; ++cnum) {  // lcount grows as the load cursor finds pieces
+    const Piece pc = s_piece[cnum % kPieceSlots];
+    const int nf_active = (pc.nrows + 7) / 8;
+    uint16_t* const h_tile = h_ws + (int64_t)pc.slot * kBN * kSlice;
+    for (int idx = 0; idx < pc.m; ++idx, ++gs) {
+      const int t = stage_t(pc, idx);
+      if (!pc.whole && idx == pc.m1) {  // first row tile of a split item: every column's h, from global
+        if (tid == 0) wait_geq(h_count + pc.slot, 8 * pc.passes);
+        __threadfence();
+        __syncthreads();  // (also: the previous piece's GEMM2 no longer reads sH)
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
+        for (int w = tid; w < kBN * kSlice / 2; w += kThreads) {
+          const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
+          *reinterpret_cast<uint32_t*>(sH + r * kPad + c2) = __ldcg(src + w);
+        }
+      }
       experts::cp_async_wait<kStages - 2>();
-      __syncthreads();  // stage t landed for everyone; stage t-1 (and h) no longer read / complete
-      if (t + kStages - 1 < n) load_stage((t + kStages - 1) % kStages, t + kStages - 1);
+      __syncthreads();  // stage gs landed for everyone; stage gs-1 (and h) no longer read / complete
+      load_next((gs + kStages - 1) % kStages);
       experts::cp_async_commit();
-      const uint16_t* a = sA + (t % kStages) * kAStage;
+      const uint16_t* a = sA + (gs % kStages) * kAStage;
       int arow[2][2];
-      if (t < n1) {
+      if (t < pc.n1) {
         const int pass = t / kt1;
-        const GateUpMap map{i_base + pass * experts::kGateUpTile, I, p.order};
+        const GateUpMap map{pc.i_base + pass * experts::kGateUpTile, I, p.order};
 #pragma unroll
         for (int mf = 0; mf < 2; ++mf) {
           arow[mf][0] = map.frag_row(warp, mf, g);
           arow[mf][1] = map.frag_row(warp, mf, g + 8);
         }
-        mma_stage<BF16, TRANS>(acc, a, sB + (t % kStages) * kBStage, arow, nf_active);
+        mma_stage<BF16, TRANS>(acc, a, sB + (gs % kStages) * kBStage, arow, nf_active);
         if (t % kt1 == kt1 - 1) {  // pass done: activation into h (columns >= I are zero)
+          // A whole item keeps h in shared memory; a split one publishes its columns.
+          int c0, c1;
+          cols(pc, pass, &c0, &c1);
+          uint16_t* hdst = pc.whole ? sH : h_tile;
+          const int hld = pc.whole ? kPad : kSlice;
 #pragma unroll
           for (int h2 = 0; h2 < 2; ++h2) {
-            const int ii = pass * experts::kGateUpTile + warp * 16 + g + 8 * h2;
-            const int i = i_base + ii;
+            const int ci = warp * 16 + g + 8 * h2;  // column within the pass
+            const int ii = pass * experts::kGateUpTile + ci;
+            const int i = pc.i_base + ii;
+            if (ci < c0 || ci >= c1) continue;  // another CTA's columns
             float bg = 0.f, bu = 0.f;
             if (p.b_gu != nullptr && i < I) {
-              const float* bias = p.b_gu + (int64_t)e * 2 * I;
+              const float* bias = p.b_gu + (int64_t)pc.e * 2 * I;
               bg = bias[p.order == experts::kInterleaved ? 2 * i : (p.order == experts::kGateUp ? i : I + i)];
               bu = bias[p.order == experts::kInterleaved ? 2 * i + 1 : (p.order == experts::kGateUp ? I + i : i)];
             }
@@ -279,15 +481,20 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
                                                                  acc[1][nf][h2 * 2 + q] + bu, p.activation,
                                                                  p.alpha, p.limit)
                                       : 0.f;
-                sH[r * kPad + ii] = float_to_bits<BF16>(v);
-                if (passes == 1) sH[r * kPad + ii + experts::kGateUpTile] = 0;  // no second pass
+                hdst[r * hld + ii] = float_to_bits<BF16>(v);
+                if (pc.passes == 1) hdst[r * hld + ii + experts::kGateUpTile] = 0;  // no second pass
               }
             }
           }
           zero_acc(acc);
+          if (!pc.whole) {  // publish this pass's columns
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) atomicAdd(h_count + pc.slot, (c1 - c0) / 8);
+          }
         }
       } else {
-        const DownMap map{(t - n1) * kBM, H};
+        const DownMap map{(t - pc.n1) * kBM, H};
 #pragma unroll
         for (int mf = 0; mf < 2; ++mf) {
           arow[mf][0] = map.frag_row(warp, mf, g);
@@ -300,21 +507,21 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
           for (int h2 = 0; h2 < 2; ++h2) {
             const int h = map.h0 + warp * 32 + mf * 16 + g + 8 * h2;
             if (h >= H) continue;
-            const float bias = (p.b_down != nullptr && slice == 0) ? p.b_down[(int64_t)e * H + h] : 0.f;
+            const float bias = (p.b_down != nullptr && pc.slice == 0) ? p.b_down[(int64_t)pc.e * H + h] : 0.f;
 #pragma unroll
             for (int nf = 0; nf < kNF; ++nf) {
 #pragma unroll
               for (int q = 0; q < 2; ++q) {
                 const int r = nf * 8 + tig * 2 + q;
-                if (r < nrows) {
-                  const int pp = p0 + r;
+                if (r < pc.nrows) {
+                  const int pp = pc.p0 + r;
                   const int tok = p.pair_token[pp];
                   const int64_t flat = (int64_t)tok * p.k + p.pair_slot[pp];
                   const float c = (acc[mf][nf][h2 * 2 + q] + bias) * p.weights[flat];
                   if (p.atomic)
                     atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
                   else
-                    p.ybuf[(flat * NS + slice) * H + h] = c;
+                    p.ybuf[(flat * NS + pc.slice) * H + h] = c;
                 }
               }
             }
@@ -323,25 +530,42 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
         zero_acc(acc);
       }
     }
-    experts::cp_async_wait<0>();
 
-    // Publish this item's partials, then count them per token: the item that completes a
-    // token (all its active slots x all slices) reduces that token's row.
+    // Publish this piece's partials (its row tiles), then count them per token: the piece that
+    // completes a token (active slots x slices x row tiles) reduces that token's row. The next
+    // pieces' first stages are in flight meanwhile.
+    if (pc.rb > pc.ra) {
+      __threadfence();
+      __syncthreads();
+      if (tid < pc.nrows) {
+        const int tok = p.pair_token[pc.p0 + tid];
+        const int need = active_slots(p, tok) * NS * rt2;
+        const int add = pc.rb - pc.ra;
+        if (atomicAdd(p.counters + tok, add) + add == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
+      }
+      __syncthreads();
+      const int ndone = s_ndone;
+      if (ndone > 0) {
+        __threadfence();  // see the other CTAs' partials of these tokens
+        for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
+      }
+      __syncthreads();  // s_done and s_ndone are reused by the next piece
+      if (tid == 0) s_ndone = 0;
+    }
+  }
+  experts::cp_async_wait<0>();
+
+  // Exit ticket: the last CTA to leave zeroes the counters, flags and the ticket for the next launch
+  // (every other CTA has made its last atomic and passed its last wait by then).
+  __syncthreads();
+  if (tid == 0) {
     __threadfence();
-    __syncthreads();
-    if (tid < nrows) {
-      const int tok = p.pair_token[p0 + tid];
-      const int need = active_slots(p, tok) * NS;
-      if (atomicAdd(p.counters + tok, 1) + 1 == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
-    }
-    __syncthreads();
-    const int ndone = s_ndone;
-    if (ndone > 0) {
-      __threadfence();  // see the other CTAs' partials of these tokens
-      for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
-    }
-    __syncthreads();  // s_done, s_ndone, s_brow and sH are reused by the next item
-    if (tid == 0) s_ndone = 0;
+    s_ndone = atomicAdd(p.counters + p.T + G, 1) == (int)G - 1 ? 1 : 0;
+  }
+  __syncthreads();
+  if (s_ndone) {
+    __threadfence();
+    for (int64_t i = tid; i < counters_zeroed(p.T, G); i += kThreads) p.counters[i] = 0;
   }
 }
 

@@ -52,6 +52,9 @@ struct alignas(8) float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 // ------------------------------------------------------------------------ runtime API subset
 typedef struct moespec_emu_stream* cudaStream_t;
@@ -82,11 +85,17 @@ enum cudaDeviceAttr : int {
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
+namespace moespec_emu {
+// Emulated SMs (default 5; tests change it): the attribute below, and how many blocks of a launch
+// are resident at once (one per SM), which is what a block's wait for another block relies on.
+int sm_count();
+void set_sm_count(int n);
+}  // namespace moespec_emu
 // The emulated device: an sm_90 part with few SMs, so persistent kernels loop over many items per
 // block and uneven shares are exercised.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   (void)device;
-  if (attr == cudaDevAttrMultiProcessorCount) *value = 5;
+  if (attr == cudaDevAttrMultiProcessorCount) *value = moespec_emu::sm_count();
   else if (attr == cudaDevAttrComputeCapabilityMajor) *value = 9;
   else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) *value = 227 * 1024;
   else return cudaErrorInvalidValue;
@@ -156,6 +165,9 @@ void griddep_launch_dependents();
 void prefetch_l2(const void* p, uint32_t bytes);
 // The ranges prefetch_l2 saw since the last call (address, bytes), in issue order; clears the log.
 std::vector<std::pair<uintptr_t, uint32_t>> take_prefetches();
+// Waits until *flag >= value (another block's release): polls, and between polls lets the other
+// resident blocks run. Deadlock (no block can make progress) fails the launch.
+void wait_geq(const volatile int* flag, int value);
 
 // A kernel body, called once per emulated thread (a non-owning callable reference).
 struct Body {
@@ -247,7 +259,8 @@ inline float atomicAdd(float* p, float v) {
   return old;
 }
 
-// Blocks run one after another: every store is visible to later blocks, fences have nothing to do.
+// One OS thread runs every block (they interleave only at barriers, collectives and flag waits):
+// every store is visible to every later load, so fences have nothing to do.
 inline void __threadfence() {}
 template <class T>
 inline T __ldcg(const T* p) {

@@ -11,6 +11,9 @@ namespace moespec_emu {
 
 void set_seed(uint64_t seed);
 uint64_t seed();
+// Emulated SM count (default 5): cudaDevAttrMultiProcessorCount and the resident blocks per launch.
+int sm_count();
+void set_sm_count(int n);
 
 // One warp-wide mma.m16n8k16: a [16x16] row-major, b [16x8] (k, n) row-major, both as 16-bit
 // float bits (bf16 or fp16), c and d [16x8] fp32. Fragments are packed by this test's own code.

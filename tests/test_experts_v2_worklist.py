@@ -1,0 +1,305 @@
+"""Generation-2 expert kernel: the stream-K work list (docs/kernels-v2.md).
+
+The persistent kernel splits a linear axis of weight units (GEMM1 column units of 8 intermediate
+columns over all of K, GEMM2 row tiles over the whole slice, of every (expert, token block, I-slice)
+item) evenly over its CTAs, so items are cut inside a pass, between passes and between row tiles;
+a split item's h goes through global memory and its row-tile owners wait for it. One cp.async ring
+runs through all the pieces of a CTA. These tests run it against
+`moespec.reference` at the work-list edge cases, with poisoned workspaces and outputs, and check
+that deterministic mode gives the same bits whatever the grid size (the emulated SM count) and
+the block/thread schedule. `_pieces` mirrors the kernel's split so the tests can assert that the
+split paths they mean to cover really occur.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from moespec import _cuda, ops, reference
+from moespec.types import ExpertLayout
+from test_cuda_kernels import LAYOUTS, _assert_close_act, _poison_workspaces, _reshuffle, _weights
+
+SLICE, BK = 128, 128  # I columns per item; k per GEMM1 stage = rows per GEMM2 tile
+
+
+@contextlib.contextmanager
+def _sms(kdev, n):
+    """The emulated device with n SMs (grid = n persistent CTAs); on a GPU: its own count."""
+    if not kdev.emulated or n is None:
+        yield
+        return
+    C = _cuda._C
+    old = C.emu_sms()
+    C.emu_set_sms(n)
+    try:
+        yield
+    finally:
+        C.emu_set_sms(old)
+
+
+def _units(nc, nr, kt1):
+    """An item's units in axis order, as the kernel interleaves them: ("c", column unit) of kt1
+    eighths of a stage and ("r", row tile) of 8 eighths."""
+    out, c, r = [], 0, 0
+    while c < nc or r < nr:
+        if r == nr or (c < nc and (c + 1) * nr <= (r + 1) * nc):
+            out.append(("c", c, kt1))
+            c += 1
+        else:
+            out.append(("r", r, 8))
+            r += 1
+    return out
+
+
+def _pieces(token_counts, H, I, G):
+    """Mirror of the kernel's split: per item (expert with `token_counts[u]` tokens, block of 32,
+    slice) the owning CTA of each unit, as {cta: ([column units], [row tiles])}; a unit belongs to
+    the CTA whose share [W*c/G, W*(c+1)/G) holds its start. Returns (pieces by item, items, rt2)."""
+    kt1 = rt2 = -(-H // BK)
+    ns = -(-I // SLICE)
+    passes = [2 if min(SLICE, I - z * SLICE) > 64 else 1 for z in range(ns)]
+    items = []
+    for cnt in token_counts:
+        for _ in range(-(-cnt // 32)):
+            items += [(z, 8 * passes[z]) for z in range(ns)]
+    W = sum(nc * kt1 + 8 * rt2 for _, nc in items)
+    out, P = [], 0
+    for z, nc in items:
+        own = {}
+        for kind, idx, w in _units(nc, rt2, kt1):
+            cta = next(c for c in range(G) if W * c // G <= P < W * (c + 1) // G)
+            own.setdefault(cta, ([], []))[0 if kind == "c" else 1].append(idx)
+            P += w
+        out.append(own)
+    return out, items, rt2
+
+
+def _split_kinds(token_counts, H, I, G):
+    """Which split paths a launch takes: 'h' (an item on several CTAs: h through global memory),
+    'cols' (one pass's columns on several CTAs), 'rows' (row tiles of one item on several CTAs),
+    'gemm1_only' / 'rows_only' (a CTA with only one kind of unit of a split item)."""
+    pieces, _, _ = _pieces(token_counts, H, I, G)
+    kinds = set()
+    for own in pieces:
+        if len(own) < 2:
+            continue
+        kinds.add("h")
+        passes_of = [{c // 8 for c in cols} for cols, _ in own.values()]
+        if any(len([1 for ps in passes_of if p in ps]) > 1 for p in (0, 1)):
+            kinds.add("cols")
+        if sum(1 for _, rows in own.values() if rows) > 1:
+            kinds.add("rows")
+        for cols, rows in own.values():
+            kinds.add("gemm1_only" if not rows else ("rows_only" if not cols else "both"))
+    return kinds
+
+
+def _cta_pieces(token_counts, H, I, G):
+    """Per CTA, the stage counts of its pieces in the order the kernel runs them (split items'
+    GEMM1 units, whole items, split items' row tiles): one cp.async ring runs through them."""
+    pieces, items, rt2 = _pieces(token_counts, H, I, G)
+    kt1 = rt2
+    out = {c: [[], [], []] for c in range(G)}
+    for (z, nc), own in zip(items, pieces):
+        for c, (cols, rows) in own.items():
+            gemm1 = len({u // 8 for u in cols}) * kt1
+            if len(own) == 1:
+                out[c][1].append(gemm1 + len(rows))
+            else:
+                if cols:
+                    out[c][0].append(gemm1)
+                if rows:
+                    out[c][2].append(len(rows))
+    return {c: a + b + d for c, (a, b, d) in out.items()}
+
+
+def _run(kdev, x, w_gu, w_dn, ids, w, kept, det, layout=ExpertLayout(), b_gu=None, b_dn=None):
+    return ops.moe_experts(x, w_gu, w_dn, ids.to(kdev.device).int(), w.to(kdev.device), kept, det, layout,
+                           b_gate_up=b_gu, b_down=b_dn, backend=kdev.backend)
+
+
+def _routing(gen, T, E, k, case):
+    """topk ids [T, k], weights [T, k] and kept experts (or None) for a work-list edge case."""
+    w = torch.rand(T, k, generator=gen) + 0.05
+    if case == "one_expert_all_tokens":  # expert 3 on every token (slot 0), kept alone
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+        for t in range(T):
+            row = ids[t][ids[t] != 3][: k - 1]
+            ids[t] = torch.cat([torch.tensor([3]), row])
+        return ids, w, torch.tensor([3])
+    if case == "every_expert_one_token":  # k = 1, T = E: a permutation
+        return torch.randperm(E, generator=gen)[:T].view(T, 1), w[:, :1], None
+    if case == "items_eq_sms_plus_1":  # every expert once: E items of one token
+        return torch.randperm(E, generator=gen).view(T, k), w, None
+    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices
+    if case == "c_equals_k":  # kept = the first token's k experts
+        return ids, w, ids[0].clone()
+    return ids, w, None
+
+
+# (case, T, E, k, H, I, emulated SM counts); H, I multiples of 8 with row / K / slice tails.
+EDGE_CASES = [
+    ("one_expert_all_tokens", 70, 8, 2, 200, 264, (1, 5, 7)),  # 3 token blocks of one expert
+    ("every_expert_one_token", 16, 16, 1, 136, 72, (5, 6)),
+    ("t1", 1, 8, 4, 264, 136, (1, 5, 16)),
+    ("c_equals_k", 3, 32, 4, 136, 200, (5, 7)),
+    ("e256", 4, 256, 8, 136, 72, (5, 3)),
+    ("items_lt_sms", 1, 8, 2, 136, 72, (5, 9)),  # 2 items on 5 or 9 CTAs
+    ("items_eq_sms_plus_1", 3, 6, 2, 136, 72, (5,)),  # 6 experts x 1 item on 5 CTAs
+]
+
+
+@pytest.mark.parametrize("case,T,E,k,H,I,sms_list", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_worklist_edge_cases(kdev, case, T, E, k, H, I, sms_list, gen, monkeypatch):
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    dtype = torch.bfloat16
+    w_gu, w_dn, _, _ = _weights(gen, E, H, I, ExpertLayout(), dtype, False, kdev.device)
+    x = torch.randn(T, H, generator=gen).to(dtype).to(kdev.device)
+    ids, w, kept = _routing(gen, T, E, k, case)
+    if case == "items_eq_sms_plus_1":
+        assert torch.unique(ids).numel() == 6 and -(-I // SLICE) == 1
+    kept_dev = None if kept is None else kept.to(kdev.device)
+    want = reference.moe_experts(x, w_gu, w_dn, ids.to(kdev.device), w.to(kdev.device), kept_dev)
+    _poison_workspaces(kdev, monkeypatch)
+    first = None
+    for sms in (sms_list if kdev.emulated else (None,)):
+        with _sms(kdev, sms):
+            got = _run(kdev, x, w_gu, w_dn, ids, w, kept_dev, True)
+            _assert_close_act(got, want)
+            _reshuffle(kdev)
+            fast = _run(kdev, x, w_gu, w_dn, ids, w, kept_dev, False)
+            _assert_close_act(fast, want)
+        if first is None:
+            first = got
+        assert torch.equal(got, first), f"deterministic bits changed with the grid ({sms} CTAs)"
+
+
+def test_edge_cases_cover_the_split_paths():
+    """The shapes of these tests do take every split path of the kernel."""
+    every = {"h", "cols", "rows", "gemm1_only", "rows_only", "both"}
+    seen = set()
+    for case, T, E, k, H, I, sms_list in EDGE_CASES:
+        counts = {"one_expert_all_tokens": [T], "every_expert_one_token": [1] * T, "t1": [1] * k,
+                  "items_lt_sms": [1] * k, "items_eq_sms_plus_1": [1] * 6}.get(case)
+        if counts is not None:
+            for g in sms_list:
+                seen |= _split_kinds(counts, H, I, g)
+    layouts = _split_kinds([3] * 4, 520, 264, 7) | _split_kinds([3] * 4, 520, 264, 3)  # test_split_items_every_layout
+    assert {"h", "cols", "rows", "rows_only"} <= layouts, layouts
+    assert seen | layouts == every, seen | layouts
+    # The ring runs across pieces shorter than its lookahead (3 stages): the load cursor is then
+    # more than one piece ahead of the compute cursor.
+    short = [ps for ps in _cta_pieces([1] * 16, 136, 72, 5).values() if any(n < 3 for n in ps[:-1])]
+    assert short and max(len(ps) for ps in short) >= 4, short
+    # items < SMs: both items cut over the 9 CTAs, every CTA with work.
+    pieces, items, _ = _pieces([1, 1], 136, 72, 9)
+    assert len(items) == 2 and set().union(*pieces) == set(range(9))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_split_items_every_layout(kdev, layout_name, dtype, gen, monkeypatch):
+    """Items split mid-pass, between passes and between row tiles, in every weight layout (gpt-oss:
+    biases and its clamped activation), bf16 and fp16, deterministic and atomic."""
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    layout, bias = LAYOUTS[layout_name]
+    T, E, k, H, I = 3, 4, 4, 520, 264  # every expert has 3 tokens: 4 items of kt1 = 5, 3 slices
+    w_gu, w_dn, b_gu, b_dn = _weights(gen, E, H, I, layout, dtype, bias, kdev.device)
+    x = torch.randn(T, H, generator=gen).to(dtype).to(kdev.device)
+    ids = torch.stack([torch.randperm(E, generator=gen) for _ in range(T)])
+    w = torch.rand(T, k, generator=gen) + 0.05
+    want = reference.moe_experts(x, w_gu, w_dn, ids.to(kdev.device), w.to(kdev.device), None, b_gate_up=b_gu,
+                                 b_down=b_dn, layout=layout)
+    _poison_workspaces(kdev, monkeypatch)
+    outs = []
+    for sms in ((7, 3) if kdev.emulated else (None,)):
+        with _sms(kdev, sms):
+            outs.append(_run(kdev, x, w_gu, w_dn, ids, w, None, True, layout, b_gu, b_dn))
+            _assert_close_act(outs[-1], want)
+            _assert_close_act(_run(kdev, x, w_gu, w_dn, ids, w, None, False, layout, b_gu, b_dn), want)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_bits_independent_of_grid_and_schedule(kdev, gen, monkeypatch):
+    """Deterministic mode: the same bits for 1..13 CTAs and fresh block/thread orders, and the
+    same bits as one CTA doing every item whole (no split at all)."""
+    if not kdev.emulated:
+        pytest.skip("the grid size is the GPU's SM count; the emulator varies it")
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    T, E, k, H, I = 5, 8, 2, 264, 200
+    w_gu, w_dn, _, _ = _weights(gen, E, H, I, ExpertLayout(), torch.bfloat16, False, kdev.device)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices
+    w = torch.rand(T, k, generator=gen) + 0.05
+    want = reference.moe_experts(x, w_gu, w_dn, ids, w, None)
+    _poison_workspaces(kdev, monkeypatch)
+    with _sms(kdev, 1):
+        base = _run(kdev, x, w_gu, w_dn, ids, w, None, True)
+    _assert_close_act(base, want)
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    kinds = set()
+    for sms in (2, 3, 4, 5, 6, 7, 9, 13):
+        kinds |= _split_kinds([c for c in counts.tolist() if c], H, I, sms)
+        with _sms(kdev, sms):
+            for _ in range(2):
+                _reshuffle(kdev)
+                got = _run(kdev, x, w_gu, w_dn, ids, w, None, True)
+                assert torch.equal(got, base), f"{sms} CTAs"
+    assert {"h", "cols", "rows"} <= kinds, kinds
+
+
+def test_counters_buffer_sized_by_the_sm_count(kdev):
+    """The counters buffer holds T counters plus the stream-K workspace of one slot per CTA."""
+    if not kdev.emulated:
+        pytest.skip("emulator only")
+    C = _cuda._C
+    with _sms(kdev, 5):
+        n5 = C.experts_v2_counters_len(7)
+    with _sms(kdev, 6):
+        n6 = C.experts_v2_counters_len(7)
+    # T token counters, an h count per CTA and the exit ticket (16-byte aligned), then a 16-bit h tile
+    # [32 tokens, 128 columns] per CTA.
+    for G, n in ((5, n5), (6, n6)):
+        assert n == ((7 + G + 1 + 3) // 4) * 4 + G * (32 * 128 // 2)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_state_left_zero_for_the_next_launch(kdev, gen, deterministic, monkeypatch):
+    """The v2 expert kernel needs its counters (and, atomic mode, its accumulator) zero on entry and
+    no memset runs before it (it is a programmatic dependent of the plan): every launch must leave
+    them zero. One plan is reused across launches, grid sizes and routings; every result must match
+    the reference, and the deterministic bits must repeat."""
+    from moespec import kernels
+
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    T, E, k, H, I = 12, 8, 2, 136, 200
+    dtype = torch.bfloat16
+    w_gu, w_dn, _, _ = _weights(gen, E, H, I, ExpertLayout(), dtype, False, kdev.device)
+    x = torch.randn(T, H, generator=gen).to(dtype).to(kdev.device)
+    _poison_workspaces(kdev, monkeypatch)
+    plan = kernels.RoutingPlan.empty(T, E, k, kdev.device)
+    first = {}
+    for rep, sms in enumerate((5, 3, 7, 5) if kdev.emulated else (None,) * 3):
+        ids, w, _ = _routing(gen, T, E, k, "random")
+        ids, w = ids.to(kdev.device), w.to(kdev.device)
+        if rep == 3:
+            ids, w = first["ids"], first["w"]
+        want = reference.moe_experts(x, w_gu, w_dn, ids, w, None)
+        with _sms(kdev, sms):
+            kernels.plan_from_routing(ids.int(), w, E, plan=plan)
+            got = kernels.moe_experts_planned(x, w_gu, w_dn, plan, deterministic=deterministic)
+            G = _cuda._C.emu_sms() if kdev.emulated else torch.cuda.get_device_properties(kdev.device).multi_processor_count
+        _assert_close_act(got, want)
+        # Token counters, the split items' h counts and the exit ticket (the h tiles after them are workspace).
+        assert not plan.expert_counters[: T + G + 1].any(), "counters left non-zero for the next launch"
+        if deterministic:
+            assert plan.expert_accum is None
+        else:
+            assert plan.expert_accum is not None and not plan.expert_accum.any(), "accumulator left non-zero"
+        if rep == 0:
+            first = {"ids": ids, "w": w, "got": got}
+        if rep == 3 and deterministic:
+            assert torch.equal(got, first["got"]), "a reused plan changed the deterministic bits"
