@@ -11,12 +11,12 @@
 # compute-sanitizer (PATH, /usr/local/cuda/bin or $CUDA_HOME/bin) is optional: without it `sanitize` is skipped.
 # Writes into $OUT (default ./gpu_out): session.log, build.log, pytest.txt, sanitize_{memcheck,racecheck,synccheck}.txt
 # and bench_results.tgz (bench/bench_layer_<model>.{json,md,png}); the device tool returns at most 8 files.
-# The device tool allows 600 s per command: the defaults (build ~1 min + 220 s + 90 s + 200 s) fit one call; on a
+# The device tool allows 600 s per command: the defaults (build ~1 min + 220 s + 90 s + 30 s plan timing + 170 s) fit one call; on a
 # warm machine, the stages can also run as separate calls with larger limits (the build is incremental, or
 # SKIP_BUILD=1 reuses the previous call's install).
 # Tunables (env): TEST_TIMEOUT (s, default 220), SANITIZE_TIMEOUT (s, default 90, split evenly over the three tools),
 # SANITIZE_TESTS (pytest -k selection of tests/test_cuda_kernels.py, default one moe_experts and one budget_routing
-# case), SANITIZE_ARGS (extra compute-sanitizer args), BENCH_TIMEOUT (s, default 200, split over the models),
+# case), SANITIZE_ARGS (extra compute-sanitizer args), BENCH_TIMEOUT (s, default 170, split over the models),
 # BENCH_MODELS (space-separated presets), BENCH_ARGS (extra `moespec bench layer` args, e.g. "--tokens 1,8,64"),
 # SKIP_BUILD=1 (skip the build). The build also runs the ptxas spill check (cmake/kernel_resources.cmake) for this
 # GPU's architecture; CMAKE_ARGS=-DMOESPEC_RESOURCE_CHECK=OFF turns it off.
@@ -107,9 +107,9 @@ fi
 if [[ "$STAGE" == all || "$STAGE" == bench ]]; then
   echo "== benchmark"
   # The routing plan alone, v1 vs v2 (docs/kernels-v2.md, "Routing plan v2": the estimate it checks).
-  timeout 60 python bench/plan_timing.py --out "$OUT/bench" || echo "plan_timing failed or timed out"
+  timeout 30 python bench/plan_timing.py --out "$OUT/bench" || echo "plan_timing failed or timed out"
   # One run per model, each writing its own files, so a time limit keeps the models already done.
-  budget_s="${BENCH_TIMEOUT:-200}"
+  budget_s="${BENCH_TIMEOUT:-170}"
   models="${BENCH_MODELS:-qwen3-30b-a3b mixtral-8x7b olmoe-1b-7b gpt-oss-120b deepseek-v3}"
   per_model=$(( budget_s / $(echo $models | wc -w) ))
   for m in $models; do
