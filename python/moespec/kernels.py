@@ -197,9 +197,13 @@ class RoutingPlan:
             self.contrib = torch.empty(max(self.T * self.E, 1), dtype=torch.float32, device=dev)
         if self.sync is None:
             self.sync = torch.zeros(4, dtype=torch.int32, device=dev)
-        if self.expert_counters is None:  # zeroed here, before the plan's launch: see _v2_expert_state
+        # Zeroed here, before the plan's launch (see _v2_expert_state); only where this build's kernels
+        # can run on the device (a plan on another device, e.g. "meta" or CPU buffers for the C++ CPU
+        # kernels in a GPU build, gets them on its first v2 expert launch, if any).
+        if self.expert_counters is None and (dev.type == "cuda" and _cuda.available() or
+                                             dev.type == "cpu" and _cuda.emu_compiled()):
             with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-                n = int(_ext(dev).experts_v2_counters_len(self.T))
+                n = int(_cuda._C.experts_v2_counters_len(self.T))
             if n > 0:
                 self.expert_counters = torch.zeros(n, dtype=torch.int32, device=dev)
 
