@@ -103,6 +103,12 @@ MUTATIONS = [
              "p.x + (int64_t)p.pair_token[s_piece[0].p0 + r] * p.x_stride + kg"),
     Mutation("v2_counter_rows", "v2 stream-K: a piece counts one completion instead of its row tiles",
              EXPERTS_V2, "const int add = pc.rb - pc.ra;", "const int add = 1;"),
+    # Items of up to 64 tokens (both 32-token blocks per weight stage).
+    Mutation("v2_wide_b_tokens", "v2 64-token items: the second token block's B tile loaded from the first block's tokens",
+             EXPERTS_V2, "p.x + (int64_t)p.pair_token[lp.p0 + r] * p.x_stride + kg",
+             "p.x + (int64_t)p.pair_token[lp.p0 + (r & 31)] * p.x_stride + kg"),
+    Mutation("v2_wide_out_unwritten", "v2 64-token items: the second token block's partials not written",
+             EXPERTS_V2, "if (r < pc.nrows) {", "if (r < pc.nrows && r < 32) {"),
 ]
 
 

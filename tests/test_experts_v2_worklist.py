@@ -23,6 +23,7 @@ from moespec.types import ExpertLayout
 from test_cuda_kernels import LAYOUTS, _assert_close_act, _poison_workspaces, _reshuffle, _weights
 
 SLICE, BK = 128, 128  # I columns per item; k per GEMM1 stage = rows per GEMM2 tile
+ITEM = 64  # tokens per item at most (sm_90 and the emulator; sm_80 builds keep 32)
 
 
 @contextlib.contextmanager
@@ -55,7 +56,7 @@ def _units(nc, nr, kt1):
 
 
 def _pieces(token_counts, H, I, G):
-    """Mirror of the kernel's split: per item (expert with `token_counts[u]` tokens, block of 32,
+    """Mirror of the kernel's split: per item (expert with `token_counts[u]` tokens, block of ITEM,
     slice) the owning CTA of each unit, as {cta: ([column units], [row tiles])}; a unit belongs to
     the CTA whose share [W*c/G, W*(c+1)/G) holds its start. Returns (pieces by item, items, rt2)."""
     kt1 = rt2 = -(-H // BK)
@@ -63,7 +64,7 @@ def _pieces(token_counts, H, I, G):
     passes = [2 if min(SLICE, I - z * SLICE) > 64 else 1 for z in range(ns)]
     items = []
     for cnt in token_counts:
-        for _ in range(-(-cnt // 32)):
+        for _ in range(-(-cnt // ITEM)):
             items += [(z, 8 * passes[z]) for z in range(ns)]
     W = sum(nc * kt1 + 8 * rt2 for _, nc in items)
     out, P = [], 0
@@ -261,9 +262,9 @@ def test_counters_buffer_sized_by_the_sm_count(kdev):
     with _sms(kdev, 6):
         n6 = C.experts_v2_counters_len(7)
     # T token counters, an h count per CTA and the exit ticket (16-byte aligned), then a 16-bit h tile
-    # [32 tokens, 128 columns] per CTA.
+    # [64 tokens, 128 columns] per CTA.
     for G, n in ((5, n5), (6, n6)):
-        assert n == ((7 + G + 1 + 3) // 4) * 4 + G * (32 * 128 // 2)
+        assert n == ((7 + G + 1 + 3) // 4) * 4 + G * (ITEM * 128 // 2)
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -303,3 +304,89 @@ def test_state_left_zero_for_the_next_launch(kdev, gen, deterministic, monkeypat
             first = {"ids": ids, "w": w, "got": got}
         if rep == 3 and deterministic:
             assert torch.equal(got, first["got"]), "a reused plan changed the deterministic bits"
+
+
+# Items of up to 64 tokens (both 32-token blocks per weight stage): tokens per expert around the
+# item width, so that items of 33-64 tokens, exactly 64, 64 + a tail and <= 32 all occur.
+def _item_tokens(token_counts, I):
+    """Tokens of every item in work-axis order (mirror of the kernel's item list)."""
+    ns = -(-I // SLICE)
+    return [min(ITEM, cnt - b * ITEM) for cnt in token_counts for b in range(-(-cnt // ITEM)) for _ in range(ns)]
+
+
+def _routing_counts(gen, counts, k):
+    """topk ids [T, k] with slot 0 = expert 0 on every token (T = counts[0]) and slot 1 walking
+    experts 1.. with counts[1:] tokens each (sum(counts[1:]) == T); random weights."""
+    T = counts[0]
+    assert k == 2 and sum(counts[1:]) == T
+    slot1 = torch.cat([torch.full((c,), u + 1) for u, c in enumerate(counts[1:])])
+    slot1 = slot1[torch.randperm(T, generator=gen)]  # the pairs of an expert are not consecutive tokens
+    ids = torch.stack([torch.zeros(T, dtype=torch.long), slot1], dim=1)
+    return ids, torch.rand(T, k, generator=gen) + 0.05
+
+
+WIDE_COUNTS = [90, 45, 33, 12]  # items of 64 + 26, 45, 33 and 12 tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_wide_items_every_layout(kdev, layout_name, dtype, gen, monkeypatch):
+    """Experts with 33-64 and 65-130 tokens (one item of up to 64 tokens per weight stage), in
+    every weight layout (gpt-oss: biases, clamped activation), bf16 and fp16, deterministic and
+    atomic, whole and split items, against the reference; deterministic bits equal across grids."""
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    layout, bias = LAYOUTS[layout_name]
+    E, k, H, I = 4, 2, 264, 200
+    w_gu, w_dn, b_gu, b_dn = _weights(gen, E, H, I, layout, dtype, bias, kdev.device)
+    ids, w = _routing_counts(gen, WIDE_COUNTS, k)
+    T = ids.shape[0]
+    x = torch.randn(T, H, generator=gen).to(dtype).to(kdev.device)
+    want = reference.moe_experts(x, w_gu, w_dn, ids.to(kdev.device), w.to(kdev.device), None, b_gate_up=b_gu,
+                                 b_down=b_dn, layout=layout)
+    _poison_workspaces(kdev, monkeypatch)
+    outs = []
+    for sms in ((1, 3, 7) if kdev.emulated else (None,)):  # 3 and 7 CTAs split items of 33, 45 and 64 tokens
+        with _sms(kdev, sms):
+            outs.append(_run(kdev, x, w_gu, w_dn, ids, w, None, True, layout, b_gu, b_dn))
+            _assert_close_act(outs[-1], want)
+            _reshuffle(kdev)
+            _assert_close_act(_run(kdev, x, w_gu, w_dn, ids, w, None, False, layout, b_gu, b_dn), want)
+    assert all(torch.equal(o, outs[0]) for o in outs), "deterministic bits changed with the grid"
+
+
+@pytest.mark.parametrize("counts", [[130, 64, 65, 1], [64, 33, 31], [33, 32, 1]],
+                         ids=["64+64+2", "exactly_64", "33"])
+def test_wide_items_bits_independent_of_grid_and_schedule(kdev, counts, gen, monkeypatch):
+    """Deterministic mode with items of up to 64 tokens (130 = 64 + 64 + 2, exactly 64, 65 = 64 + 1,
+    33): the same bits for 1..13 CTAs and fresh block/thread orders, against the reference."""
+    if not kdev.emulated:
+        pytest.skip("the grid size is the GPU's SM count; the emulator varies it")
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    E, k, H, I = len(counts), 2, 136, 200
+    w_gu, w_dn, _, _ = _weights(gen, E, H, I, ExpertLayout(), torch.bfloat16, False, kdev.device)
+    ids, w = _routing_counts(gen, counts, k)
+    x = torch.randn(ids.shape[0], H, generator=gen).to(torch.bfloat16)
+    want = reference.moe_experts(x, w_gu, w_dn, ids, w, None)
+    _poison_workspaces(kdev, monkeypatch)
+    with _sms(kdev, 1):
+        base = _run(kdev, x, w_gu, w_dn, ids, w, None, True)
+    _assert_close_act(base, want)
+    for sms in (2, 5, 7, 13):
+        with _sms(kdev, sms):
+            _reshuffle(kdev)
+            got = _run(kdev, x, w_gu, w_dn, ids, w, None, True)
+            assert torch.equal(got, base), f"{sms} CTAs"
+
+
+def test_wide_items_cover_the_paths():
+    """The wide-item tests do run items of 33-64 tokens, of exactly 64, 64 + a tail and <= 32
+    tokens, and wide items whose h goes through global memory (split over CTAs)."""
+    toks = _item_tokens(WIDE_COUNTS, 200)
+    assert max(toks) == ITEM and any(32 < t < ITEM for t in toks) and any(t <= 32 for t in toks)
+    assert _item_tokens([130], 128) == [64, 64, 2]
+    for counts, H, G in ((WIDE_COUNTS, 264, 3), (WIDE_COUNTS, 264, 7), ([130, 64, 65, 1], 136, 5),
+                         ([130, 64, 65, 1], 136, 13), ([64, 33, 31], 136, 5), ([33, 32, 1], 136, 5)):
+        pieces, items, _ = _pieces(counts, H, 200, G)
+        toks = _item_tokens(counts, 200)
+        assert len(toks) == len(items)
+        assert any(len(own) > 1 and t > 32 for own, t in zip(pieces, toks)), (counts, G)

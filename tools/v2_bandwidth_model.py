@@ -3,11 +3,11 @@
 ESTIMATE owed a GPU measurement, not one.
 
 It lays out the kernel's stream-K work axis exactly as csrc/include/moespec/experts_v2.cuh does
-(items of 32 tokens x 128 I-columns; GEMM1 column units of 8 columns over all of H, GEMM2 row tiles
+(items of up to 64 tokens x 128 I-columns, sm_90; GEMM1 column units of 8 columns over all of H, GEMM2 row tiles
 of 128 rows, interleaved; CTA c owns the units starting in [W*c/G, (c+1)*W/G)), runs the three
 phases of every CTA (split GEMM1 units, whole items, split row tiles that wait for h) with every
 CTA streaming at its fair share of the copy bandwidth, and adds what the axis does not hold:
-re-streaming (an expert's weights once per 32-token block), the deterministic fp32 partials
+re-streaming (an expert's weights once per item of up to 64 tokens), the deterministic fp32 partials
 (written, then read by the reducing CTA), the split items' h tiles, launch + ring fill and the
 reduction tail. One cp.async ring runs through all the pieces of a CTA, so a piece boundary costs no
 refill (the count of pieces is shown for reference). Token counts: T*k pairs over the C kept experts (a budget re-routes a token's k
@@ -21,6 +21,7 @@ import bisect
 
 BW = 4.3e12  # H200 copy bandwidth, B/s (docs/design.md section 5 measures it per GPU)
 G = 132  # SMs = persistent CTAs
+ITEM = 64  # tokens per item at most (sm_90; sm_80 builds keep 32)
 EIGHTH = 128 * 128 * 2 / 8  # the axis unit: an eighth of a 32 KB weight stage
 LAUNCH_S = 3e-6  # launch + first ring fill
 TAIL_S = 2e-6  # the last tokens' reductions
@@ -44,7 +45,7 @@ def simulate(counts, H, I):
     kt1 = rt2 = -(-H // 128)
     ns = -(-I // 128)
     passes = [2 if min(128, I - z * 128) > 64 else 1 for z in range(ns)]
-    items = [8 * passes[z] for cnt in counts for _ in range(-(-cnt // 32)) for z in range(ns)]
+    items = [8 * passes[z] for cnt in counts for _ in range(-(-cnt // ITEM)) for z in range(ns)]
     W = sum(nc * kt1 + 8 * rt2 for nc in items)
     bounds = [W * c // G for c in range(G + 1)]
     own, P = [], 0
@@ -91,7 +92,7 @@ def estimate(H, I, E, k, T, budget):
     floor = C * expert_bytes / BW
     weights = W * EIGHTH
     partials = T * k * -(-I // 128) * H * 4 * 2  # deterministic mode: written, then read
-    h_tiles = splits * 32 * 128 * 2 * 2
+    h_tiles = splits * min(ITEM, -(-max(counts) // 8) * 8) * 128 * 2 * 2  # a split item moves its token fragments' rows
     t_bytes = (weights + partials + h_tiles) / BW
     t_busiest = busiest * EIGHTH / (BW / G)  # one ring runs through a CTA's pieces: no refills
     t = LAUNCH_S + max(t_bytes, t_busiest) + TAIL_S

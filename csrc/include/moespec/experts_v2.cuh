@@ -1,6 +1,6 @@
 // Expert kernels, generation 2 (docs/kernels-v2.md): ONE persistent launch per layer.
 //
-// Work list: an item is (active expert u, block of kBN tokens of u, I-slice of kSlice columns),
+// Work list: an item is (active expert u, block of up to kBN tokens of u, I-slice of kSlice columns),
 // enumerated from the routing plan's CSR (act_offsets, meta[kMetaActive]) inside every CTA, so it
 // is sized from the actual kept experts and token counts and needs no host synchronisation.
 // CTA c of G takes the contiguous item range [c*N/G, (c+1)*N/G): items stream (nearly) equal weight
@@ -26,17 +26,27 @@ using experts::GateUpMap;
 
 constexpr int kBM = experts::kBM;  // 128 weight rows per stage (4 warps x 32), as v1
 constexpr int kBK = 128;           // k per stage: 256 B contiguous per weight row
-constexpr int kNF = 4;             // token fragments of 8
-constexpr int kBN = kNF * 8;       // tokens per item (verification sizes keep ~8-32 per expert)
 constexpr int kSlice = 128;        // I columns per item (two GEMM1 passes of 64)
 constexpr int kThreads = experts::kThreads;
-// sm_90 has 227 KiB of shared memory per block: 4 stages; sm_80's 163 KiB allow 3 of this size.
-// The host reserves the 4-stage size on cc >= 9 (smem_bytes(9)); sm_80 code never runs there.
+// Tokens per item: up to 64 (both 32-token blocks per weight stage, so an expert with <= 64 tokens
+// streams its weights once) on sm_90, where 4 stages of a 64-token B operand fit in 227 KiB
+// (smem_bytes_for(4, 64) = 225.6 KiB with padded rows). sm_80's 163 KiB hold 3 stages of 32-token
+// items only (3 stages of 64 tokens need 174.5 KiB, 2 stages would starve every item's stream), so
+// sm_80 keeps 32-token items and 3 stages. An item's MMAs, B loads and epilogues cover only its
+// own token fragments (nf_active, warp-uniform at run time): a <= 32-token item costs what it did
+// with 32-token items, a 33-64-token one does twice the MMA on the same weight bytes.
+// The host reserves the sm_90 size on cc >= 9 (smem_bytes(9)); sm_80 code never runs there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int kStages = 3;
+constexpr int kNF = 4;  // token fragments of 8
 #else
 constexpr int kStages = 4;
+constexpr int kNF = 8;
 #endif
+constexpr int kBN = kNF * 8;  // tokens per item (at most)
+constexpr int kKUnroll = kNF == 8 ? 1 : 2;  // mma_stage's k loop
+constexpr int kBNMax = 64;    // host-side sizes (the h workspace) cover both
+static_assert(kBN <= kBNMax && kBN <= experts::kThreads, "one thread per token counts completions");
 constexpr int kPad = kBK + 8;  // smem row stride (16-byte aligned rows, conflict-free u32 reads)
 constexpr int kAStage = kBM * kPad;  // [rows][BK] or transposed [BK][rows] (kBM == kBK)
 constexpr int kBStage = kBN * kPad;
@@ -50,10 +60,18 @@ static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
 // __shared__ variables (GCC puts them in COMDAT .bss sections), and a CTA waiting for another
 // one must not see that one's bookkeeping (docs/emulator.md).
 // s_item0, s_done, s_ndone, and stages + 1 piece descriptors of 17 ints.
-constexpr int meta_bytes(int stages) { return ((kMaxExperts + 1) + kBN + 1) * 4 + (stages + 1) * 17 * 4; }
+constexpr int meta_bytes(int stages, int bn) { return ((kMaxExperts + 1) + bn + 1) * 4 + (stages + 1) * 17 * 4; }
 
-constexpr int smem_bytes_for(int stages) { return (stages * (kAStage + kBStage) + kHTile) * 2 + meta_bytes(stages); }
-inline int smem_bytes(int cc_major) { return smem_bytes_for(cc_major >= 9 ? 4 : 3); }
+// Dynamic shared memory of `stages` ring stages for items of up to `bn` tokens (the ring's A and B
+// tiles, h, the bookkeeping); the device layout below uses (kStages, kBN) of its architecture.
+constexpr int smem_bytes_for(int stages, int bn) {
+  return (stages * (kAStage + bn * kPad) + bn * kPad) * 2 + meta_bytes(stages, bn);
+}
+static_assert(smem_bytes_for(4, 64) <= 227 * 1024, "sm_90: 4 stages of 64-token items in 227 KiB");
+static_assert(smem_bytes_for(3, 32) <= 163 * 1024, "sm_80: 3 stages of 32-token items in 163 KiB");
+static_assert(smem_bytes_for(kStages, kBN) == (kStages == 4 ? smem_bytes_for(4, 64) : smem_bytes_for(3, 32)),
+              "the host's reservation (smem_bytes) matches this architecture's layout");
+inline int smem_bytes(int cc_major) { return cc_major >= 9 ? smem_bytes_for(4, 64) : smem_bytes_for(3, 32); }
 
 __device__ __forceinline__ void zero_acc(float (&acc)[2][kNF][4]) {
 #pragma unroll
@@ -91,7 +109,9 @@ template <bool BF16, bool TRANS>
 __device__ __forceinline__ void mma_stage(float (&acc)[2][kNF][4], const uint16_t* a, const uint16_t* b,
                                           const int (&arow)[2][2], int nf_active) {
   const int lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-#pragma unroll 2
+  // Unrolled twice with 32-token items; once with 64 (the doubled accumulator leaves no registers
+  // for a second step's A fragments: 255 and spills unrolled, 250-252 without).
+#pragma unroll kKUnroll
   for (int kk = 0; kk < kBK; kk += 16) {
     const int c = kk + tig * 2;
     uint32_t af[2][4];
@@ -184,10 +204,10 @@ struct ColumnRange {
 // split-item slot (at most G-1 items are split) the count of published 8-column units of h, then
 // the exit ticket; these counters_zeroed() ints are zero on entry, and the last CTA to exit zeroes
 // them again (so no memset sits between the routing plan and this PDL launch, and graph replays
-// need none). Then, 16-byte aligned, the slots' h tiles [G][kBN][kSlice] (16-bit).
+// need none). Then, 16-byte aligned, the slots' h tiles [G][kBNMax][kSlice] (16-bit; sm_80 uses half).
 __host__ __device__ inline int64_t counters_zeroed(int64_t T, int64_t G) { return T + G + 1; }
 __host__ __device__ inline int64_t h_ws_offset(int64_t T, int64_t G) { return (counters_zeroed(T, G) + 3) & ~int64_t(3); }
-__host__ __device__ inline int64_t counters_len(int64_t T, int64_t G) { return h_ws_offset(T, G) + G * kBN * kSlice / 2; }
+__host__ __device__ inline int64_t counters_len(int64_t T, int64_t G) { return h_ws_offset(T, G) + G * kBNMax * kSlice / 2; }
 
 // Waits until *flag >= v, set by another CTA of this (co-resident, persistent) grid. Emulation seam.
 __device__ __forceinline__ void wait_geq(const int* flag, int v) {
@@ -391,7 +411,10 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
       const uint16_t* Wgu = p.w_gu + (int64_t)lp.e * 2 * I * H;
       load_weights<TRANS>(a, Wgu, ld1, k0, H, map);
       uint16_t* b = sB + ring * kBStage;
-      for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
+      // Only the item's token fragments (rows past nrows in its last one zero-filled): a <= 32-token
+      // item loads one 32-token B tile as before, a wider one both.
+      const int brows = (lp.nrows + 7) / 8 * 8;
+      for (int c = tid; c < brows * (kBK / 8); c += kThreads) {
         const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
         const int kg = k0 + kc;
         const bool ok = r < lp.nrows && kg < H;
@@ -434,7 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
         __threadfence();
         __syncthreads();  // (also: the previous piece's GEMM2 no longer reads sH)
         const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
-        for (int w = tid; w < kBN * kSlice / 2; w += kThreads) {
+        for (int w = tid; w < nf_active * 8 * kSlice / 2; w += kThreads) {  // the item's fragments only
           const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
           *reinterpret_cast<uint32_t*>(sH + r * kPad + c2) = __ldcg(src + w);
         }
@@ -474,6 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
             }
 #pragma unroll
             for (int nf = 0; nf < kNF; ++nf) {
+              if (nf >= nf_active) continue;  // rows the item has not (GEMM2 skips them too)
 #pragma unroll
               for (int q = 0; q < 2; ++q) {
                 const int r = nf * 8 + tig * 2 + q;
