@@ -356,8 +356,8 @@ int g_sm_count = 5;  // emulated SMs: the co-residency limit of a launch (set_sm
 
 // The bytes of the static shared section that hold variables: the whole section, less (in the ASan
 // lane) the red zones AddressSanitizer put after the variables it protects. Those are the template
-// kernels' statics of internal linkage, which shared.ld moves here: the red zones keep catching a
-// kernel that overruns one shared array, and the emulator must not touch them itself.
+// kernels' statics of internal linkage, which shared.ld moves here (GCC's ASan leaves variables in
+// COMDAT or user-named sections alone). The emulator must not touch the red zones itself.
 struct ByteRange {
   char* p;
   size_t n;
