@@ -5,7 +5,8 @@ Only in an emulation build (``MOESPEC_CUDA=EMU``); marked ``emu``. What is check
 - ``emu_selftest_mma``: the warp-wide mma.m16n8k16 (bf16 and fp16) against a float64 matrix
   product, and with single non-zero A / B / C elements, so that any fragment-position mistake shows;
 - ``emu_selftest(name)``: every scenario of csrc/emu/selftest.cpp (barriers, poison, warp
-  collectives, cp.async, launch checks, seeded block / thread order). Scenarios that must fail
+  collectives, cp.async, launch checks, seeded block / thread order, co-resident blocks, static
+  shared memory of template kernels). Scenarios that must fail
   with a deadlock or a collective error are first run in a subprocess with a timeout, so an
   emulator that hangs instead fails here;
 - the 16-bit conversions ``emu_to_bf16 / emu_to_half / emu_from_bf16 / emu_from_half`` bitwise
@@ -259,6 +260,24 @@ def test_shared_memory_poisoned():
         assert v[128:] == [UNWRITTEN] * (512 - 128)
 
 
+def test_template_kernel_static_shared_memory_poisoned():
+    """A template kernel's __shared__ variables (GCC drops emu.h's section attribute in template
+    instantiations; csrc/emu/shared.ld gathers them) start as 0xFF bytes in every block, whether
+    the instantiation has external linkage (a COMDAT section, like the kernels') or internal
+    linkage, and whether or not the variable's type depends on a template parameter. The blocks
+    run one after another and write their shared memory after reading it, so a second block that
+    is not poisoned again sees the first one's values."""
+    for seed in SEEDS[:3]:
+        err, v = _run("smem_poison_template", seed)
+        assert err == ""
+        for base, linkage in ((0, "external"), (256, "internal")):
+            for b in range(2):
+                got = v[base + b * 128:base + (b + 1) * 128]
+                assert got == [POISON] * 128, (
+                    f"seed {seed}: {linkage} linkage, block {b}: static shared memory of a template kernel "
+                    f"is not poisoned (first values {sorted(set(got))[:4]})")
+
+
 def test_dynamic_smem_needs_opt_in():
     err, v = _run("dyn_smem_without_opt_in", 1)
     assert "smem_user_c" in err and "65536" in err and "cudaFuncAttributeMaxDynamicSharedMemorySize" in err, err
@@ -339,6 +358,26 @@ def test_flag_chain_interleaves_resident_blocks(sms):
         C.emu_set_sms(5)
 
 
+@pytest.mark.parametrize("sms", [1, 2, 5, 7])
+def test_flag_chain_template_keeps_static_shared_per_block(sms):
+    """The flag chain with a template kernel (external and internal linkage): each resident block
+    keeps its own static shared variables across the switches at its wait."""
+    try:
+        C.emu_set_sms(sms)
+        for seed in SEEDS[:4]:
+            err, v = _run("flag_chain_template", seed)
+            assert err == ""
+            for base, linkage in ((0, "external"), (64, "internal")):
+                w = v[base:base + 64]
+                assert w[:sms] == [100 + b for b in range(sms)], f"{linkage} linkage: {w[:sms]}"
+                assert w[16:16 + sms] == [300 + b for b in range(sms)], f"{linkage} linkage: {w[16:16 + sms]}"
+                assert w[32:32 + sms] == list(range(sms - 1, -1, -1))
+                assert w[sms:16] == [UNWRITTEN] * (16 - sms) and w[16 + sms:32] == [UNWRITTEN] * (16 - sms)
+            assert v[128:] == [UNWRITTEN] * (512 - 128)
+    finally:
+        C.emu_set_sms(5)
+
+
 @pytest.mark.parametrize("sms", [1, 3, 5])
 def test_grid_barrier_needs_residency(sms):
     """A grid barrier completes when the grid fits the emulated SMs (one block each) and is
@@ -360,7 +399,7 @@ def test_every_scenario_is_tested():
               "smem_poison", "dyn_smem_without_opt_in", "dyn_smem_opt_in_per_kernel", "block_too_large",
               "grid_y_too_large", "block_order", "thread_order", "pdl_wait", "pdl_missing_wait",
               "plain_launch_skips_wait", "prefetch_ok", "prefetch_misaligned",
-              "flag_chain", "grid_barrier_resident"}
+              "flag_chain", "grid_barrier_resident", "smem_poison_template", "flag_chain_template"}
     assert set(C.emu_selftest_names()) == tested
     err, _ = C.emu_selftest("no_such_scenario")
     assert "no such self-test" in err

@@ -354,8 +354,49 @@ std::string deadlock_report(const Launch& L) {
 
 int g_sm_count = 5;  // emulated SMs: the co-residency limit of a launch (set_sm_count)
 
-size_t shared_section_bytes() {
-  return static_cast<size_t>(__stop_moespec_emu_shared - __start_moespec_emu_shared);
+// The bytes of the static shared section that hold variables: the whole section, less (in the ASan
+// lane) the red zones AddressSanitizer put after the variables it protects. Those are the template
+// kernels' statics of internal linkage, which shared.ld moves here (GCC's ASan leaves variables in
+// COMDAT or user-named sections alone). The emulator must not touch the red zones itself.
+struct ByteRange {
+  char* p;
+  size_t n;
+};
+const std::vector<ByteRange>& shared_ranges() {
+  static const std::vector<ByteRange> ranges = [] {
+    std::vector<ByteRange> r;
+    char* p = __start_moespec_emu_shared;
+    char* const end = __stop_moespec_emu_shared;
+#if defined(MOESPEC_EMU_ASAN)
+    while (p < end) {
+      char* bad = static_cast<char*>(__asan_region_is_poisoned(p, static_cast<size_t>(end - p)));
+      char* stop = bad != nullptr ? bad : end;
+      if (stop > p) r.push_back(ByteRange{p, static_cast<size_t>(stop - p)});
+      p = stop;
+      while (p < end && __asan_address_is_poisoned(p)) ++p;
+    }
+#else
+    if (end > p) r.push_back(ByteRange{p, static_cast<size_t>(end - p)});
+#endif
+    return r;
+  }();
+  return ranges;
+}
+
+void poison_static_shared() {
+  for (const ByteRange& r : shared_ranges()) std::memset(r.p, kPoison, r.n);
+}
+// A block's copy of the static shared section (the bytes of shared_ranges(), in order).
+void save_static_shared(std::vector<char>& to) {
+  to.clear();
+  for (const ByteRange& r : shared_ranges()) to.insert(to.end(), r.p, r.p + r.n);
+}
+void restore_static_shared(const std::vector<char>& from) {
+  size_t at = 0;
+  for (const ByteRange& r : shared_ranges()) {
+    std::memcpy(r.p, from.data() + at, r.n);
+    at += r.n;
+  }
 }
 
 // A resident block's state while another block runs (Launch holds the running block's).
@@ -399,7 +440,7 @@ void run_threads(Launch& L) {
 
 void start_block(Launch& L) {
   // Shared memory of the previous block must not leak into this one.
-  std::memset(__start_moespec_emu_shared, kPoison, shared_section_bytes());
+  poison_static_shared();
   std::memset(L.dyn, kPoison, L.dyn_bytes);
   L.runnable.clear();
   L.waiters.clear();
@@ -781,7 +822,6 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
   std::vector<Resident> parked;
   std::vector<int> free_slots;
   for (int sl = slots - 1; sl >= 0; --sl) free_slots.push_back(sl);
-  const size_t shared_bytes = shared_section_bytes();
   size_t next = 0;
   g_launch = &L;
   // After the running block stops: frees its SM, reports a barrier deadlock, or parks it.
@@ -797,7 +837,7 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
     }
     Resident r;
     r.slot = slot;
-    r.shared.assign(__start_moespec_emu_shared, __start_moespec_emu_shared + shared_bytes);
+    save_static_shared(r.shared);
     swap_block(L, r);
     parked.push_back(std::move(r));
   };
@@ -840,7 +880,7 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
         continue;
       }
       swap_block(L, r);
-      std::memcpy(__start_moespec_emu_shared, r.shared.data(), shared_bytes);
+      restore_static_shared(r.shared);
       for (int w : L.waiters) {
         L.fibers[w]->state = State::kRunnable;
         L.runnable.push_back(w);

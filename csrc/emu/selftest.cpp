@@ -8,7 +8,50 @@
 #include "moespec_emu/emu.h"
 
 namespace moespec_emu {
+
+// ---- static shared memory of template kernels. GCC drops emu.h's section attribute in template
+// instantiations (csrc/emu/shared.ld), and the instantiation's linkage decides where the variable
+// lands without it: a COMDAT .bss.<symbol> section for external linkage (like the kernels of
+// csrc/include/moespec), a .bss.<symbol> section (-fdata-sections) for internal linkage, which an
+// argument of a type from an anonymous namespace gives (Linkage below). The scenarios run both.
+// Outside the anonymous namespace, with plain pointer parameters, so that Linkage = void keeps
+// external linkage.
+
+// out[b*128 + t] = s[t] and out[b*128 + 64 + t] = w[t] (64 threads), read before the block writes
+// them; then the block writes both. s has a dependent type, w does not.
+template <int N, class Linkage>
+__global__ void poison_template_kernel(int64_t* out) {
+  __shared__ int s[N];
+  __shared__ int w[64];
+  const int t = threadIdx.x, b = blockIdx.x;
+  out[b * 128 + t] = s[t];
+  out[b * 128 + 64 + t] = w[t];
+  __syncthreads();
+  s[t] = 1000 + b;
+  w[t] = 2000 + b;
+}
+// flag_chain_kernel (below) as a template, static shared memory only: out[b] = mine, out[16 + b] =
+// arr[N - 1], out[32 + i] = the i-th block to pass its wait.
+template <int N, class Linkage>
+__global__ void flag_chain_template_kernel(int64_t* out, int* counter, int* flags) {
+  __shared__ int mine;
+  __shared__ int arr[N];
+  const int b = blockIdx.x;
+  if (threadIdx.x == 0) mine = 100 + b, arr[N - 1] = 300 + b;
+  __syncthreads();
+  if (b + 1 < static_cast<int>(gridDim.x) && threadIdx.x == 0) wait_geq(flags + b + 1, 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    out[b] = mine;
+    out[16 + b] = arr[N - 1];
+    out[32 + (*counter)++] = b;
+    flags[b] = 1;
+  }
+}
+
 namespace {
+
+struct Internal {};  // a template argument that gives an instantiation internal linkage
 
 struct Out {
   int64_t* v;  // per-scenario results
@@ -245,6 +288,27 @@ const std::map<std::string, Scenario>& scenarios() {
          static int flags[16];
          for (int& f : flags) f = 0;
          return run("flag_chain_kernel", flag_chain_kernel, sm_count(), 64, 256, o, static_cast<int*>(flags));
+       }},
+      // Template kernels: out[0, 256) from the external-linkage instantiation, out[256, 512) from the
+      // internal one (2 blocks of 64 threads each).
+      {"smem_poison_template",
+       [](Out o) {
+         std::string r = run("poison_template_kernel", poison_template_kernel<64, void>, 2, 64, 0, o.v);
+         if (!r.empty()) return r;
+         return run("poison_template_kernel", poison_template_kernel<64, Internal>, 2, 64, 0, o.v + 256);
+       }},
+      // flag_chain with template kernels: out[0, 64) external linkage, out[64, 128) internal.
+      {"flag_chain_template",
+       [](Out o) {
+         static int flags[16];
+         for (int& f : flags) f = 0;
+         std::string r = run("flag_chain_template_kernel", flag_chain_template_kernel<8, void>, sm_count(), 64,
+                             0, o.v, o.counter, static_cast<int*>(flags));
+         if (!r.empty()) return r;
+         for (int& f : flags) f = 0;
+         int counter = 0;
+         return run("flag_chain_template_kernel", flag_chain_template_kernel<8, Internal>, sm_count(), 64, 0,
+                    o.v + 64, &counter, static_cast<int*>(flags));
        }},
       {"grid_barrier_resident",
        [](Out o) {

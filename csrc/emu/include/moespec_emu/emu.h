@@ -9,8 +9,9 @@
 //  - __syncthreads / __syncwarp / shuffles / votes / mma.sync are cooperative barriers: a barrier
 //    that cannot complete (exited or diverged threads, mismatched collectives, partial masks)
 //    aborts the launch with a message instead of hanging;
-//  - shared memory (static: the `moespec_emu_shared` section; dynamic: a per-launch arena) is
-//    poisoned with 0xFF bytes (NaN in every float type) before every block;
+//  - shared memory (static: the `moespec_emu_shared` section, template kernels' included; dynamic:
+//    a per-launch arena) is poisoned with 0xFF bytes (NaN in every float type) before every block
+//    and kept per resident block;
 //  - cp.async copies are deferred to the issuing thread's wait_group, their destination is
 //    poisoned when issued;
 //  - launches are checked like the driver does (grid/block limits, dynamic shared memory above
@@ -37,9 +38,13 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// Static shared variables become statics in one ELF section, so the emulator can poison them all
-// before every block (blocks run one at a time, so one copy per kernel suffices).
-#define __shared__ static __attribute__((section("moespec_emu_shared"), aligned(16)))
+// Static shared variables become statics in one ELF section, moespec_emu_shared, so the emulator
+// can poison them all before every block and keep a copy per resident block. GCC drops the section
+// attribute in template instantiations; the abi_tag survives there, marks the variable's mangled
+// name (and, with -fdata-sections, its section's name), and csrc/emu/shared.ld moves those
+// sections into moespec_emu_shared at link time.
+#define __shared__ \
+  static __attribute__((section("moespec_emu_shared"), abi_tag("moespec_emu_shared"), aligned(16)))
 
 struct dim3 {
   unsigned x, y, z;
