@@ -55,10 +55,8 @@ constexpr int kMaxExperts = 1024;   // routing plan limit (routing::kMaxE)
 static_assert(kBM == kBK, "one padded stride serves both weight layouts");
 static_assert(kSlice == kBK, "GEMM2 reads one whole slice per stage");
 static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
-// The CTA's bookkeeping lives in dynamic shared memory too, after the ring and h: the emulator
-// keeps dynamic shared memory per resident block, but cannot find a template kernel's static
-// __shared__ variables (GCC puts them in COMDAT .bss sections), and a CTA waiting for another
-// one must not see that one's bookkeeping (docs/emulator.md).
+// The CTA's bookkeeping lives in dynamic shared memory too, after the ring and h: one carve-up of
+// one opt-in size, and no static shared memory to add to the 227 KiB limit on sm_90.
 // s_item0, s_done, s_ndone, and stages + 1 piece descriptors of 17 ints.
 constexpr int meta_bytes(int stages, int bn) { return ((kMaxExperts + 1) + bn + 1) * 4 + (stages + 1) * 17 * 4; }
 
