@@ -189,6 +189,59 @@ __device__ __forceinline__ int block_exclusive_scan(const int* in, int* out, int
 
 __device__ __forceinline__ float softmax_prob(float z, float m, float s) { return expf(z - m) / s; }
 
+// Softmax statistics of one row, warp-wide: the max and the sum of exp(z - max) (the same value in
+// every lane: butterfly sums may differ in the last bit between lanes).
+__device__ __forceinline__ void row_stats(const PlanParams& p, int64_t row, int lane, float& m, float& s) {
+  m = -INFINITY;
+  for (int e = lane; e < p.E; e += 32) m = fmaxf(m, load_float(p.logits, p.logits_dtype, row + e));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, off));
+  s = 0.f;
+  for (int e = lane; e < p.E; e += 32) s += expf(load_float(p.logits, p.logits_dtype, row + e) - m);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
+  s = __shfl_sync(kFullMask, s, 0);
+}
+
+// Phase A for token t, one warp: softmax statistics, then the top-k (weights renormalised if asked)
+// or the given routing. Shared by both plan generations, so their bits are the same.
+__device__ __forceinline__ void token_routing(const PlanParams& p, int t, int lane) {
+  const int k = p.k;
+  if (p.logits != nullptr) {
+    const int64_t row = (int64_t)t * p.logits_stride;
+    float m, s;
+    row_stats(p, row, lane, m, s);
+    if (lane == 0) {
+      p.row_max[t] = m;
+      p.row_sum[t] = s;
+    }
+    if (p.route && isnan(s)) {  // invalid row (s is warp-uniform): placeholder until phase D
+      for (int r = lane; r < k; r += 32) {
+        p.ids[(int64_t)t * k + r] = -1;
+        p.weights[(int64_t)t * k + r] = 0.f;
+      }
+    } else if (p.route) {
+      warp_topk(
+          p.E, k, [&](int e) { return softmax_prob(load_float(p.logits, p.logits_dtype, row + e), m, s); },
+          p.ids + (int64_t)t * k, p.weights + (int64_t)t * k);
+      if (lane == 0 && p.renormalize) {
+        float sum = 0.f;
+        for (int r = 0; r < k; ++r) sum += p.weights[(int64_t)t * k + r];
+        if (sum > 0.f)
+          for (int r = 0; r < k; ++r) p.weights[(int64_t)t * k + r] /= sum;
+      }
+    }
+  }
+  if (!p.route && p.in_ids != nullptr) {
+    for (int r = lane; r < k; r += 32) {
+      const int64_t i = (int64_t)t * k + r;
+      const int64_t id = load_index(p.in_ids, p.in_ids_type, i);
+      p.ids[i] = (id >= 0 && id < p.E) ? (int)id : -1;
+      p.weights[i] = p.in_weights != nullptr ? load_float(p.in_weights, p.in_weights_dtype, i) : 1.f;
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanParams p) {
   __shared__ int s_present[kMaxE];
   __shared__ int s_keep[kMaxE];
@@ -204,48 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(const PlanPar
   const int T = p.T, E = p.E, k = p.k, P = p.T * p.k;
 
   // ---- phase A: per token (one warp each): softmax statistics, top-k or given routing
-  for (int t = warp; t < T; t += kWarps) {
-    if (p.logits != nullptr) {
-      const int64_t row = (int64_t)t * p.logits_stride;
-      float m = -INFINITY;
-      for (int e = lane; e < E; e += 32) m = fmaxf(m, load_float(p.logits, p.logits_dtype, row + e));
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, off));
-      float s = 0.f;
-      for (int e = lane; e < E; e += 32) s += expf(load_float(p.logits, p.logits_dtype, row + e) - m);
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
-      s = __shfl_sync(kFullMask, s, 0);  // one value for all lanes (butterfly sums may differ in the last bit)
-      if (lane == 0) {
-        p.row_max[t] = m;
-        p.row_sum[t] = s;
-      }
-      if (p.route && isnan(s)) {  // invalid row (s is warp-uniform): placeholder until phase D
-        for (int r = lane; r < k; r += 32) {
-          p.ids[(int64_t)t * k + r] = -1;
-          p.weights[(int64_t)t * k + r] = 0.f;
-        }
-      } else if (p.route) {
-        warp_topk(
-            E, k, [&](int e) { return softmax_prob(load_float(p.logits, p.logits_dtype, row + e), m, s); },
-            p.ids + (int64_t)t * k, p.weights + (int64_t)t * k);
-        if (lane == 0 && p.renormalize) {
-          float sum = 0.f;
-          for (int r = 0; r < k; ++r) sum += p.weights[(int64_t)t * k + r];
-          if (sum > 0.f)
-            for (int r = 0; r < k; ++r) p.weights[(int64_t)t * k + r] /= sum;
-        }
-      }
-    }
-    if (!p.route && p.in_ids != nullptr) {
-      for (int r = lane; r < k; r += 32) {
-        const int64_t i = (int64_t)t * k + r;
-        const int64_t id = load_index(p.in_ids, p.in_ids_type, i);
-        p.ids[i] = (id >= 0 && id < E) ? (int)id : -1;
-        p.weights[i] = p.in_weights != nullptr ? load_float(p.in_weights, p.in_weights_dtype, i) : 1.f;
-      }
-    }
-  }
+  for (int t = warp; t < T; t += kWarps) token_routing(p, t, lane);
   for (int e = tid; e < E; e += kThreads) {
     s_present[e] = 0;
     s_keep[e] = 0;

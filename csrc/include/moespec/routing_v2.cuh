@@ -47,19 +47,6 @@ struct PlanV2Params {
   int pf_experts;  // prefetch the first tiles of at most this many kept experts (0: none)
 };
 
-// v1's softmax statistics of one row (the identical code, so the identical bits).
-__device__ __forceinline__ void row_stats(const PlanParams& p, int64_t row, int lane, float& m, float& s) {
-  m = -INFINITY;
-  for (int e = lane; e < p.E; e += 32) m = fmaxf(m, load_float(p.logits, p.logits_dtype, row + e));
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, off));
-  s = 0.f;
-  for (int e = lane; e < p.E; e += 32) s += expf(load_float(p.logits, p.logits_dtype, row + e) - m);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
-  s = __shfl_sync(kFullMask, s, 0);
-}
-
 __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const PlanV2Params q) {
   const PlanParams& p = q.p;
   __shared__ int s_present[kMaxE];
@@ -85,40 +72,8 @@ __global__ void __launch_bounds__(kThreads, 1) routing_plan_v2_kernel(const Plan
   {
     const int t = blockIdx.x * kTokensPerCta + warp % kTokensPerCta;
     const bool second = warp >= kTokensPerCta;
-    if (t < T && !second) {  // v1's phase A for token t
-      if (p.logits != nullptr) {
-        const int64_t row = (int64_t)t * p.logits_stride;
-        float m, s;
-        row_stats(p, row, lane, m, s);
-        if (lane == 0) {
-          p.row_max[t] = m;
-          p.row_sum[t] = s;
-        }
-        if (p.route && isnan(s)) {  // invalid row: placeholder until the tail
-          for (int r = lane; r < k; r += 32) {
-            p.ids[(int64_t)t * k + r] = -1;
-            p.weights[(int64_t)t * k + r] = 0.f;
-          }
-        } else if (p.route) {
-          warp_topk(
-              E, k, [&](int e) { return softmax_prob(load_float(p.logits, p.logits_dtype, row + e), m, s); },
-              p.ids + (int64_t)t * k, p.weights + (int64_t)t * k);
-          if (lane == 0 && p.renormalize) {
-            float sum = 0.f;
-            for (int r = 0; r < k; ++r) sum += p.weights[(int64_t)t * k + r];
-            if (sum > 0.f)
-              for (int r = 0; r < k; ++r) p.weights[(int64_t)t * k + r] /= sum;
-          }
-        }
-      }
-      if (!p.route && p.in_ids != nullptr) {
-        for (int r = lane; r < k; r += 32) {
-          const int64_t i = (int64_t)t * k + r;
-          const int64_t id = load_index(p.in_ids, p.in_ids_type, i);
-          p.ids[i] = (id >= 0 && id < E) ? (int)id : -1;
-          p.weights[i] = p.in_weights != nullptr ? load_float(p.in_weights, p.in_weights_dtype, i) : 1.f;
-        }
-      }
+    if (t < T && !second) {  // v1's phase A for token t (the same function)
+      token_routing(p, t, lane);
     } else if (t < T && p.score_mode == kScoreProb) {
       const int64_t row = (int64_t)t * p.logits_stride;
       float m, s;
