@@ -137,10 +137,10 @@ class RoutingPlan:
     fp32 ``[T*E]`` (per-token score contributions; only for plans that score experts, i.e. not for
     `plan_from_routing`'s) and ``sync`` int32 ``[4]`` (the last-CTA ticket; zero at allocation, and
     the kernel leaves it zero, so CUDA-graph replays need no memset). The v2 *expert* kernel keeps
-    its state here too, allocated zeroed on its first use with this plan and left zero by every
-    launch (so no memset sits between the plan and the expert kernel, which overlaps the plan's
-    tail): ``expert_counters`` int32 (per-token counters, stream-K flags and workspace) and, for
-    ``deterministic=False``, ``expert_accum`` fp32 ``[T, H]``.
+    its state here too, zeroed once (the counters with the workspaces above, before the plan's
+    first launch) and left zero by every launch, so no memset sits between the plan and the expert
+    kernel, which overlaps the plan's tail: ``expert_counters`` int32 (per-token counters, stream-K
+    flags and workspace) and, for ``deterministic=False``, ``expert_accum`` fp32 ``[T, H]``.
     """
 
     T: int
@@ -208,10 +208,10 @@ class RoutingPlan:
                 self.expert_counters = torch.zeros(n, dtype=torch.int32, device=dev)
 
     def _v2_expert_state(self, ncounters: int, H: int, atomic: bool):
-        """The v2 expert kernel's zero-on-entry buffers (allocated zeroed when missing or too small,
-        the counters already by `_v2_workspaces`, i.e. before the v2 plan's first launch, so that no
-        memset separates the plan from the expert kernel; the kernel leaves them zero): counters int32 ``[>= ncounters]`` and, when ``atomic``, the
-        accumulator fp32 ``[T, H]`` (else None)."""
+        """The v2 expert kernel's zero-on-entry buffers, which the kernel leaves zero: counters int32
+        ``[>= ncounters]`` and, when ``atomic``, the accumulator fp32 ``[T, H]`` (else None).
+        Allocated zeroed when missing or too small; the counters normally already by
+        `_v2_workspaces`, before the plan's first launch, so no memset separates plan and experts."""
         dev = self.ids.device
         if self.expert_counters is None or self.expert_counters.numel() < ncounters:
             self.expert_counters = torch.zeros(ncounters, dtype=torch.int32, device=dev)
