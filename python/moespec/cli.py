@@ -104,6 +104,19 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _fractions(text: str) -> list[float]:
+    """argparse type: ``"0.9,0.95"`` -> [0.9, 0.95] (each in (0, 1], no repeats)."""
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected fractions in (0, 1], got {text!r}")
+    if len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"a value is repeated in {text!r}")
+    return vals
+
+
 def budget_list_type(allow_none: bool = True):
     """argparse type for a comma-separated list of expert budgets C, shared by the commands.
 
@@ -341,7 +354,8 @@ def _device(name: str) -> str:
 
 def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--target", default="default",
-                   help="target model: 'default' (the shipped Qwen3-MoE), a Hugging Face id or local path, "
+                   help="target model: 'default' (the shipped Qwen3-MoE, 32 experts top-4), 'fine' (the shipped "
+                        "fine-grained one, 128 experts top-8), a Hugging Face id or local path, "
                         "or tiny:ARCH (random tiny model: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss)")
     if drafter:
         p.add_argument("--drafter", default="auto",
@@ -505,10 +519,14 @@ def _bench_generate(args: argparse.Namespace) -> int:
 
     prompts = g.load_prompts(args.prompts, args.num_prompts)  # before loading models: fail fast
     ks = args.ks or [2, 4, 8]
-    families = args.modes or list(g.MODE_FAMILIES)
+    families = args.modes or [f for f in g.MODE_FAMILIES if f != "tree" or args.trees]
+    trees = args.trees or ([8, 16] if "tree" in families else [])
     g.check_mode_args(families, ks, args.budgets, policy=args.policy)
+    if args.coverages and "budget" not in families:
+        raise ValueError("--coverages adds budget modes, and --modes does not select the budget family")
     device = _device(args.device)
     model, codec, target_label = g.load_target(args.target, args.dtype, device)
+    prepared = g.prepare_target(model, args.widen, args.experts)
     require_tokenizer(codec, args.target)
     factory, drafter_label = g.make_drafter_factory(args.drafter, args.target, args.dtype, device)
     check_cli_drafter(model, codec, factory(), args.drafter, args.target)  # before any timed run
@@ -522,14 +540,16 @@ def _bench_generate(args: argparse.Namespace) -> int:
         g.check_mode_args(families, ks, budgets, top_k=g.target_top_k(model), policy=args.policy)
         if args.budgets:
             choices = [None] + sorted(set(budgets), reverse=True)
-    modes = g.build_modes(families, ks, budgets or [], args.budget_k or max(ks), args.k_max or max(ks))
+    modes = g.build_modes(families, ks, budgets or [], args.budget_k or max(ks), args.k_max or max(ks), trees,
+                          args.coverages or ())
     result = g.run_generate_bench(
         model, codec, factory, prompts, modes, max_new_tokens=args.max_new_tokens, policy=args.policy,
         candidates=args.candidates,
         budget_choices=choices, warmup=not args.no_warmup, progress=not args.quiet,
         keep_iterations=args.save_iterations, argv=args.argv, repeats=args.repeats, requests=args.requests,
         config={"target": target_label, "drafter": drafter_label, "target_spec": args.target,
-                "drafter_spec": args.drafter, "dtype": args.dtype, "budget_choices": choices})
+                "drafter_spec": args.drafter, "dtype": args.dtype, "budget_choices": choices,
+                "preset": args.preset, **prepared})
     print(g.generate_table(result, max_width=None if args.wide else g.report.TERMINAL_WIDTH))
     print(g.report.wrap_notes(g.generate_notes(result)))
     warning = g.spread_warning(result)
@@ -805,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "speculation, Cascade and Cascade+budget on a set of prompts.")
     _add_model_args(bg)
     bg.add_argument("--prompts", help="JSONL file (strings or objects with 'prompt'/'text'); default: built-in set")
-    from .bench.generate import DEFAULT_REPEATS, MODE_FAMILIES
+    from .bench.generate import DEFAULT_REPEATS, MODE_FAMILIES, PRESETS
 
     bg.add_argument("--num-prompts", type=_pos_int,
                     help="use only the first N prompts (an error when fewer are available)")
@@ -821,6 +841,23 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--modes", type=_names(MODE_FAMILIES),
                     help=f"mode families (default all: {','.join(MODE_FAMILIES)}); ar is always run")
     bg.add_argument("--ks", type=_ints, help="static draft lengths K (default 2,4,8)")
+    bg.add_argument("--trees", type=_ints,
+                    help="node counts of the tree modes (dynamic draft trees, depth 6, 3 children per node; default "
+                         "8,16 when --modes names tree; the tree family runs only when named or given here)")
+    bg.add_argument("--coverages", type=_fractions,
+                    help="coverage targets tau: one extra budget mode each (the fewest experts holding tau of the "
+                         "score mass, at most the largest --budgets)")
+    bg.add_argument("--widen", type=_pos_int,
+                    help="give every routed expert N times its trained intermediate size (extra gate/up rows, zero "
+                         "down-projection columns: the same outputs, the expert bytes of a larger model; see "
+                         "docs/memory-bound.md)")
+    bg.add_argument("--experts", choices=["moespec", "model"], default="moespec",
+                    help="experts implementation of every forward: moespec (default: moespec.ops.moe_experts, the "
+                         "C++ CPU kernels on the CPU, for every mode, autoregressive included) or model (the "
+                         "model's own for unbudgeted forwards, moespec's for budgeted ones)")
+    bg.add_argument("--preset", choices=sorted(PRESETS),
+                    help="a named workload whose settings apply where no flag gives them: " + "; ".join(
+                        f"{k}: {v['help']}" for k, v in sorted(PRESETS.items())))
     bg.add_argument("--budgets", type=budget_list_type(allow_none=False),
                     help="budgets C for the budget modes (default E/2,E/4); integers >= the target's top-k, as in "
                          "moespec.ops")
@@ -930,6 +967,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     sub = getattr(args, "_parser", parser)
+    if getattr(args, "preset", None):
+        from .bench.generate import apply_preset
+
+        apply_preset(args)  # before the output checks: a preset names its own output files
     for name in _POSITIVE:
         val = getattr(args, name, None)
         if isinstance(val, int) and val < 1:

@@ -43,7 +43,10 @@ BUILTIN_PROMPTS = (
     "    def __repr__(self):\n        return '%s(%r)' % (self.__class__.__name__,",
 )
 
-MODE_FAMILIES = ("ar", "static", "budget", "cascade", "cascade+budget")
+MODE_FAMILIES = ("ar", "static", "tree", "budget", "cascade", "cascade+budget")
+
+#: Dynamic draft trees of the ``tree`` family: depth and branching; ``--trees`` gives the node counts.
+TREE_DEPTH, TREE_BRANCHING = 6, 3
 
 #: Repeats of the whole prompt set per mode. Three keep the default run (8 prompts x 64 tokens x 8
 #: modes) around two minutes on a 2-core CPU with one thread and give a min-max interval per mode.
@@ -53,11 +56,14 @@ DEFAULT_REPEATS = 3
 @dataclass(frozen=True)
 class Mode:
     """One evaluated configuration: ``kind`` in `MODE_FAMILIES`, draft size ``k`` (K_max for
-    Cascade), ``budget`` (None = unbudgeted; ignored by ``cascade+budget``, which picks it)."""
+    Cascade; the node count of a ``tree``), ``budget`` (None = unbudgeted; ignored by
+    ``cascade+budget``, which picks it) and, for ``budget`` modes, an adaptive ``coverage`` rule
+    (keep the fewest experts holding that share of the score mass, at most ``budget``)."""
 
     kind: str
     k: int = 0
     budget: Optional[int] = None
+    coverage: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -65,9 +71,22 @@ class Mode:
             return "ar"
         if self.kind == "static":
             return f"static K={self.k}"
+        if self.kind == "tree":
+            return f"tree {self.k} nodes"
         if self.kind == "budget":
+            if self.coverage is not None:
+                return f"budget K={self.k} cov={self.coverage:g} C<={self.budget}"
             return f"budget K={self.k} C={self.budget}"
         return f"{self.kind} Kmax={self.k}"
+
+    @property
+    def draft(self):
+        """The `generate` ``draft`` argument: a chain of ``k``, or a dynamic tree of ``k`` nodes."""
+        if self.kind == "tree":
+            from ..speculative import DraftConfig
+
+            return DraftConfig.tree(TREE_DEPTH, TREE_BRANCHING, self.k)
+        return self.k
 
     @property
     def controller(self) -> str:
@@ -75,21 +94,64 @@ class Mode:
 
 
 def build_modes(families: Sequence[str], ks: Sequence[int], budgets: Sequence[int], budget_k: int,
-                k_max: int) -> list[Mode]:
-    """The list of modes to run, ``ar`` always first (it is the reference)."""
+                k_max: int, trees: Sequence[int] = (), coverages: Sequence[float] = ()) -> list[Mode]:
+    """The list of modes to run, ``ar`` always first (it is the reference). ``coverages`` add one
+    ``budget`` mode per coverage target, capped at the largest of ``budgets``."""
     bad = [f for f in families if f not in MODE_FAMILIES]
     if bad:
         raise ValueError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODE_FAMILIES)}")
     modes = [Mode("ar")]
     if "static" in families:
         modes += [Mode("static", k) for k in ks]
+    if "tree" in families:
+        modes += [Mode("tree", n) for n in trees]
     if "budget" in families:
         modes += [Mode("budget", budget_k, c) for c in budgets]
+        if coverages and budgets:
+            modes += [Mode("budget", budget_k, max(budgets), tau) for tau in coverages]
     if "cascade" in families:
         modes.append(Mode("cascade", k_max))
     if "cascade+budget" in families:
         modes.append(Mode("cascade+budget", k_max))
     return modes
+
+
+#: Widening of the fine-grained target in the memory-bound presets (docs/memory-bound.md): every expert
+#: gets this many times its trained intermediate size, so expert bytes dominate a forward.
+MEMORY_BOUND_WIDEN = 128
+
+#: Named workloads of `moespec bench generate --preset`: argparse ``dest`` -> value, applied where the
+#: command line does not give the flag.
+PRESETS = {
+    "memory-bound": {
+        "help": "the short main job: the fine-grained target widened to real expert bytes (bf16, moespec's "
+                "CPU kernels for every mode), autoregressive vs static chains, budgets and Cascade, 4 prompts x "
+                "48 tokens, 2 repeats (a few minutes on a 2-core CPU)",
+        "settings": dict(target="fine", widen=MEMORY_BOUND_WIDEN, dtype="bf16", experts="moespec",
+                         modes=["ar", "static", "budget", "cascade", "cascade+budget"], ks=[2, 4, 8],
+                         budgets=[16, 24], budget_k=8, num_prompts=4, max_new_tokens=48, repeats=2,
+                         name="bench_generate_memory_bound"),
+    },
+    "memory-bound-full": {
+        "help": "the full table of the memory-bound regime: static chains K=1,2,4,8, trees of 8 and 16 nodes, a "
+                "budget sweep with coverage rules, Cascade and Cascade+budget, 8 prompts x 64 tokens, 3 repeats",
+        "settings": dict(target="fine", widen=MEMORY_BOUND_WIDEN, dtype="bf16", experts="moespec",
+                         modes=["ar", "static", "tree", "budget", "cascade", "cascade+budget"], ks=[1, 2, 4, 8],
+                         trees=[8, 16], budgets=[8, 12, 16, 24, 32], coverages=[0.9, 0.95], budget_k=8,
+                         num_prompts=8, max_new_tokens=64, repeats=3, name="bench_generate_memory_bound_full"),
+    },
+}
+
+
+def apply_preset(args) -> None:
+    """Fill ``args`` from ``args.preset`` wherever the command line (``args.argv``) did not give the flag."""
+    name = getattr(args, "preset", None)
+    if not name:
+        return
+    given = {a.split("=", 1)[0] for a in (getattr(args, "argv", None) or []) if a.startswith("--")}
+    for dest, value in PRESETS[name]["settings"].items():
+        if "--" + dest.replace("_", "-") not in given:
+            setattr(args, dest, value)
 
 
 # ----------------------------------------------------------------------------- models
@@ -121,18 +183,24 @@ def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+BUILTIN_TARGETS = {"default": ("coarse", "moespec built-in Qwen3-MoE target (32 experts, top-4)"),
+                   "fine": ("fine", "moespec built-in fine-grained Qwen3-MoE target (128 experts, top-8)")}
+
+
 def load_target(spec: str, dtype: str = "fp32", device: str = "cpu"):
-    """``(model, TokenCodec, label)`` for ``default`` (the shipped model), ``tiny:ARCH`` or an HF id/path."""
-    if spec == "default":
+    """``(model, TokenCodec, label)`` for ``default`` / ``fine`` (the shipped targets), ``tiny:ARCH`` or an
+    HF id/path."""
+    if spec in BUILTIN_TARGETS:
         from .. import models
 
+        name, label = BUILTIN_TARGETS[spec]
         try:
-            m = models.load_target(dtype=_dtype(dtype), device=device)
+            m = models.load_target(dtype=_dtype(dtype), device=device, name=name)
             tok = models.load_tokenizer()
         except FileNotFoundError as exc:
             raise ValueError(f"the built-in target model is not available ({exc}); pass --target with a "
                              "Hugging Face id or path, or tiny:qwen3_moe for a random tiny model") from None
-        return m, TokenCodec(tok, m.config.vocab_size), "moespec built-in Qwen3-MoE target"
+        return m, TokenCodec(tok, m.config.vocab_size), label
     if spec.startswith("tiny:"):
         from ..integrations.tiny import TINY_ARCHITECTURES, tiny_model
 
@@ -164,7 +232,7 @@ def make_drafter_factory(spec: str, target_spec: str, dtype: str = "fp32",
     from ..speculative import DraftModelDrafter, PromptLookupDrafter
 
     if spec == "auto":
-        spec = "default" if target_spec == "default" else "prompt-lookup"
+        spec = "default" if target_spec in BUILTIN_TARGETS else "prompt-lookup"
     if spec in ("prompt-lookup", "pld"):
         return PromptLookupDrafter, "prompt lookup (n-gram)"
     if spec == "default":
@@ -191,6 +259,45 @@ def make_drafter_factory(spec: str, target_spec: str, dtype: str = "fp32",
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load drafter {spec!r}: {str(exc).splitlines()[0]}") from None
     return (lambda: DraftModelDrafter(small)), spec
+
+
+def prepare_target(model, widen: Optional[int] = None, experts: str = "moespec", seed: int = 0) -> dict:
+    """Make ``model`` ready for a benchmark and return what was done (for the record).
+
+    ``widen``: give every routed expert ``widen`` times its trained intermediate size
+    (`moespec.integrations.widen.widen_experts`: the same outputs, the bytes of a larger model).
+    ``experts``: ``"moespec"`` patches the model so that every forward, unbudgeted ones included,
+    runs `moespec.ops.moe_experts` (on CPU tensors the C++ CPU kernels), so that all modes share one
+    experts implementation; ``"model"`` leaves unbudgeted forwards on the model's own implementation
+    (each mode then patches it only for its statistics and budgets).
+    """
+    from ..integrations import patch
+
+    info: dict = {"experts": experts}
+    cfg = getattr(model.config, "text_config", None) or model.config
+    info["model_experts_implementation"] = getattr(cfg, "_experts_implementation", None) or "eager"
+    if widen is not None:
+        from ..integrations.widen import widen_experts
+
+        if isinstance(widen, bool) or not isinstance(widen, int) or widen < 1:
+            raise ValueError(f"--widen must be an integer >= 1, got {widen!r}")
+        width = int(getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size"))
+        info["widen"] = widen_experts(model, width * widen, seed=seed).to_dict()
+    if experts == "moespec":
+        patch(model, budget=None, experts="moespec")
+        info["experts_backend"] = experts_backend_label(next(model.parameters()).device)
+    elif experts != "model":
+        raise ValueError(f"experts must be 'moespec' or 'model', got {experts!r}")
+    return info
+
+
+def experts_backend_label(device) -> str:
+    """What `moespec.ops.moe_experts` runs on ``device`` with ``backend="auto"`` (for the record)."""
+    from .. import _cuda, cpu_kernels
+
+    if torch.device(device).type == "cpu":
+        return f"cpu (C++ CPU kernels, {cpu_kernels.isa()})" if cpu_kernels.available() else "reference (PyTorch)"
+    return f"cuda ({_cuda.expert_generation()} kernels)" if hasattr(_cuda, "expert_generation") else "cuda"
 
 
 def load_prompts(path: Optional[str], limit: Optional[int] = None) -> list[str]:
@@ -301,11 +408,15 @@ def run_one(model, prompt_ids: Sequence[int], drafter, mode: Mode, max_new_token
     """
     from ..speculative import generate
 
-    kw = dict(drafter=drafter, max_new_tokens=max_new_tokens, draft=mode.k, policy=policy,
+    kw = dict(drafter=drafter, max_new_tokens=max_new_tokens, draft=mode.draft, policy=policy,
               controller=mode.controller, do_sample=False, eos_token_id=eos_token_id, routing_stats=True,
               cascade_state=cascade_state, candidates=candidates)
     if mode.kind == "budget":
         kw["budget"] = mode.budget
+        if mode.coverage is not None:
+            from ..integrations import BudgetConfig
+
+            kw["budget"] = BudgetConfig(mode.budget, policy, coverage=mode.coverage, candidates=candidates)
     if mode.kind == "cascade+budget" and budget_choices:
         kw["budget_choices"] = budget_choices
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)

@@ -31,17 +31,19 @@ class ExpertsState:
         budgeted: set by the router hook for the current call: run moespec's experts. Dropped
             pairs reach them with weight 0 (`budget_router_output`), so no kept set is needed:
             zero-weight pairs are never computed and their weights never read.
-        backend: the `moespec.ops` backend of budgeted calls (set by the router hook with
-            ``budgeted``, from the call's settings); unbudgeted calls never read it.
+        backend: the `moespec.ops` backend moespec's experts run on (set by the router hook
+            from the call's settings).
+        always: run moespec's experts for unbudgeted calls too (``patch(..., experts="moespec")``).
     """
 
-    __slots__ = ("layout", "original", "budgeted", "backend")
+    __slots__ = ("layout", "original", "budgeted", "backend", "always")
 
-    def __init__(self, layout, original: str = "eager", backend: str = "auto") -> None:
+    def __init__(self, layout, original: str = "eager", backend: str = "auto", always: bool = False) -> None:
         self.layout = layout
         self.original = original
         self.budgeted = False
         self.backend = backend
+        self.always = always
 
 
 def register() -> None:
@@ -64,7 +66,7 @@ def moespec_experts_forward(
     parallelism, mixed weight dtypes) fall back to the module's own eager loop.
     """
     state = getattr(self, "_moespec_state", None)
-    if state is None or not state.budgeted:
+    if state is None or not (state.budgeted or state.always):
         return _original_forward(self, state, hidden_states, top_k_index, top_k_weights)
     layout = state.layout
     w_gate_up, w_down, b_gate_up, b_down = expert_weights(self)
@@ -77,6 +79,8 @@ def moespec_experts_forward(
         and w_down.is_contiguous()
     )
     if not runnable:
+        if not state.budgeted:  # experts="moespec" on a layer moespec cannot run: the model's own
+            return _original_forward(self, state, hidden_states, top_k_index, top_k_weights)
         return _eager_forward(self, hidden_states, top_k_index, top_k_weights)
     # Autocast can hand fp32 activations to half-precision experts; compute in the weights' dtype.
     x = hidden_states.to(w_gate_up.dtype).contiguous()

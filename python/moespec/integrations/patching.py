@@ -124,7 +124,8 @@ class _PatchedLayer:
         self.router = getattr(block, spec.router_attr)
         self.experts = block.experts
         cfg = getattr(self.experts, "config", None)
-        self.state = ExpertsState(expert_layout(self.experts), getattr(cfg, "_experts_implementation", None) or "eager")
+        self.state = ExpertsState(expert_layout(self.experts), getattr(cfg, "_experts_implementation", None) or "eager",
+                                  always=handle.experts == "moespec")
         self._router_hook = None
         self._saved_experts_forward = self.experts.__dict__.get("forward")
         self._experts_forward_overridden = False
@@ -167,6 +168,7 @@ class _PatchedLayer:
         # A cap of E or more with no coverage can never bind: run exactly as unpatched.
         if not applies or (settings.coverage is None and cap >= self.info.num_experts):
             self.state.budgeted = False
+            self.state.backend = settings.backend if settings is not None else handle.backend
             if stats is not None:
                 union = reference.union_mask(ids, self.info.num_experts, mask)
                 self._record(stats, ids.shape[0] if mask is None else mask.sum(), union.sum(), union, cap, applies)
@@ -229,10 +231,14 @@ class PatchHandle:
         when: ``"auto"`` (default budget only for verification-shaped calls) or ``"always"``.
         backend: the `moespec.ops` backend of budgeted calls (fixed at patch time; budgets set
             later, `set_budget` and `expert_budget`, keep it).
+        experts: which experts implementation unbudgeted calls run: ``"model"`` (the model's own)
+            or ``"moespec"`` (`moespec.ops.moe_experts` on ``backend``, like budgeted calls).
     """
 
-    def __init__(self, model: torch.nn.Module, blocks, default: BudgetConfig, when: str) -> None:
+    def __init__(self, model: torch.nn.Module, blocks, default: BudgetConfig, when: str,
+                 experts: str = "model") -> None:
         self._model_ref = weakref.ref(model)
+        self.experts = _check_experts(experts)
         self.stats = RoutingStats()
         self.layers: tuple[MoELayerInfo, ...] = ()
         self._patched: list[_PatchedLayer] = []
@@ -242,6 +248,8 @@ class PatchHandle:
             self._patched.append(_PatchedLayer(self, info, block, spec))
         self.layers = tuple(p.info for p in self._patched)
         self.default: LayerBudgets = self.resolve(default)
+        for p in self._patched:
+            p.state.backend = self.backend
         self.when = _check_when(when)
         self._overrides: list[LayerBudgets] = []
         self._call: Optional[_OpenCall] = None
@@ -334,7 +342,7 @@ class PatchHandle:
         caps = self.default.caps
         cap = caps[0] if len(set(caps)) == 1 and caps else list(caps)
         return (f"PatchHandle(layers={len(self.layers)}, budget={cap}, policy={self.default.policy!r}, "
-                f"when={self.when!r}, backend={self.backend!r}, patched={self._active})")
+                f"when={self.when!r}, backend={self.backend!r}, experts={self.experts!r}, patched={self._active})")
 
     # -- internals
 
@@ -493,6 +501,15 @@ def _check_backend_can_run(backend: str, blocks) -> None:
             raise RuntimeError(f"moespec.patch: backend='emu': this emulation build has no kernel {', '.join(missing)}")
 
 
+EXPERTS_MODES = ("model", "moespec")
+
+
+def _check_experts(experts: str) -> str:
+    if experts not in EXPERTS_MODES:
+        raise ValueError(f"moespec: experts must be one of {EXPERTS_MODES}, got {experts!r}")
+    return experts
+
+
 def _check_when(when: str) -> str:
     if when not in WHEN_MODES:
         raise ValueError(f"moespec: when must be one of {WHEN_MODES}, got {when!r}")
@@ -579,6 +596,7 @@ def patch(
     when: str = "auto",
     backend: str = "auto",
     candidates: Optional[str] = None,
+    experts: str = "model",
 ) -> PatchHandle:
     """Make a loaded transformers MoE model run budgeted MoE layers (docs/design.md §3).
 
@@ -606,8 +624,12 @@ def patch(
         candidates: the experts a kept set is chosen from: ``"all"`` (every expert, MoE-Spec's
             rule), ``"union"`` (the union of the call's top-k; the default, chosen by measurement;
             the default for ``truncate``). Either way a layer whose union fits is untouched.
-
-    Returns:
+        experts: the experts implementation of unbudgeted calls: ``"model"`` (default: the model's
+            own, so unbudgeted outputs stay bitwise the model's) or ``"moespec"`` (every call runs
+            `moespec.ops.moe_experts` on ``backend``, e.g. the C++ CPU kernels, with the model's own
+            routing: the same math, rounded by another summation order). ``"moespec"`` puts every
+            forward (prefill, decode, verification) on one implementation, so that a benchmark's
+            modes differ only in what they verify, not in whose kernels run.
         `PatchHandle` (``.stats``, ``.unpatch()``, usable as a context manager).
 
     Raises:
@@ -638,7 +660,7 @@ def patch(
                 f"{what} ({relation}); unpatch that handle first (moespec.integrations.get_handle(...).unpatch()) "
                 "instead of stacking two patches on the same routers")
     handle = PatchHandle(model, blocks, BudgetConfig(budget, policy, score, coverage, min_budget, backend, candidates),
-                         when)
+                         when, experts)
     _check_backend_can_run(handle.backend, blocks)
     handle._install(model)
     _HANDLES[model] = handle

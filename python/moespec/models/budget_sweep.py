@@ -413,6 +413,12 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
     p.add_argument("--coverages", default=",".join(str(c) for c in COVERAGES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", type=Path, default=None, help="model folder (default: the shipped assets)")
+    p.add_argument("--target", choices=["coarse", "fine"], default="coarse",
+                   help="which shipped target: coarse (32 experts top-4) or fine (128 experts top-8)")
+    p.add_argument("--caps", default=None,
+                   help="comma list of fixed caps C to sweep (default every C from top-k to the largest union; "
+                        "on the fine target a sampled list keeps the run within the hour)")
+    p.add_argument("--name", default="budget_sweep", help="file stem of the outputs (default budget_sweep)")
     return p
 
 
@@ -441,19 +447,29 @@ def run(args, argv_text: str) -> int:
     commit = git_commit()  # the code that runs: HEAD may move during a long sweep
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    target, draft_model = load_target(root=args.models), load_draft(root=args.models)
+    caps = None
+    if args.caps:
+        try:
+            caps = sorted({int(c) for c in args.caps.split(",") if c.strip()})
+        except ValueError:
+            raise ValueError(f"--caps takes a comma list of integers, got {args.caps!r}") from None
+    target = load_target(root=args.models, name=getattr(args, "target", "coarse"))
+    draft_model = load_draft(root=args.models)
+    if caps and min(caps) < int(target.config.num_experts_per_tok):
+        raise ValueError(f"--caps must be >= the target's top-k ({target.config.num_experts_per_tok}), got {caps}")
     tok = load_tokenizer(root=args.models)
     stream = heldout_ids(tok, 64 * 256 + 1)
     prompts = make_prompts(stream, args.prompts, args.prompt_len)
     result = run_sweep(target, draft_model, prompts, stream, shapes, args.max_new, args.windows, coverages,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+                       progress=lambda m: print(m, file=sys.stderr, flush=True), caps=caps)
     rep = {
         "command": argv_text,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))",
         "git_commit": commit,
         "config": {"prompts": args.prompts, "prompt_len": args.prompt_len, "max_new": args.max_new,
-                   "windows": args.windows, "coverages": list(coverages),
+                   "windows": args.windows, "coverages": list(coverages), "caps": caps,
+                   "target": getattr(args, "target", "coarse"),
                    "model": {"experts": int(target.config.num_experts), "top_k": int(target.config.num_experts_per_tok),
                              "moe_layers": int(target.config.num_hidden_layers)}},
         "result": result,
@@ -461,7 +477,7 @@ def run(args, argv_text: str) -> int:
     rep["recommendation"] = recommend(result)
     rep["candidates_comparison"] = compare_candidates(result)
     rep["seconds"] = round(time.time() - t0, 1)
-    write_report(rep, args.out)
+    write_report(rep, args.out, getattr(args, "name", "budget_sweep"))
     print(to_markdown(rep))
     return 0
 
@@ -489,12 +505,12 @@ def merge_reports(reports: Sequence[dict]) -> dict:
     return merged
 
 
-def write_report(rep: dict, out: Path) -> None:
-    """``budget_sweep.json``, ``.md`` and ``.png`` in ``out``."""
+def write_report(rep: dict, out: Path, stem: str = "budget_sweep") -> None:
+    """``<stem>.json``, ``.md`` and ``.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "budget_sweep.json").write_text(json.dumps(rep, indent=1) + "\n")
-    (out / "budget_sweep.md").write_text(to_markdown(rep))
-    plot_sweep(rep, out / "budget_sweep.png")
+    (out / f"{stem}.json").write_text(json.dumps(rep, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(to_markdown(rep))
+    plot_sweep(rep, out / f"{stem}.png")
 
 
 def main(argv=None) -> int:
@@ -509,7 +525,7 @@ def main(argv=None) -> int:
             p.error(f"cannot merge: {exc}")
         rep["merged_by"] = "python -m moespec.models.budget_sweep " + " ".join(
             argv if argv is not None else sys.argv[1:])
-        write_report(rep, args.out)
+        write_report(rep, args.out, args.name)
         print(to_markdown(rep))
         return 0
     try:

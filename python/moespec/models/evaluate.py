@@ -156,7 +156,8 @@ def budget_quality(target, draft_model, prompts, stream, max_new, chunk, windows
 
 
 def to_markdown(rep: dict) -> str:
-    lines = ["# Shipped demo models: quality report", "",
+    which = {"coarse": "32 experts, top-4", "fine": "128 experts, top-8"}.get(rep.get("target", "coarse"))
+    lines = [f"# Shipped demo models: quality report (target: {which})", "",
              f"`{rep['command']}` on {rep['device']}, {rep['date']}, commit `{rep['git_commit']}`.", "",
              "| model | parameters | held-out perplexity | random-init perplexity |", "|---|---|---|---|"]
     for name, m in rep["perplexity"].items():
@@ -197,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=8, help="256-token held-out windows for perplexities")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", type=Path, default=None, help="model folder (default: the shipped assets)")
+    p.add_argument("--target", choices=["coarse", "fine"], default="coarse",
+                   help="which shipped target: coarse (32 experts top-4; writes model_quality.*) or fine (128 "
+                        "experts top-8; writes model_quality_fine.*)")
     args = p.parse_args(argv)
     for name in ("prompts", "prompt_len", "max_new", "chunk", "windows", "threads"):
         if getattr(args, name) < 1:
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
         p.error(str(exc))
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    target, draft_model = load_target(root=args.models), load_draft(root=args.models)
+    target, draft_model = load_target(root=args.models, name=args.target), load_draft(root=args.models)
     tok = load_tokenizer(root=args.models)
     stream = heldout_ids(tok, 64 * 256 + 1)
     prompts = make_prompts(stream, args.prompts, args.prompt_len)
@@ -217,7 +221,9 @@ def main(argv=None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    tr = training_report(args.models)
+    tr = training_report(args.models, name=args.target)
+    if "draft" not in tr["models"]:  # the fine target's run trains no draft: it shares the coarse run's
+        tr["models"]["draft"] = training_report(args.models)["models"]["draft"]
     rep = {
         "command": "python -m moespec.models.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -231,8 +237,10 @@ def main(argv=None) -> int:
     }
     rep["seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model_quality.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (args.out / "model_quality.md").write_text(to_markdown(rep))
+    stem = "model_quality" if args.target == "coarse" else "model_quality_fine"
+    rep["target"] = args.target
+    (args.out / f"{stem}.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(to_markdown(rep))
     print(to_markdown(rep))
     return 0
 

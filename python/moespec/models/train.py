@@ -50,14 +50,28 @@ class TrainConfig:
     threads: int = 1  # one thread: on a shared 2-core machine OpenMP spin-waiting wastes the rest
 
 
-def target_config(vocab_size: int):
-    """Qwen3-MoE, 4 layers, 32 experts top-4 with renormalisation (about 7 M parameters)."""
+#: The shipped targets: (experts, top-k, expert width, output folder, report file, experts implementation used
+#: for training). "coarse" is the first target (32 experts, top-4); "fine" has Qwen3-30B-A3B's routing
+#: granularity (128 experts, top-8, renormalised) with the same active expert width per token (8 x 64 = 4 x 128).
+#: Training runs grouped_mm for "fine": at 128 experts the eager per-expert loop took 2x as long per step.
+TARGETS = {
+    "coarse": dict(num_experts=32, top_k=4, moe_intermediate_size=128, folder="target", report="training.json",
+                   experts_implementation="eager"),
+    "fine": dict(num_experts=128, top_k=8, moe_intermediate_size=64, folder="target_fine",
+                 report="training_fine.json", experts_implementation="grouped_mm"),
+}
+
+
+def target_config(vocab_size: int, arch: str = "coarse"):
+    """Qwen3-MoE, 4 layers, hidden size 128, renormalised top-k. ``arch``: ``"coarse"`` (32 experts top-4,
+    about 7 M parameters) or ``"fine"`` (128 experts top-8, about 13 M parameters)."""
     from transformers import Qwen3MoeConfig
 
+    t = TARGETS[arch]
     return Qwen3MoeConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=t["moe_intermediate_size"],
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1,
+        num_experts=t["num_experts"], num_experts_per_tok=t["top_k"], norm_topk_prob=True, decoder_sparse_step=1,
         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
         pad_token_id=0, router_aux_loss_coef=0.001,
     )
@@ -173,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "training.json in it are overwritten; load the result with "
                         "moespec.models.load_target(root=...) or `python -m moespec.models.evaluate --models OUT`)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (a few steps, a few files)")
+    p.add_argument("--arch", choices=sorted(TARGETS), default="coarse",
+                   help="which target to train: coarse (32 experts top-4, written to target/ with training.json) or "
+                        "fine (128 experts top-8, written to target_fine/ with training_fine.json)")
+    p.add_argument("--no-draft", action="store_true",
+                   help="train the target only (the draft depends only on the corpus, tokenizer and seed, which "
+                        "every target shares, so one draft serves both targets)")
     for f, v in asdict(TrainConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
     return p
@@ -192,7 +212,7 @@ def main(argv=None) -> int:
 
     try:  # before any training: a file in the way, or an unwritable folder, fails now
         prepare_output_dir(args.out)
-        for sub in ("target", "draft"):
+        for sub in (TARGETS[args.arch]["folder"], "draft"):
             if (args.out / sub).exists() and not (args.out / sub).is_dir():
                 raise ValueError(f"--out {args.out}: {args.out / sub} is a file, but the {sub} model folder goes there")
     except ValueError as exc:
@@ -224,21 +244,29 @@ def main(argv=None) -> int:
                          "train_files": len(train_files), "heldout_files": len(test_files),
                          "train_tokens": int(train_ids.numel()), "heldout_tokens": int(test_ids.numel())}}
 
+    arch = TARGETS[args.arch]
+    report["arch"] = args.arch
+    report["target_experts_implementation"] = arch["experts_implementation"]
     results = {}
-    for name, make, steps in (("target", lambda: Qwen3MoeForCausalLM(target_config(cfg.vocab_size)), cfg.target_steps),
-                              ("draft", lambda: Qwen3ForCausalLM(draft_config(cfg.vocab_size)), cfg.draft_steps)):
+    jobs = [("target", lambda: Qwen3MoeForCausalLM(target_config(cfg.vocab_size, args.arch)), cfg.target_steps)]
+    if not args.no_draft:
+        jobs.append(("draft", lambda: Qwen3ForCausalLM(draft_config(cfg.vocab_size)), cfg.draft_steps))
+    for name, make, steps in jobs:
         torch.manual_seed(cfg.seed)
         model = make()
         if name == "target":
             model.config.router_aux_loss_coef = cfg.router_aux_loss_coef
-            model.set_experts_implementation("eager")  # fastest on the CPU for training
+            model.set_experts_implementation(arch["experts_implementation"])  # the faster one on the CPU here
         ppl_init = perplexity(model, test_ids, cfg.seq_len, cfg.eval_windows)
         t0 = time.time()
         history = train_lm(model, train_ids, steps, cfg, name)
         train_s = time.time() - t0
-        save(model, tok, args.out / name)
+        folder = args.out / (arch["folder"] if name == "target" else name)
+        if name == "target":
+            model.set_experts_implementation("eager")  # the saved config must not carry the training choice
+        save(model, tok, folder)
         shipped = (Qwen3MoeForCausalLM if name == "target" else Qwen3ForCausalLM).from_pretrained(
-            args.out / name, dtype=torch.float32, local_files_only=True)
+            folder, dtype=torch.float32, local_files_only=True)
         results[name] = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "steps": steps, "train_tokens_seen": steps * cfg.batch * cfg.seq_len, "train_seconds": round(train_s, 1),
@@ -250,7 +278,7 @@ def main(argv=None) -> int:
               f"{train_s:.0f} s")
     report["models"] = results
     report["total_seconds"] = round(time.time() - t_start, 1)
-    (args.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / arch["report"]).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} in {report['total_seconds']} s")
     return 0
 
