@@ -309,3 +309,67 @@ def test_cascade_targets_lines():
     (line,) = g.cascade_targets(winning)
     assert "against >= 1.425 for static K=4 (0.95 x 1.50): met" in line
     assert g.cascade_targets({"modes": winning["modes"][:2]}) == []  # no Cascade row
+
+
+def test_bench_generate_trees_coverage_and_widening(tmp_path, capsys):
+    rc = cli.main(["bench", "generate", "--threads", "1", "--target", "tiny:qwen3_moe", "--drafter", "prompt-lookup",
+                   "--prompts", str(_prompts(tmp_path)), "--max-new-tokens", "6", "--modes", "static,tree,budget",
+                   "--ks", "2", "--trees", "4", "--budgets", "4", "--coverages", "0.9", "--widen", "3",
+                   "--repeats", "1", "--out", str(tmp_path), "--quiet", "--no-warmup"])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench_generate.json").read_text())
+    modes = {m["mode"]: m for m in data["modes"]}
+    assert list(modes) == ["ar", "static K=2", "tree 4 nodes", "budget K=2 C=4", "budget K=2 cov=0.9 C<=4"]
+    cfg = data["config"]
+    assert cfg["experts"] == "moespec" and cfg["experts_backend"].startswith("cpu (C++ CPU kernels")
+    assert cfg["widen"]["factor"] == 3 and cfg["widen"]["widened_size"] == 3 * cfg["widen"]["intermediate_size"]
+    # Trees are lossless too, on the widened model and moespec's experts.
+    assert modes["tree 4 nodes"]["match_rate"] == 1.0
+    tree_runs = [r for r in data["runs"] if r["mode"] == "tree 4 nodes"]
+    assert tree_runs and all(r["summary"]["iterations"] for r in tree_runs)
+    assert modes["budget K=2 cov=0.9 C<=4"]["mean_kept_per_layer"] <= 4
+    # The widened experts' bytes are what the statistics count: 3x those of an unwidened run.
+    rc = cli.main(["bench", "generate", "--threads", "1", "--target", "tiny:qwen3_moe", "--drafter", "prompt-lookup",
+                   "--prompts", str(_prompts(tmp_path)), "--max-new-tokens", "6", "--modes", "static", "--ks", "2",
+                   "--repeats", "1", "--out", str(tmp_path), "--name", "narrow", "--quiet", "--no-warmup"])
+    assert rc == 0
+    narrow = {m["mode"]: m for m in json.loads((tmp_path / "narrow.json").read_text())["modes"]}
+    assert modes["ar"]["expert_bytes_per_token"] == pytest.approx(3 * narrow["ar"]["expert_bytes_per_token"])
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a b c a b c a b"}\n"x y x y x y"\n')
+    return path
+
+
+def test_presets_fill_only_what_the_command_line_leaves_open():
+    import argparse
+
+    args = argparse.Namespace(preset="memory-bound", argv=["bench", "generate", "--preset", "memory-bound",
+                                                          "--repeats", "5", "--ks=4"],
+                              repeats=5, ks=[4], target="default", widen=None)
+    g.apply_preset(args)
+    s = g.PRESETS["memory-bound"]["settings"]
+    assert args.repeats == 5 and args.ks == [4]  # given on the command line
+    assert args.target == "fine" and args.widen == s["widen"] and args.dtype == "bf16" and args.experts == "moespec"
+    full = argparse.Namespace(preset="memory-bound-full", argv=[])
+    g.apply_preset(full)
+    assert "tree" in full.modes and full.trees and full.coverages and full.repeats >= 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coverages", "0.9", "--modes", "static"], "--coverages adds budget modes"),
+    (["--coverages", "1.5"], "fractions in (0, 1]"),
+    (["--experts", "fast"], "invalid choice"),
+    (["--widen", "0"], ">= 1"),
+])
+def test_bench_generate_new_flags_reject(argv, message, capsys, tmp_path):
+    rc = None
+    try:
+        rc = cli.main(["bench", "generate", "--target", "tiny:qwen3_moe", "--drafter", "prompt-lookup",
+                       "--out", str(tmp_path), "--quiet"] + argv)
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2
+    assert message in capsys.readouterr().err

@@ -526,7 +526,8 @@ def _bench_generate(args: argparse.Namespace) -> int:
         raise ValueError("--coverages adds budget modes, and --modes does not select the budget family")
     device = _device(args.device)
     model, codec, target_label = g.load_target(args.target, args.dtype, device)
-    prepared = g.prepare_target(model, args.widen, args.experts)
+    prepared = g.prepare_target(model, args.widen, args.experts, time_forwards=args.widen is not None,
+                                forward_tokens=sorted({1, 1 + max(ks)}))
     require_tokenizer(codec, args.target)
     factory, drafter_label = g.make_drafter_factory(args.drafter, args.target, args.dtype, device)
     check_cli_drafter(model, codec, factory(), args.drafter, args.target)  # before any timed run
