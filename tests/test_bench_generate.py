@@ -373,3 +373,19 @@ def test_bench_generate_new_flags_reject(argv, message, capsys, tmp_path):
         rc = exc.code
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_markdown_states_how_the_target_ran():
+    from moespec.bench.generate import _target_lines
+
+    cfg = {"experts": "moespec", "experts_backend": "cpu (C++ CPU kernels, avx2)", "dtype": "bf16",
+           "widen": {"intermediate_size": 64, "widened_size": 8192, "factor": 128.0,
+                     "expert_bytes_after": 6291456, "total_expert_bytes": 3221225472},
+           "forward_ms_trained_width": {"1": 5.0, "9": 15.0}, "forward_ms_widened": {"1": 20.0, "9": 90.0},
+           "expert_share_of_forward": {"1": 0.75, "9": 0.833}}
+    text = "\n".join(_target_lines(cfg))
+    assert "run by cpu (C++ CPU kernels, avx2); dtype bf16" in text
+    assert "64 -> 8192 (x128" in text and "6.29 MB per expert" in text and "3.22 GB" in text
+    assert "T=1: 5.0 ms at the trained width, 20.0 ms widened (75 %" in text
+    assert "T=9: 15.0 ms at the trained width, 90.0 ms widened (83 %" in text
+    assert _target_lines({}) == []

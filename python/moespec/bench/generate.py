@@ -876,6 +876,28 @@ def spread_warning(result: dict) -> Optional[str]:
             "them.")
 
 
+def _target_lines(cfg: dict) -> list[str]:
+    """Header lines on how the target ran: dtype, experts implementation, widening, forward-time split."""
+    out = []
+    if cfg.get("experts"):
+        backend = cfg.get("experts_backend") or cfg.get("model_experts_implementation")
+        out.append(f"experts: {cfg['experts']}, run by {backend}; dtype {cfg.get('dtype', 'fp32')}")
+    w = cfg.get("widen")
+    if w:
+        out.append(f"widened experts: intermediate {w['intermediate_size']} -> {w['widened_size']} (x{w['factor']:g}; "
+                   f"zero down-projection columns, outputs unchanged), {w['expert_bytes_after'] / 1e6:.2f} MB per "
+                   f"expert, {w['total_expert_bytes'] / 1e9:.2f} GB of experts in all")
+    before, after = cfg.get("forward_ms_trained_width"), cfg.get("forward_ms_widened")
+    if before and after:
+        share = cfg.get("expert_share_of_forward") or {}
+        parts = [f"T={t}: {before[t]:.1f} ms at the trained width, {after[t]:.1f} ms widened"
+                 + (f" ({100 * share[t]:.0f} % streaming the widened experts)" if t in share else "")
+                 for t in after if t in before]
+        out.append("one target forward of T random tokens (64-token cache, median of 7; random tokens route "
+                   "wider than drafts): " + "; ".join(parts))
+    return out
+
+
 def generate_markdown(result: dict) -> str:
     """The Markdown report of a `run_generate_bench` result (every column, notes under the table)."""
     meta, cfg = result["meta"], result["config"]
@@ -883,7 +905,7 @@ def generate_markdown(result: dict) -> str:
              f"{_workload(cfg)}, greedy; policy {cfg['policy']}; "
              f"timing: {meta['timing']}",
              "every mode runs the target patched by `moespec.patch` (routing statistics; budgets where asked), so "
-             "all modes share one MoE implementation"]
+             "all modes share one MoE implementation"] + _target_lines(cfg)
     lines = [f"# moespec bench generate — {meta['device']}", ""] + report.meta_markdown(meta, extra) + [""]
     lines.append(report.markdown_table(_display_rows(result), [(k, h) for k, _, h in COLUMNS]))
     lines += [""] + [f"- {n}" for n in generate_notes(result)]
