@@ -13,7 +13,8 @@ plugin-off run: identical for the never-reached cap is the pass criterion.
     python bench/vllm_gpu_check.py --out /tmp/vllm_check            # everything (about 8-10 min on an H200)
     python bench/vllm_gpu_check.py --out /tmp/vllm_check --dry-run  # write the config, print the plan
 
-Needs vLLM 0.33.x with its CUDA kernels (not installable without network on the GPU box unless present).
+Needs vLLM 0.33.x or 0.34.x with its CUDA kernels (not installable without network on the GPU box unless
+present); runs vLLM's default model runner (V2; 0.34 has no other).
 Results: ``<out>/vllm_gpu_check.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
     print(f"model: {out / 'target'} ({args.layers} layers, E={E}, top-{k}), drafter {args.drafter_layers} layers; "
           f"spec={args.spec} K={args.k}; batch {args.batch} x {args.max_tokens} tokens; {args.cudagraph_mode}")
     base_env = {k_: v for k_, v in os.environ.items() if not k_.startswith("MOESPEC_VLLM_")}
-    base_env.update(VLLM_USE_V2_MODEL_RUNNER="0", VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # rpc of moespec's stats
+    base_env.update(VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # rpc of moespec's stats
     plan = []
     for run in runs:
         env = dict(base_env)

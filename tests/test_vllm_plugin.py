@@ -5,6 +5,7 @@ Only the compiled expert apply (``UnquantizedFusedMoEMethod.apply``) is replaced
 """
 import itertools
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ if os.environ.get("MOESPEC_REQUIRE_VLLM"):
 else:
     vllm = pytest.importorskip("vllm")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from moespec import reference  # noqa: E402
@@ -21,10 +23,15 @@ from moespec.integrations import vllm as mv  # noqa: E402
 
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
 from vllm.config.compilation import CUDAGraphMode  # noqa: E402
-from vllm.forward_context import BatchDescriptor, set_forward_context  # noqa: E402
+from vllm.forward_context import BatchDescriptor, get_forward_context, set_forward_context  # noqa: E402
 from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory  # noqa: E402
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod  # noqa: E402
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
+from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner  # noqa: E402
+
+try:  # the V1 model runner: vLLM 0.33 has it, 0.34 removed it
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner  # noqa: E402
+except ImportError:
+    V1Runner = None
 
 E, K_TOP, H, I = 16, 4, 32, 24
 _layer_no = itertools.count(100)
@@ -40,9 +47,16 @@ def cfg():
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.distributed.parallel_state import model_parallel_is_initialized
 
+    import vllm.triton_utils
+
     mp = pytest.MonkeyPatch()
     mp.setattr(UnquantizedFusedMoEMethod, "apply", _ref_apply)
-    config = VllmConfig()
+    with pytest.MonkeyPatch.context() as config_mp:
+        # vLLM 0.34 refuses to configure an x86 CPU without triton-cpu (0.33 warned), a serving
+        # requirement: no triton-cpu is on PyPI, and the MoE classes tested here run no Triton on the
+        # CPU, so the config is built as if it were installed.
+        config_mp.setattr(vllm.triton_utils, "HAS_TRITON", True)
+        config = VllmConfig()
     with set_current_vllm_config(config):
         if not model_parallel_is_initialized():
             init_distributed_environment(world_size=1, rank=0, local_rank=0,
@@ -104,15 +118,18 @@ def test_plugin_loads_twice_and_replaces_the_runner(cfg):
     mv.register()
     cls = op_registry_oot["MoERunner"]
     assert cls.__name__ == "BudgetedMoERunner"
-    wrapped = GPUModelRunner._determine_batch_execution_and_padding
-    assert wrapped._moespec and not getattr(wrapped.__wrapped__, "_moespec", False)  # hooked once
+    hooks = [V2Runner.gather_batch_req_state]
+    if V1Runner is not None:
+        hooks.append(V1Runner._determine_batch_execution_and_padding)
+    for wrapped in hooks:
+        assert wrapped._moespec and not getattr(wrapped.__wrapped__, "_moespec", False)  # hooked once
     r = build(cfg, _settings(budget=4))
     assert isinstance(r, cls) and hasattr(r.router, "_moespec_state")
 
 
 def test_unsupported_vllm_version_is_a_clear_error(cfg, monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.32.1")
-    with pytest.raises(mv.UnsupportedVllmError, match=r"vllm 0\.33\.x.*found vllm 0\.32\.1"):
+    with pytest.raises(mv.UnsupportedVllmError, match=r"vllm 0\.33\.x or 0\.34\.x.*found vllm 0\.32\.1"):
         mv.register()
 
 
@@ -192,10 +209,16 @@ def test_no_renormalize_router(cfg):
     (8, 2, 4, 0),    # K=0 configured: never a verification step
 ])
 def test_no_budget_outside_verification(cfg, num_tokens, num_reqs, max_q, K):
-    verify = mv.begin_step(num_tokens, num_reqs, max_q, K)
-    # The same rule as vLLM's own uniform-decode test with query length 1 + K.
-    assert verify == (K > 0 and GPUModelRunner._is_uniform_decode(max_q, 1 + K, num_tokens, num_reqs))
-    assert not verify
+    from vllm.v1.worker.utils import get_uniform_decode_token_count
+
+    if V1Runner is not None:
+        verify = mv.begin_step(num_tokens, num_reqs, max_q, K)
+        # The same rule as vLLM's own uniform-decode test with query length 1 + K.
+        assert verify == (K > 0 and V1Runner._is_uniform_decode(max_q, 1 + K, num_tokens, num_reqs))
+        assert not verify
+    # The V2 runner's rule, from the uniform count vLLM computes for a batch without prefill.
+    uniform = get_uniform_decode_token_count(num_reqs, num_tokens, max_q, decode_graph_eligible=True)
+    assert not mv.begin_uniform_step(uniform, K)
     x, logits = inputs(num_tokens, seed=7)
     r = build(cfg, _settings(budget=K_TOP), seed=8)
     plain = build(cfg, _settings(budget=None), seed=8)
@@ -228,9 +251,10 @@ def test_padded_rows_do_not_count(cfg):
 
 
 @pytest.mark.parametrize("mode,desc", [
-    (CUDAGraphMode.NONE, BatchDescriptor(8)),
-    (CUDAGraphMode.PIECEWISE, BatchDescriptor(8, num_reqs=None, uniform=False)),  # relaxed key
-    (CUDAGraphMode.FULL, BatchDescriptor(8, num_reqs=2, uniform=True)),
+    (CUDAGraphMode.NONE, BatchDescriptor(8)),  # V1 and V2 eager
+    (CUDAGraphMode.PIECEWISE, BatchDescriptor(8, num_reqs=None, uniform=False)),  # V1's relaxed key; V2's is BatchDescriptor(8)
+    (CUDAGraphMode.FULL, BatchDescriptor(8, num_reqs=2, uniform=True)),  # V1's FULL decode key
+    (CUDAGraphMode.FULL, None),  # V2 captures FULL graphs under no descriptor (and replays them with no context)
 ])
 def test_graph_modes_follow_the_step_not_the_descriptor(cfg, mode, desc):
     x, logits = inputs(8, seed=10)
@@ -239,13 +263,108 @@ def test_graph_modes_follow_the_step_not_the_descriptor(cfg, mode, desc):
     verify_step(num_reqs=2, K=3)
     w, ids, _ = route(cfg, r, x, logits, mode=mode, desc=desc)
     assert torch.equal(ids.long(), want[0])
-    if mode != CUDAGraphMode.FULL:
-        # PIECEWISE and eager keys do not tell a mixed 8-token batch from a verification one: the step does.
-        assert not mv.begin_step(8, 3, 4, 3)
-        w2, ids2, _ = route(cfg, r, x, logits, mode=mode, desc=desc)
-        assert not torch.equal(ids2.long(), want[0])
-        assert torch.equal(ids2.long().sort(dim=1).values, reference.route_topk_softmax(logits, K_TOP, True)[1]
-                           .sort(dim=1).values)
+    # No key tells a mixed 8-token batch from a verification one (V2's varlen FULL decode graphs serve both;
+    # PIECEWISE and eager keys carry the token count only): the step does.
+    assert not mv.begin_step(8, 3, 4, 3)
+    w2, ids2, _ = route(cfg, r, x, logits, mode=mode, desc=desc)
+    assert not torch.equal(ids2.long(), want[0])
+    assert torch.equal(ids2.long().sort(dim=1).values, reference.route_topk_softmax(logits, K_TOP, True)[1]
+                       .sort(dim=1).values)
+
+
+def test_router_padding_marks_are_kept(cfg, monkeypatch):
+    """vLLM's GPU routers give padded rows expert id -1 (VLLM_MOE_SKIP_PADDING) so that the experts skip
+    them; the budgeted routing keeps those marks and its counters do not index with them."""
+    T = verify_step(num_reqs=2, K=3)
+    x, logits = inputs(T + 4, seed=14)
+    is_padding = torch.zeros(T + 4, dtype=torch.bool)
+    is_padding[T:] = True
+    router_cls = type(build(cfg, _settings(budget=None)).router)
+    plain_compute = router_cls._compute_routing
+
+    def marking(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        w, ids = plain_compute(self, hidden_states, router_logits, indices_type, input_ids=input_ids)
+        pad = get_forward_context().is_padding
+        return w, torch.where(pad[:ids.shape[0], None], torch.full_like(ids, -1), ids)
+
+    monkeypatch.setattr(router_cls, "_compute_routing", marking)
+    r = build(cfg, _settings(budget=6), seed=15)
+    mv.reset_stats()
+    with set_current_vllm_config(cfg), set_forward_context(None, cfg, num_tokens=T + 4, is_padding=is_padding):
+        w, ids = r.router.select_experts(x, logits)
+    want = reference.budget_routing_masked(logits, K_TOP, 6, "substitute", True, token_mask=~is_padding,
+                                           candidates="all")
+    assert bool(want[4]), "the test needs a union larger than the budget"
+    assert torch.equal(ids[:T].long(), want[0][:T]) and torch.equal(w[:T], want[1][:T])
+    assert torch.all(ids[T:] == -1)
+    s = mv.stats()[r.layer_name]
+    assert s["tokens"] == T and s["read"] == ids[:T][w[:T] != 0].unique().numel() <= 6
+
+
+# ----------------------------------------------------------------------------- the V2 model runner's step
+
+
+def _v2_runner(K, reqs):
+    """The state `V2Runner.gather_batch_req_state` reads; reqs: {req_id: (prompt length, prompt tokens computed)}."""
+    order = list(reqs)
+    states = SimpleNamespace(req_id_to_index={q: i for i, q in enumerate(order)},
+                             prefill_len=SimpleNamespace(np=np.array([reqs[q][0] for q in order])),
+                             num_computed_prefill_tokens=np.array([reqs[q][1] for q in order]))
+    return SimpleNamespace(num_speculative_steps=K, decode_query_len=1 + K, req_states=states, use_pp=False,
+                           adaptive_verification=None, pcp_manager=None)
+
+
+def _v2_step(runner, tokens, drafts, dummy_run=False):
+    """Run vLLM's own (hooked) V2 `gather_batch_req_state` for one scheduled batch; returns the step decision."""
+    out = SimpleNamespace(num_scheduled_tokens=tokens, total_num_scheduled_tokens=sum(tokens.values()),
+                          scheduled_spec_decode_tokens=drafts)
+    V2Runner.gather_batch_req_state(runner, out, dummy_run)
+    flag = mv._STEP.flag(torch.device("cpu"))
+    assert bool(flag) == mv.is_verification_step()  # the device flag the graphs read follows the host value
+    return mv.is_verification_step()
+
+
+DECODING = {"a": (5, 5), "b": (7, 7)}
+
+
+@pytest.mark.parametrize("K,reqs,tokens,drafts,verify", [
+    (3, DECODING, {"a": 4, "b": 4}, {"a": [1, 2, 3], "b": [4, 5, 6]}, True),   # 1 + K tokens each
+    (3, DECODING, {"a": 2, "b": 2}, {"a": [1], "b": [4]}, True),               # dynamic SD scheduled k=1 < K
+    (3, DECODING, {"a": 4, "b": 2}, {"a": [1, 2, 3], "b": [4]}, False),        # not uniform
+    (3, DECODING, {"a": 1, "b": 1}, {}, False),                                # drafts skipped (k=0)
+    (3, {"a": (9, 5), "b": (7, 7)}, {"a": 4, "b": 4}, {"b": [4, 5, 6]}, False),  # a prefill chunk of 4
+    (0, DECODING, {"a": 1, "b": 1}, {}, False),                                # no speculation configured
+])
+def test_v2_runner_step_decision(cfg, K, reqs, tokens, drafts, verify):
+    mv.register()
+    assert V2Runner.gather_batch_req_state._moespec
+    mv.begin_step(8, 2, 4, 3)  # a verification step before: the hook must overwrite the decision
+    assert _v2_step(_v2_runner(K, reqs), tokens, drafts) is verify
+    # Routing follows the decision (the layer reads the step, whatever graph mode it runs in).
+    n = sum(tokens.values())
+    x, logits = inputs(n, seed=16)
+    r = build(cfg, _settings(budget=K_TOP), seed=17)
+    _, ids, _ = route(cfg, r, x, logits, desc=BatchDescriptor(n))
+    want = reference.budget_routing_masked(logits, K_TOP, K_TOP, "substitute", True, candidates="all")
+    plain = reference.route_topk_softmax(logits, K_TOP, True)[1]
+    if verify:
+        assert torch.equal(ids.long(), want[0])
+    else:
+        assert torch.equal(ids.long().sort(dim=1).values, plain.sort(dim=1).values)
+
+
+def test_v2_runner_dummy_steps_use_the_same_rule(cfg):
+    """Dummy batches (warm-up, DP padding steps) are uniform by construction: decided by their shape."""
+    mv.register()
+    runner = _v2_runner(3, {})
+    assert _v2_step(runner, {"a": 4, "b": 4}, {}, dummy_run=True)
+    assert not _v2_step(runner, {"a": 1, "b": 1, "c": 1}, {}, dummy_run=True)
+
+
+def test_v2_runner_without_the_step_method_is_refused(monkeypatch):
+    monkeypatch.setattr(V2Runner, "gather_batch_req_state", lambda self, scheduler_output: None)
+    with pytest.raises(mv.UnsupportedVllmError, match=r"gather_batch_req_state\(scheduler_output, dummy_run\)"):
+        mv._hook_v2_runner()
 
 
 def test_decision_is_data_inside_a_compiled_graph(cfg):
@@ -341,7 +460,4 @@ def test_bad_additional_config_key():
         mv.settings_from({}, {"moespec": {"budgte": 16}})
 
 
-def test_v2_model_runner_is_refused(cfg, monkeypatch):
-    monkeypatch.setattr(type(cfg), "use_v2_model_runner", property(lambda self: True))
-    with pytest.raises(mv.UnsupportedVllmError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
-        build(cfg, _settings(budget=K_TOP))
+

@@ -1,4 +1,4 @@
-"""vLLM plugin: verification-time expert budgets inside vLLM's V1 model runner (docs/vllm.md).
+"""vLLM plugin: verification-time expert budgets inside vLLM's model runners (docs/vllm.md).
 
     pip install "moespec[vllm]"            # registers the entry point below
     MOESPEC_VLLM_BUDGET=16 vllm serve ... --speculative-config '{"method": "ngram", ...}'
@@ -9,21 +9,27 @@ vLLM calls `register` in every process before a model is built (entry-point grou
 - registers `BudgetedMoERunner` as the out-of-tree replacement of vLLM's ``MoERunner``: each MoE
   layer built by ``FusedMoEFactory`` then wraps its router's ``_compute_routing`` (logical expert
   ids, before EPLB mapping) with `moespec.ops.budget_routing_masked`;
-- wraps ``GPUModelRunner._determine_batch_execution_and_padding`` (called once per step, outside
-  any CUDA graph) to note whether the step is a verification step: vLLM's own "uniform decode"
-  test with query length ``1 + K``, ``K > 0`` (the number of speculative tokens).
+- hooks the step of every model runner the installed vLLM has, once per step and outside any
+  CUDA graph, to note whether the step is a verification step:
+  the V2 runner (``vllm.v1.worker.gpu.model_runner``, vLLM's default; the only one in 0.34) through
+  its ``gather_batch_req_state``, which returns the uniform-decode query length vLLM dispatches
+  graphs by: a verification step is a decode-only batch whose requests all have ``1 + k`` tokens,
+  ``0 < k <= K``; the V1 runner (0.33) through ``_determine_batch_execution_and_padding``: vLLM's
+  "uniform decode" test with query length ``1 + K``, ``K > 0`` (the number of speculative tokens).
 
-Why a device flag and not the ``BatchDescriptor``: FULL decode graphs are keyed by
-``BatchDescriptor(num_tokens, num_reqs, uniform=True)``, but PIECEWISE graphs (which contain the
-MoE layers) and eager steps get a relaxed descriptor (``num_reqs=None, uniform=False``), so one
-captured PIECEWISE graph serves verification and mixed batches of the same padded size. The step
-decision is therefore written into a 0-d device tensor before each step and read by the routing
-inside whatever graph replays: the same decision in eager, FULL and PIECEWISE modes.
+Why a device flag and not the ``BatchDescriptor``: FULL decode graphs are keyed by the batch shape
+(V2 replays them with no forward context at all), but PIECEWISE graphs (which contain the MoE
+layers) and eager steps get a relaxed descriptor (the token count only), so one captured PIECEWISE
+graph serves verification and mixed batches of the same padded size. The step decision is
+therefore written into a 0-d device tensor before each step and read by the routing inside
+whatever graph replays: the same decision in eager, FULL and PIECEWISE modes, under either
+runner, however and whenever the runner captured its graphs.
 
 Not budgeted: prefill, mixed prefill/decode and K=0 steps, the drafter's own layers (built under
 vLLM's ``draft_model`` / ``eagle_head`` model tag), layers outside ``layers``, and routers that
 are not plain softmax top-k (grouped, biased, custom routing: a warning names them). Padded rows
-(``ForwardContext.is_padding``) count neither towards the union nor the scores.
+(``ForwardContext.is_padding``) count neither towards the union nor the scores, and rows the
+router marked as padding (expert id -1, vLLM's ``VLLM_MOE_SKIP_PADDING``) keep that mark.
 """
 from __future__ import annotations
 
@@ -39,14 +45,14 @@ from .. import ops, reference
 from .config import BudgetConfig, LayerBudgets
 
 __all__ = ["SUPPORTED_VLLM", "VllmBudgetSettings", "settings_from", "register", "stats", "reset_stats",
-           "UnsupportedVllmError", "begin_step", "is_verification_step", "configure",
+           "UnsupportedVllmError", "begin_step", "begin_uniform_step", "is_verification_step", "configure",
            "budgeted_routing", "worker_stats", "worker_reset_stats"]
 
 logger = logging.getLogger("moespec.vllm")
 
-# Versions whose internals (MoERunner, router, V1 model runner) this plugin was written and tested against.
-SUPPORTED_VLLM = ("0.33",)
-SUPPORTED_VLLM_TEXT = "vllm 0.33.x (tested: 0.33.0)"
+# Versions whose internals (MoERunner, router, model runners) this plugin was written and tested against.
+SUPPORTED_VLLM = ("0.33", "0.34")
+SUPPORTED_VLLM_TEXT = "vllm 0.33.x or 0.34.x (tested: 0.33.0, 0.34.0)"
 
 # Environment variables (the additional_config key "moespec" takes the same names, lower case, without prefix).
 ENV_PREFIX = "MOESPEC_VLLM_"
@@ -237,6 +243,27 @@ def begin_step(num_tokens: int, num_reqs: int, max_query_len: int, num_spec_toke
     return verify
 
 
+def begin_uniform_step(uniform_query_len: Optional[int], num_spec_tokens: int, new_tokens_per_step: int = 1) -> bool:
+    """The V2 model runner's rule; returns (and records) whether the next forward is a verification step.
+
+    Args:
+        uniform_query_len: the tokens every request of the batch has when the batch is a uniform
+            decode (no request prefilling), else None: what the V2 runner's
+            ``gather_batch_req_state`` returns and dispatches its graphs by.
+        num_spec_tokens: K, the configured number of speculative tokens.
+        new_tokens_per_step: tokens a request adds per step without drafts (1; the runner's
+            ``decode_query_len - K``).
+
+    A verification step is a uniform decode with ``new_tokens_per_step + k`` tokens per request,
+    ``0 < k <= K``: k may be below K when vLLM's dynamic speculative decoding schedules fewer
+    drafts for a large batch. A step whose drafts were skipped has ``k = 0`` and is not one.
+    """
+    verify = (num_spec_tokens > 0 and uniform_query_len is not None
+              and new_tokens_per_step < uniform_query_len <= new_tokens_per_step + num_spec_tokens)
+    _STEP.set(verify)
+    return verify
+
+
 def is_verification_step() -> bool:
     """The host value of the current step's decision (`begin_step`)."""
     return _STEP.verify
@@ -332,9 +359,12 @@ def _padding_mask(T: int) -> Optional[torch.Tensor]:
 
 def _read_count(ids: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, E: int) -> torch.Tensor:
     """0-d int64: distinct experts with a non-zero-weight pair in a real row (weight-0 pairs, e.g.
-    truncated ones, are skipped by the expert kernels, so their experts are not read)."""
-    live = ((weights != 0) & rows.reshape(-1, 1)).reshape(-1).to(torch.int32)
-    hits = torch.zeros(E, dtype=torch.int32, device=ids.device).index_add_(0, ids.reshape(-1).long(), live)
+    truncated ones, are skipped by the expert kernels, so their experts are not read). Ids of -1
+    (rows the router marked as padding) read nothing."""
+    valid = ids >= 0
+    live = ((weights != 0) & valid & rows.reshape(-1, 1)).reshape(-1).to(torch.int32)
+    index = torch.where(valid, ids, torch.zeros_like(ids)).reshape(-1).long()
+    hits = torch.zeros(E, dtype=torch.int32, device=ids.device).index_add_(0, index, live)
     return (hits > 0).sum()
 
 
@@ -350,7 +380,9 @@ def budgeted_routing(state: _LayerState, router_logits: torch.Tensor, topk_weigh
     Returns:
         ``(topk_weights, topk_ids)``: the router's own tensors (bitwise) when the step is not a
         verification step or the union fits the budget; otherwise `moespec.ops.budget_routing_masked`'s
-        routing, with padded rows at weight 0.
+        routing, with padded rows at weight 0, except that pairs the router gave expert id -1
+        (vLLM's mark for padding rows the experts skip, ``VLLM_MOE_SKIP_PADDING``) keep the
+        router's id and weight.
     """
     T = router_logits.shape[0]
     traced = torch.compiler.is_compiling() or _capturing(router_logits.device)
@@ -363,8 +395,10 @@ def budgeted_routing(state: _LayerState, router_logits: torch.Tensor, topk_weigh
                                   backend=b.backend)
     flag = _STEP.flag(router_logits.device)
     apply = flag & r.budgeted
-    ids = torch.where(apply, r.topk_ids.to(topk_ids.dtype), topk_ids)
-    weights = torch.where(apply, r.topk_weights.to(topk_weights.dtype), topk_weights)
+    # The router's -1 marks stay: the dispatch and the experts skip those rows.
+    take = apply & (topk_ids >= 0)
+    ids = torch.where(take, r.topk_ids.to(topk_ids.dtype), topk_ids)
+    weights = torch.where(take, r.topk_weights.to(topk_weights.dtype), topk_weights)
     # Counters: in-place adds on a persistent tensor, so graph replays count too.
     rows = torch.ones(T, dtype=torch.bool, device=ids.device) if real is None else real
     read = _read_count(ids, weights, rows, state.num_experts)
@@ -431,9 +465,6 @@ def _install(runner) -> None:
         return
     from vllm.config import get_current_vllm_config
 
-    if getattr(get_current_vllm_config(), "use_v2_model_runner", False):
-        raise UnsupportedVllmError("moespec vLLM plugin: vLLM's V2 model runner is not supported (it captures "
-                                   "graphs without the step hook); set VLLM_USE_V2_MODEL_RUNNER=0")
     if _is_drafter(name):
         logger.info("moespec: %s belongs to the drafter; not budgeted", name)
         return
@@ -518,12 +549,15 @@ def _runner_class():
     return _RUNNER_CLS
 
 
-def _patch_model_runner() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
+def _hook_v1_runner() -> bool:
+    """Hook the V1 model runner's per-step batch decision (vLLM 0.33); False where it is gone (0.34)."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return False
     orig = GPUModelRunner._determine_batch_execution_and_padding
     if getattr(orig, "_moespec", False):
-        return
+        return True
 
     def _determine_batch_execution_and_padding(self, num_tokens, num_reqs, num_scheduled_tokens_np,
                                                max_num_scheduled_tokens, *args, **kwargs):
@@ -534,10 +568,62 @@ def _patch_model_runner() -> None:
     _determine_batch_execution_and_padding._moespec = True
     _determine_batch_execution_and_padding.__wrapped__ = orig
     GPUModelRunner._determine_batch_execution_and_padding = _determine_batch_execution_and_padding
+    return True
+
+
+_V2_STEP_METHOD = "gather_batch_req_state"
+
+
+def _hook_v2_runner() -> bool:
+    """Hook the V2 model runner's per-step batch gathering; False where the installed vLLM has no V2 runner.
+
+    ``gather_batch_req_state(scheduler_output, dummy_run)`` runs once at the start of every
+    ``execute_model`` (real, dummy and DP-padding steps), before any forward or graph replay, and
+    returns ``(batch state, uniform-decode query length or None)``. Graphs the runner captures
+    outside ``execute_model`` need no hook: they read the device flag when they replay.
+
+    Raises:
+        UnsupportedVllmError: the V2 runner exists but the method is missing or takes other arguments.
+    """
+    import inspect
+
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    except ImportError:
+        return False
+    orig = getattr(GPUModelRunner, _V2_STEP_METHOD, None)
+    if getattr(orig, "_moespec", False):
+        return True
+    params = list(inspect.signature(orig).parameters) if callable(orig) else []
+    if params[:3] != ["self", "scheduler_output", "dummy_run"]:
+        raise UnsupportedVllmError(
+            f"moespec vLLM plugin: vLLM's V2 model runner has no {_V2_STEP_METHOD}(scheduler_output, dummy_run) "
+            f"(found {params or 'none'}), the step the plugin reads; this vLLM is not one the plugin supports")
+
+    def gather_batch_req_state(self, scheduler_output, dummy_run, *args, **kwargs):
+        out = orig(self, scheduler_output, dummy_run, *args, **kwargs)
+        K = int(getattr(self, "num_speculative_steps", 0) or 0)
+        new = int(getattr(self, "decode_query_len", 1 + K)) - K
+        begin_uniform_step(out[1], K, new)
+        return out
+
+    gather_batch_req_state._moespec = True
+    gather_batch_req_state.__wrapped__ = orig
+    gather_batch_req_state.__doc__ = orig.__doc__
+    setattr(GPUModelRunner, _V2_STEP_METHOD, gather_batch_req_state)
+    return True
+
+
+def _patch_model_runner() -> None:
+    """Hook the step of every GPU model runner the installed vLLM has (V1 and/or V2)."""
+    hooked = [_hook_v1_runner(), _hook_v2_runner()]
+    if not any(hooked):
+        raise UnsupportedVllmError("moespec vLLM plugin: found neither vLLM's V1 model runner "
+                                   "(vllm.v1.worker.gpu_model_runner) nor its V2 one (vllm.v1.worker.gpu.model_runner)")
 
 
 def register() -> None:
-    """Entry point (``vllm.general_plugins``): check the vLLM version, register the runner, hook the step.
+    """Entry point (``vllm.general_plugins``): check the vLLM version, register the runner, hook the steps.
 
     Safe to call more than once per process. Raises `UnsupportedVllmError` on an unsupported
     vLLM, or when another plugin already replaced ``MoERunner``.
