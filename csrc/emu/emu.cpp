@@ -907,8 +907,8 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
     L.perf.resize(nblocks);
     for (uint64_t i = 0; i < nblocks; ++i) L.perf[i].block = i;
   }
-  for (size_t i = 0; i < static_cast<size_t>(slots) * L.nthreads; ++i)
-    if (pooled_fiber(i) == nullptr) return reject(cudaErrorLaunchFailure, "cannot map emulated thread stacks");
+  // Stacks are mapped when a slot first runs a block (below): a kernel without flag waits runs its
+  // blocks one after another in one slot, so a large grid of large blocks maps one block's stacks.
   const size_t stride = (smem + 127) & ~size_t(127);
   const size_t arena = stride * slots + 128;
   if (g_dyn_arena.size() < arena) g_dyn_arena.resize(arena);
@@ -951,6 +951,15 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
       const uint64_t b = order[next++];
       const int slot = free_slots.back();
       free_slots.pop_back();
+      bool mapped = true;
+      for (size_t i = static_cast<size_t>(slot) * L.nthreads; i < static_cast<size_t>(slot + 1) * L.nthreads; ++i)
+        if (pooled_fiber(i) == nullptr) mapped = false;
+      if (!mapped) {
+        L.failed = true;
+        L.fail_code = cudaErrorLaunchFailure;
+        L.error = std::string("kernel ") + L.name + ": cannot map emulated thread stacks";
+        break;
+      }
       L.block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                           static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
       L.fibers.assign(g_fiber_pool.begin() + static_cast<ptrdiff_t>(slot) * L.nthreads,

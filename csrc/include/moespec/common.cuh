@@ -214,7 +214,8 @@ __device__ __forceinline__ int flag_wait_bits(const int* flag, int need, uint32_
 
 // Emulation seam: performance trace events for the trace-driven model (tools/kernel_perf_model.py,
 // docs/kernels-v2.md). Nothing on a GPU; the emulator records them (emu.h, "Performance trace").
-// Kinds: kPerfStage (a pipeline stage is computed: a = token fragments, b = 0 ring / 1 synchronous),
+// Kinds: kPerfStage (a pipeline stage is computed: a = token fragments, b = 0 a v1 stage of 64 k,
+// 1 / 2 a v2 GEMM1 / GEMM2 stage of 128 k, + 4 when it recomputes another CTA's columns),
 // kPerfPublish (a = flag, b = units published), kPerfWait (a = flag, b = units needed), kPerfRoundTrips
 // (a = dependent global round trips this thread now waits for), kPerfBytes (a = global bytes this
 // thread reads or writes outside cp.async), kPerfRecompute (a = flag, b = units recomputed locally).

@@ -152,6 +152,19 @@ __device__ __forceinline__ void reduce_token(const ExpertsParams& p, int t) {
   const int NS = p.nslices;
   for (int64_t h = 4 * (int64_t)threadIdx.x; h < H; h += 4 * kThreads) {
     float4 acc = {0.f, 0.f, 0.f, 0.f};
+    // Dependent round trips of this thread: one L2 load per slot (pair_position, first pass), then
+    // one per batch of 8 slices per active slot (each batch is added before the next issues).
+#if defined(MOESPEC_EMU)
+    if (p.atomic) {
+      perf_event(kPerfRoundTrips, 1);
+      perf_event(kPerfBytes, 16 + 16 + 8);
+    } else {
+      int na = 0;
+      for (int s = 0; s < p.k; ++s) na += p.pair_position[(int64_t)t * p.k + s] >= 0 ? 1 : 0;
+      perf_event(kPerfRoundTrips, (h < 4 * kThreads ? 1 : 0) + na * ((NS + 7) / 8));
+      perf_event(kPerfBytes, na * NS * 16 + 8);
+    }
+#endif
     if (p.atomic) {
       float4* row = reinterpret_cast<float4*>(p.ybuf + t * H + h);
       acc = __ldcg(row);                        // L2: the CTAs' atomics land there
@@ -451,9 +464,13 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
     for (int idx = 0; idx < pc.m; ++idx, ++gs) {
       const int t = stage_t(pc, idx);
       if (!pc.whole && idx == pc.m1) {  // first row tile of a split item: every column's h, from global
+        perf_event(kPerfWait, pc.slot, 8 * pc.passes);
         if (tid == 0) wait_geq(h_count + pc.slot, 8 * pc.passes);
         __threadfence();
         __syncthreads();  // (also: the previous piece's GEMM2 no longer reads sH)
+        // the volatile poll's last load, the fence, then 4 loads per batch (unrolled 4 in the PTX)
+        perf_event(kPerfRoundTrips, 2 + nf_active);
+        perf_event(kPerfBytes, nf_active * 8 * kSlice * 2 / kThreads);
         const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
         for (int w = tid; w < nf_active * 8 * kSlice / 2; w += kThreads) {  // the item's fragments only
           const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
@@ -462,6 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
       }
       experts::cp_async_wait<kStages - 2>();
       __syncthreads();  // stage gs landed for everyone; stage gs-1 (and h) no longer read / complete
+      perf_event(kPerfStage, nf_active, t < pc.n1 ? 1 : 2);
       load_next((gs + kStages - 1) % kStages);
       experts::cp_async_commit();
       const uint16_t* a = sA + (gs % kStages) * kAStage;
@@ -510,9 +528,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
           }
           zero_acc(acc);
           if (!pc.whole) {  // publish this pass's columns
+            perf_event(kPerfBytes, nf_active * 8 * (c1 - c0) * 2 / kThreads);
             __threadfence();
+            perf_event(kPerfRoundTrips, 1);  // the fence drains this thread's h stores
             __syncthreads();
             if (tid == 0) atomicAdd(h_count + pc.slot, (c1 - c0) / 8);
+            perf_event(kPerfPublish, pc.slot, (c1 - c0) / 8);
           }
         }
       } else {
@@ -544,6 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
                     atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
                   else
                     p.ybuf[(flat * NS + pc.slice) * H + h] = c;
+                  perf_event(kPerfBytes, 4);
                 }
               }
             }
@@ -558,8 +580,10 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
     // pieces' first stages are in flight meanwhile.
     if (pc.rb > pc.ra) {
       __threadfence();
+      perf_event(kPerfRoundTrips, 1);  // the fence drains this thread's partial stores
       __syncthreads();
       if (tid < pc.nrows) {
+        perf_event(kPerfRoundTrips, 3);  // pair_token, then the slots' positions, then the counter atomic
         const int tok = p.pair_token[pc.p0 + tid];
         const int need = active_slots(p, tok) * NS * rt2;
         const int add = pc.rb - pc.ra;
@@ -569,6 +593,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
       const int ndone = s_ndone;
       if (ndone > 0) {
         __threadfence();  // see the other CTAs' partials of these tokens
+        perf_event(kPerfRoundTrips, 1);
         for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
       }
       __syncthreads();  // s_done and s_ndone are reused by the next piece
@@ -583,6 +608,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   if (tid == 0) {
     __threadfence();
     s_ndone = atomicAdd(p.counters + p.T + G, 1) == (int)G - 1 ? 1 : 0;
+    perf_event(kPerfRoundTrips, 2);
   }
   __syncthreads();
   if (s_ndone) {
