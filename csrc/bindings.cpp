@@ -89,13 +89,16 @@ PYBIND11_MODULE(_C, m) {
       MOESPEC_RW(meta) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token)
       MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(hbuf) MOESPEC_RW(ybuf)
       MOESPEC_RW(out) MOESPEC_RW(atomic) MOESPEC_RW(max_experts) MOESPEC_RW(ksplit)
-      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf) MOESPEC_RW(generation) MOESPEC_RW(counters) MOESPEC_RW(counters_len);
+      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf) MOESPEC_RW(generation) MOESPEC_RW(counters) MOESPEC_RW(counters_len)
+      MOESPEC_RW(grid) MOESPEC_RW(wait_ns);
 #undef MOESPEC_RW
   m.attr("plan_max_experts") = moespec::plan_max_experts();
   m.attr("plan_max_topk") = moespec::plan_max_topk();
   m.attr("experts_v2_slice") = moespec::experts_v2_slice();
-  m.def("experts_v2_counters_len", &moespec::experts_v2_counters_len, py::arg("T"),
-        "Ints of the generation-2 counters buffer for T tokens on the current device.");
+  m.def("experts_v2_grid", &moespec::experts_v2_grid,
+        "The generation-2 persistent grid on the current device (SMs x resident CTAs per SM), or -1.");
+  m.def("experts_v2_counters_len", &moespec::experts_v2_counters_len, py::arg("grid"),
+        "Ints of the generation-2 counters buffer for a persistent grid of `grid` CTAs (-1 if grid < 1).");
 
   auto plan = [](const moespec::PlanArgs& a, int64_t stream) {
     std::string err = moespec::launch_routing_plan(a, stream);

@@ -73,9 +73,11 @@ struct ExpertsParams {
   int ksplit1;
   int kchunk1;
   float* gubuf;
-  // Generation 2 only (experts_v2.cuh): per-token completion counters [T] and I-slices per expert.
+  // Generation 2 only (experts_v2.cuh): the stream-K flags and h workspace, I-slices per expert,
+  // and how long a cut item's row tiles wait for its h before recomputing it (ns; < 0: kWaitNs).
   int* counters;
   int nslices;
+  int64_t wait_ns;
 };
 
 // ------------------------------------------------------------------------------------- PTX
