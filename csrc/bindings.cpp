@@ -89,13 +89,16 @@ PYBIND11_MODULE(_C, m) {
       MOESPEC_RW(meta) MOESPEC_RW(act_experts) MOESPEC_RW(act_offsets) MOESPEC_RW(pair_token)
       MOESPEC_RW(pair_slot) MOESPEC_RW(pair_position) MOESPEC_RW(weights) MOESPEC_RW(hbuf) MOESPEC_RW(ybuf)
       MOESPEC_RW(out) MOESPEC_RW(atomic) MOESPEC_RW(max_experts) MOESPEC_RW(ksplit)
-      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf) MOESPEC_RW(generation) MOESPEC_RW(counters) MOESPEC_RW(counters_len);
+      MOESPEC_RW(ksplit1) MOESPEC_RW(gubuf) MOESPEC_RW(generation) MOESPEC_RW(counters) MOESPEC_RW(counters_len)
+      MOESPEC_RW(grid) MOESPEC_RW(wait_ns);
 #undef MOESPEC_RW
   m.attr("plan_max_experts") = moespec::plan_max_experts();
   m.attr("plan_max_topk") = moespec::plan_max_topk();
   m.attr("experts_v2_slice") = moespec::experts_v2_slice();
-  m.def("experts_v2_counters_len", &moespec::experts_v2_counters_len, py::arg("T"),
-        "Ints of the generation-2 counters buffer for T tokens on the current device.");
+  m.def("experts_v2_grid", &moespec::experts_v2_grid,
+        "The generation-2 persistent grid on the current device (SMs x resident CTAs per SM), or -1.");
+  m.def("experts_v2_counters_len", &moespec::experts_v2_counters_len, py::arg("grid"),
+        "Ints of the generation-2 counters buffer for a persistent grid of `grid` CTAs (-1 if grid < 1).");
 
   auto plan = [](const moespec::PlanArgs& a, int64_t stream) {
     std::string err = moespec::launch_routing_plan(a, stream);
@@ -183,6 +186,37 @@ PYBIND11_MODULE(_C, m) {
   m.def("emu_set_sms", &moespec_emu::set_sm_count, py::arg("n"),
         "Set the emulated SM count (default 5): the device attribute and how many blocks are resident at once.");
   m.def("emu_sms", &moespec_emu::sm_count);
+  m.def("emu_set_resident_limit", &moespec_emu::set_resident_limit, py::arg("n"),
+        "At most n blocks of a launch resident at once (competing kernels hold the other SMs); 0: no limit.");
+  m.def("emu_resident_limit", &moespec_emu::resident_limit);
+  m.def("emu_set_image_arch", &moespec_emu::set_image_arch, py::arg("arch"),
+        "The architecture the emulated kernel image was built for (default 90; below 90 griddep_wait is compiled out).");
+  m.def("emu_image_arch", &moespec_emu::image_arch);
+  m.def("emu_set_wait_timeout_rate", &moespec_emu::set_wait_timeout_rate, py::arg("rate"),
+        "Probability that a bounded wait's unmet poll times out (default 0: only when no block can progress).");
+  m.def("emu_take_wait_timeouts", &moespec_emu::take_wait_timeouts, "Bounded waits timed out since the last call.");
+  m.def("emu_take_launches", &moespec_emu::take_launches,
+        "The launches since the last call: (kernel name, launched as a programmatic dependent).");
+  m.def("emu_set_perf", &moespec_emu::set_perf, py::arg("on"), py::arg("count_only") = false,
+        "Trace launches for the performance model (count_only: skip cp.async copies and mma.sync).");
+  m.def(
+      "emu_take_perf",
+      []() {
+        py::list out;
+        for (const moespec_emu::PerfLaunchPlain& l : moespec_emu::take_perf_plain()) {
+          py::dict d;
+          d["name"] = l.name;
+          d["grid"] = py::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+          d["threads"] = l.threads;
+          d["smem"] = l.smem;
+          d["pdl"] = l.pdl;
+          d["blocks"] = l.blocks;
+          out.append(d);
+        }
+        return out;
+      },
+      "The traced launches since the last call: name, grid, threads, smem, pdl and per block (index, cp.async "
+      "bytes, explicit bytes, longest round-trip chain, thread 0's events (kind, a, b, cp.async bytes so far)).");
   m.def("emu_selftest_names", &moespec_emu::selftest_names);
   m.def(
       "emu_selftest",

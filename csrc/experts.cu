@@ -64,16 +64,30 @@ std::string launch_typed(const ExpertsParams& p, int max_experts, cudaStream_t s
   return "";
 }
 
-// Generation 2: one persistent CTA per SM (its shared memory allows no second one).
+// The generation-2 grid: the SM count x the CTAs per SM the occupancy calculator allows for its
+// shared memory (1 on sm_80/sm_90). Any grid is correct (the waits are bounded); this one is the
+// largest that can be resident at once on an otherwise idle device.
 template <bool BF16, bool TRANS>
-std::string launch_v2_typed(const ExpertsParams& p, int64_t counters_len, cudaStream_t stream) {
-  int dev = 0, sms = 0, major = 0;
+cudaError_t v2_resident_grid(int smem, int* grid) {
+  int dev = 0, sms = 0, per = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, experts_v2::persistent_experts_kernel<BF16, TRANS>,
+                                                        experts_v2::kThreads, smem);
+  if (err != cudaSuccess) return err;
+  *grid = (sms > 0 ? sms : 1) * (per > 0 ? per : 1);
+  return cudaSuccess;
+}
+
+// Generation 2: the persistent kernel (PDL dependent of the plan), then its combine kernel (PDL
+// dependent of the persistent kernel).
+template <bool BF16, bool TRANS>
+std::string launch_v2_typed(const ExpertsParams& p, int64_t counters_len, int asked_grid, cudaStream_t stream) {
+  int dev = 0, major = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err != cudaSuccess) return std::string("moe_experts v2: cannot query the device: ") + cudaGetErrorString(err);
-  int optin = 0;
-  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return std::string("moe_experts v2: cannot query the device: ") + cudaGetErrorString(err);
   const int smem = experts_v2::smem_bytes(major);
   // All of the kernel's shared memory is dynamic (no static __shared__: docs/kernel-resources.md).
@@ -85,16 +99,31 @@ std::string launch_v2_typed(const ExpertsParams& p, int64_t counters_len, cudaSt
   err = allow_smem<kern>(smem);
   if (err != cudaSuccess)
     return std::string("moe_experts v2: cannot reserve shared memory: ") + cudaGetErrorString(err);
-  const int grid = sms > 0 ? sms : 1;
-  if (counters_len < experts_v2::counters_len(p.T, grid))
+  int grid = asked_grid;
+  if (grid <= 0) {
+    err = v2_resident_grid<BF16, TRANS>(smem, &grid);
+    if (err != cudaSuccess) return std::string("moe_experts v2: cannot size the grid: ") + cudaGetErrorString(err);
+  }
+  if (counters_len < experts_v2::counters_len(grid))
     return "moe_experts v2: the counters buffer has " + std::to_string(counters_len) + " ints, needs " +
-           std::to_string(experts_v2::counters_len(p.T, grid)) + " (experts_v2_counters_len)";
-  // No memset here: the counters (and the atomic accumulator) are zero on entry and the kernel leaves
-  // them zero (the caller allocates them zeroed once), so nothing sits between the routing plan and
-  // this programmatic dependent launch.
+           std::to_string(experts_v2::counters_len(grid)) + " for a grid of " + std::to_string(grid) +
+           " (experts_v2_counters_len)";
+  // No memset here: the flags (and the atomic accumulator) are zero on entry and the combine kernel
+  // leaves them zero (the caller allocates them zeroed once), so nothing sits between the routing
+  // plan and this programmatic dependent launch.
   err = launch_kernel_pdl("persistent_experts_kernel", kern, dim3(grid), dim3(experts_v2::kThreads), smem,
                           stream, p);
   if (err != cudaSuccess) return std::string("moe_experts v2: launch failed: ") + cudaGetErrorString(err);
+  // The combine: enough blocks to cover the outputs once (a grid-stride loop takes the rest).
+  const int split = p.atomic ? 1 : experts_v2::combine_split(p.nslices);
+  const long long groups = static_cast<long long>(p.T) * (p.H / 4);
+  const long long per_block = experts_v2::kCombineThreads / split;
+  long long blocks = (groups + per_block - 1) / per_block;
+  if (blocks > 4096) blocks = 4096;
+  err = launch_kernel_pdl("combine_v2_kernel", experts_v2::combine_v2_kernel<BF16>,
+                          dim3(static_cast<unsigned>(blocks)), dim3(experts_v2::kCombineThreads), 0, stream, p,
+                          grid);
+  if (err != cudaSuccess) return std::string("moe_experts v2: combine launch failed: ") + cudaGetErrorString(err);
   return "";
 }
 
@@ -110,12 +139,17 @@ void split_k(int K, int asked, int* splits, int* chunk) {
 
 int experts_v2_slice() { return experts_v2::kSlice; }
 
-int64_t experts_v2_counters_len(int T) {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+int experts_v2_grid() {
+  int dev = 0, major = 0, grid = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
     return -1;
-  return experts_v2::counters_len(T, sms > 0 ? sms : 1);
+  // Both instantiations have the same shared memory and block, so one answers for all.
+  if (v2_resident_grid<true, false>(experts_v2::smem_bytes(major), &grid) != cudaSuccess) return -1;
+  return grid;
 }
+
+int64_t experts_v2_counters_len(int grid) { return grid < 1 ? -1 : experts_v2::counters_len(grid); }
 
 std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   if (a.dtype != 1 && a.dtype != 2) return "moe_experts: only bf16 (1) and fp16 (2) activations have kernels";
@@ -128,6 +162,8 @@ std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   if (a.order < 0 || a.order > 2 || a.activation < 0 || a.activation > 1) return "moe_experts: bad layout codes";
   if (a.generation != 1 && a.generation != 2) return "moe_experts: generation must be 1 or 2";
   if (a.generation == 2 && a.counters == 0) return "moe_experts: generation 2 needs the counters buffer";
+  if (a.generation == 2 && a.k > experts_v2::kMaxSlots)
+    return "moe_experts: generation 2 handles top-k up to " + std::to_string(experts_v2::kMaxSlots);
   if (a.max_experts < 1 || a.max_experts > 65535) return "moe_experts: max_experts must be in [1, 65535]";
   if (a.x == 0 || a.w_gu == 0 || a.w_down == 0 || a.meta == 0 || a.act_experts == 0 || a.act_offsets == 0 ||
       a.pair_token == 0 || a.pair_slot == 0 || a.pair_position == 0 || a.weights == 0 || a.hbuf == 0 ||
@@ -166,12 +202,14 @@ std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream) {
   p.gubuf = reinterpret_cast<float*>(a.gubuf);
   p.counters = reinterpret_cast<int*>(a.counters);
   p.nslices = (a.I + experts_v2::kSlice - 1) / experts_v2::kSlice;
+  p.wait_ns = a.wait_ns;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const bool bf16 = a.dtype == 1;
   if (a.generation == 2) {
     const int64_t n = a.counters_len;
-    if (bf16) return a.transposed ? launch_v2_typed<true, true>(p, n, s) : launch_v2_typed<true, false>(p, n, s);
-    return a.transposed ? launch_v2_typed<false, true>(p, n, s) : launch_v2_typed<false, false>(p, n, s);
+    const int g = a.grid;
+    if (bf16) return a.transposed ? launch_v2_typed<true, true>(p, n, g, s) : launch_v2_typed<true, false>(p, n, g, s);
+    return a.transposed ? launch_v2_typed<false, true>(p, n, g, s) : launch_v2_typed<false, false>(p, n, g, s);
   }
   if (bf16) return a.transposed ? launch_typed<true, true>(p, a.max_experts, s) : launch_typed<true, false>(p, a.max_experts, s);
   return a.transposed ? launch_typed<false, true>(p, a.max_experts, s) : launch_typed<false, false>(p, a.max_experts, s);

@@ -394,12 +394,118 @@ def test_grid_barrier_needs_residency(sms):
         C.emu_set_sms(5)
 
 
+@pytest.mark.parametrize("sms", [1, 3, 5, 7])
+def test_competing_blocks_hang_unbounded_waits_not_bounded_ones(sms):
+    """Competing resident blocks (another kernel holds all but `limit` SMs, emu_set_resident_limit):
+    the flag chain, whose waits are unbounded, is a reported deadlock as soon as fewer blocks than
+    the grid can be resident (its grid is the device's SM count, as a persistent kernel sizes it),
+    unless the blocks happen to start in the chain's order;
+    the bounded chain completes with any residency down to one block: the waits that cannot be
+    met time out (counted) and the block recomputes, and with the whole grid resident none does."""
+    try:
+        C.emu_set_sms(sms)
+        for limit in range(1, sms + 1):
+            C.emu_set_resident_limit(limit)
+            assert C.emu_resident_limit() == limit
+            for seed in SEEDS[:3]:
+                C.emu_take_wait_timeouts()
+                err, v = _run("bounded_chain", seed)
+                assert err == "" and v[:sms] == [100 + b for b in range(sms)], (limit, err, v[:sms])
+                timeouts = C.emu_take_wait_timeouts()
+                assert timeouts == sum(v[64:64 + sms]), (timeouts, v[64:64 + sms])
+                if limit == sms:
+                    assert timeouts == 0, "a resident grid must never time out"
+                elif limit == 1:
+                    # one block at a time: every wait but the last block's (it has none) that runs before its producer
+                    assert timeouts >= 1
+            hung = 0
+            for seed in SEEDS:
+                err, _ = _run("flag_chain", seed)
+                if err:  # only a start order that happens to run the chain backwards completes
+                    assert limit < sms, err
+                    assert "every resident block waits on a flag" in err and f"on {limit} emulated SMs" in err, err
+                    hung += 1
+            if limit == 1 and sms >= 3:
+                assert hung > 0, f"no seed hung the unbounded chain with {limit} of {sms} blocks resident"
+    finally:
+        C.emu_set_resident_limit(0)
+        C.emu_set_sms(5)
+
+
+def test_bounded_waits_time_out_at_the_set_rate():
+    """emu_set_wait_timeout_rate(1) times out every unmet bounded wait even with the grid resident
+    (so the recompute paths run without a deadlock), and 0 puts the default back."""
+    try:
+        C.emu_set_wait_timeout_rate(1.0)
+        C.emu_take_wait_timeouts()
+        err, v = _run("bounded_chain", 7)
+        assert err == "" and v[:5] == [100 + b for b in range(5)]
+        assert C.emu_take_wait_timeouts() == sum(v[64:69]) >= 1
+    finally:
+        C.emu_set_wait_timeout_rate(0.0)
+    for seed in SEEDS[:3]:
+        err, v = _run("bounded_chain", seed)
+        assert err == "" and v[64:69] == [0] * 5 and C.emu_take_wait_timeouts() == 0
+
+
+def test_pdl_only_from_an_image_with_the_wait():
+    """launch_kernel_pdl (common.cuh) asks the runtime about the loaded image: built for sm_90+
+    (the default emulated image) it launches as a programmatic dependent; a compute_80 image on
+    this sm_90 device (emu_set_image_arch(80): griddep_wait compiled out) gets a plain launch,
+    which is safe without the wait, while a forced PDL launch of that image is the race the check
+    prevents (the emulator reports its threads exiting without the wait)."""
+    try:
+        C.emu_take_launches()
+        err, v = _run("pdl_by_image", 3)
+        assert err == "" and v[:64] == [1] * 64
+        assert C.emu_take_launches() == [("griddep_kernel", True)]
+        C.emu_set_image_arch(80)
+        assert C.emu_image_arch() == 80
+        err, v = _run("pdl_by_image", 3)
+        assert err == "" and v[:64] == [1] * 64
+        assert C.emu_take_launches() == [("griddep_kernel", False)]
+        err, _ = _run("pdl_wait", 3)  # the same image launched as a dependent regardless
+        assert "exited without griddepcontrol.wait" in err
+    finally:
+        C.emu_set_image_arch(90)
+        C.emu_take_launches()
+
+
+@pytest.mark.parametrize("count_only", [False, True])
+def test_perf_trace_counts(count_only):
+    """The performance trace: per block the cp.async source bytes (zero-fills count nothing), the
+    explicit bytes of perf_event(kPerfBytes) summed over threads, the longest round-trip chain of
+    any thread, thread 0's events in order stamped with the block's cp.async bytes so far; in
+    count-only mode the copies are counted but never land (the shared words stay poisoned)."""
+    try:
+        C.emu_set_perf(True, count_only)
+        err, v = _run("perf_counts", 5)
+        assert err == ""
+        launches = C.emu_take_perf()
+    finally:
+        C.emu_set_perf(False)
+    assert len(launches) == 1
+    (l,) = launches
+    assert l["name"] == "perf_kernel" and l["grid"] == (2, 1, 1) and l["threads"] == 32 and not l["pdl"]
+    assert [b[0] for b in l["blocks"]] == [0, 1]
+    for idx, cp_bytes, mem_bytes, chain, events in l["blocks"]:
+        assert cp_bytes == 16 * 16 and mem_bytes == 8 * 32 and chain == 4
+        kinds = [(k, a, b) for k, a, b, _ in events]
+        assert kinds == [(1, 2, 0), (5, 8, 0), (4, 0, 0), (1, 7, 1)], kinds
+        stamps = [s for *_, s in events]
+        assert stamps == sorted(stamps) and stamps[-1] >= 16 and stamps[-1] <= 256
+    want = [POISON if count_only else (0 if t % 2 == 0 else 1000 + 4 * t) for t in range(32)]
+    assert v[:32] == want * 1
+    assert C.emu_take_perf() == [], "tracing off records nothing"
+
+
 def test_every_scenario_is_tested():
     tested = {*FAILING, "barrier_ok", "missing_barrier", "shuffles", "cp_async", "cp_async_misaligned",
               "smem_poison", "dyn_smem_without_opt_in", "dyn_smem_opt_in_per_kernel", "block_too_large",
               "grid_y_too_large", "block_order", "thread_order", "pdl_wait", "pdl_missing_wait",
               "plain_launch_skips_wait", "prefetch_ok", "prefetch_misaligned",
-              "flag_chain", "grid_barrier_resident", "smem_poison_template", "flag_chain_template"}
+              "flag_chain", "grid_barrier_resident", "smem_poison_template", "flag_chain_template",
+              "bounded_chain", "pdl_by_image", "perf_counts"}
     assert set(C.emu_selftest_names()) == tested
     err, _ = C.emu_selftest("no_such_scenario")
     assert "no such self-test" in err

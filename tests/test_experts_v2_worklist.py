@@ -252,19 +252,19 @@ def test_bits_independent_of_grid_and_schedule(kdev, gen, monkeypatch):
     assert {"h", "cols", "rows"} <= kinds, kinds
 
 
-def test_counters_buffer_sized_by_the_sm_count(kdev):
-    """The counters buffer holds T counters plus the stream-K workspace of one slot per CTA."""
+def test_counters_buffer_sized_by_the_grid(kdev):
+    """The grid is the SM count x the CTAs per SM the occupancy calculator allows (one: the kernel's
+    shared memory), and the counters buffer holds an h flag per CTA (16-byte aligned), then a 16-bit
+    h tile [64 tokens, 128 columns] per CTA."""
     if not kdev.emulated:
         pytest.skip("emulator only")
     C = _cuda._C
-    with _sms(kdev, 5):
-        n5 = C.experts_v2_counters_len(7)
-    with _sms(kdev, 6):
-        n6 = C.experts_v2_counters_len(7)
-    # T token counters, an h count per CTA and the exit ticket (16-byte aligned), then a 16-bit h tile
-    # [64 tokens, 128 columns] per CTA.
-    for G, n in ((5, n5), (6, n6)):
-        assert n == ((7 + G + 1 + 3) // 4) * 4 + G * (ITEM * 128 // 2)
+    for sms in (5, 6):
+        with _sms(kdev, sms):
+            assert C.experts_v2_grid() == sms
+    for G in (1, 5, 6, 133):
+        assert C.experts_v2_counters_len(G) == ((G + 3) // 4) * 4 + G * (ITEM * 128 // 2)
+    assert C.experts_v2_counters_len(0) == -1
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -294,8 +294,8 @@ def test_state_left_zero_for_the_next_launch(kdev, gen, deterministic, monkeypat
             got = kernels.moe_experts_planned(x, w_gu, w_dn, plan, deterministic=deterministic)
             G = _cuda._C.emu_sms() if kdev.emulated else torch.cuda.get_device_properties(kdev.device).multi_processor_count
         _assert_close_act(got, want)
-        # Token counters, the split items' h counts and the exit ticket (the h tiles after them are workspace).
-        assert not plan.expert_counters[: T + G + 1].any(), "counters left non-zero for the next launch"
+        # The split items' h flags (the h tiles after them are workspace): the combine kernel zeroes them.
+        assert not plan.expert_counters[:G].any(), "flags left non-zero for the next launch"
         if deterministic:
             assert plan.expert_accum is None
         else:
@@ -390,3 +390,130 @@ def test_wide_items_cover_the_paths():
         toks = _item_tokens(counts, 200)
         assert len(toks) == len(items)
         assert any(len(own) > 1 and t > 32 for own, t in zip(pieces, toks)), (counts, G)
+
+
+# ------------------------------------------------------------------ residency, bounded waits, combine
+
+
+@contextlib.contextmanager
+def _emu_state(resident=0, timeout_rate=0.0, image_arch=90):
+    """Emulator knobs for one block: competing resident blocks (another kernel holds all but
+    `resident` SMs; 0: none), random timeouts of bounded waits, the loaded image's architecture."""
+    C = _cuda._C
+    C.emu_set_resident_limit(resident)
+    C.emu_set_wait_timeout_rate(timeout_rate)
+    C.emu_set_image_arch(image_arch)
+    C.emu_take_wait_timeouts()
+    C.emu_take_launches()
+    try:
+        yield C
+    finally:
+        C.emu_set_resident_limit(0)
+        C.emu_set_wait_timeout_rate(0.0)
+        C.emu_set_image_arch(90)
+        C.emu_take_wait_timeouts()
+        C.emu_take_launches()
+
+
+def _residency_case(gen, kdev):
+    """4 active experts x 2 slices: 8 equal items, so 5 or 7 CTAs split some of them."""
+    T, E, k, H, I = 6, 8, 2, 264, 200
+    w_gu, w_dn, _, _ = _weights(gen, E, H, I, ExpertLayout(), torch.bfloat16, False, kdev.device)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids, w = _routing_counts(gen, [6, 3, 2, 1], k)
+    return (T, E, k, H, I), (x, w_gu, w_dn, ids, w), reference.moe_experts(x, w_gu, w_dn, ids, w, None)
+
+
+def test_fewer_resident_blocks_than_the_grid(kdev, gen, monkeypatch):
+    """The persistent grid does not assume co-residency: with another kernel holding all but 1, 2 or
+    3 of the SMs (the grid stays the SM count), every launch completes, matches the reference and
+    gives the deterministic bits of the fully resident grid; the split items' row tiles whose
+    producer is not resident time out and recompute its h. A resident grid never times out."""
+    if not kdev.emulated:
+        pytest.skip("the emulator sets the resident limit")
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    (T, E, k, H, I), args, want = _residency_case(gen, kdev)
+    _poison_workspaces(kdev, monkeypatch)
+    counts = torch.bincount(args[3].flatten(), minlength=E)
+    for sms in (5, 7):
+        assert "h" in _split_kinds([c for c in counts.tolist() if c], H, I, sms)
+        with _sms(kdev, sms), _emu_state() as C:
+            base = _run(kdev, *args, None, True)
+            _assert_close_act(base, want)
+            _assert_close_act(_run(kdev, *args, None, False), want)
+            assert C.emu_take_wait_timeouts() == 0, "a fully resident grid timed out"
+        for resident in (1, 2, 3):
+            with _sms(kdev, sms), _emu_state(resident=resident) as C:
+                got = _run(kdev, *args, None, True)
+                timeouts = C.emu_take_wait_timeouts()
+                assert torch.equal(got, base), f"{sms} CTAs, {resident} resident: bits changed"
+                _assert_close_act(_run(kdev, *args, None, False), want)
+                timeouts += C.emu_take_wait_timeouts()
+            if resident == 1:
+                assert timeouts > 0, "one resident CTA at a time never reached the recompute"
+
+
+def test_random_wait_timeouts_keep_the_bits(kdev, gen, monkeypatch):
+    """Bounded waits that time out at random (a producer far behind) recompute the item's h locally:
+    the same deterministic bits, atomic results within tolerance."""
+    if not kdev.emulated:
+        pytest.skip("the emulator times the waits out")
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    _, args, want = _residency_case(gen, kdev)
+    _poison_workspaces(kdev, monkeypatch)
+    with _sms(kdev, 7):
+        with _emu_state():
+            base = _run(kdev, *args, None, True)
+        total = 0
+        for rate in (0.3, 1.0):
+            with _emu_state(timeout_rate=rate) as C:
+                _reshuffle(kdev)
+                assert torch.equal(_run(kdev, *args, None, True), base), f"timeout rate {rate}"
+                _assert_close_act(_run(kdev, *args, None, False), want)
+                total += C.emu_take_wait_timeouts()
+        assert total > 0
+
+
+def test_launches_pdl_only_from_an_sm90_image(kdev, gen, monkeypatch):
+    """The persistent kernel and its combine kernel launch as programmatic dependents only when the
+    loaded image was built for sm_90+ (its griddepcontrol.wait is real); a compute_80 image on this
+    sm_90 device (emu_set_image_arch(80)) gets plain launches, with the same bits."""
+    if not kdev.emulated:
+        pytest.skip("the emulator sets the image architecture")
+    from moespec import kernels
+
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    (T, E, k, H, I), (x, w_gu, w_dn, ids, w), want = _residency_case(gen, kdev)
+    outs = []
+    for arch in (90, 80):
+        with _sms(kdev, 5), _emu_state(image_arch=arch) as C:
+            plan = kernels.plan_from_routing(ids.int(), w, E)
+            C.emu_take_launches()
+            outs.append(kernels.moe_experts_planned(x, w_gu, w_dn, plan, deterministic=True))
+            launches = C.emu_take_launches()
+        assert launches == [("persistent_experts_kernel", arch >= 90), ("combine_v2_kernel", arch >= 90)], launches
+        _assert_close_act(outs[-1], want)
+    assert torch.equal(outs[0], outs[1])
+
+
+# NS slices per expert: 2 (one combine thread per output), 18, 40 and 112 (Mixtral's I = 14336: 2, 4
+# and 8 threads share an output's slices, then their chunks are added in chunk order).
+@pytest.mark.parametrize("I", [200, 2248, 5064, 14336], ids=["ns2", "ns18", "ns40", "ns112"])
+def test_combine_many_slices(kdev, gen, I, monkeypatch):
+    """The combine kernel against the reference for few and many I-slices (its split of an output's
+    slices over threads), deterministic bits independent of the expert grid, atomic within tolerance."""
+    monkeypatch.setenv("MOESPEC_KERNELS", "v2")
+    T, E, k, H = 3, 3, 2, 72
+    w_gu, w_dn, _, _ = _weights(gen, E, H, I, ExpertLayout(), torch.bfloat16, False, kdev.device)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices
+    w = torch.rand(T, k, generator=gen) + 0.05
+    want = reference.moe_experts(x, w_gu, w_dn, ids, w, None)
+    _poison_workspaces(kdev, monkeypatch)
+    outs = []
+    for sms in ((3, 8) if kdev.emulated else (None,)):
+        with _sms(kdev, sms):
+            outs.append(_run(kdev, x, w_gu, w_dn, ids, w, None, True))
+            _assert_close_act(outs[-1], want)
+            _assert_close_act(_run(kdev, x, w_gu, w_dn, ids, w, None, False), want)
+    assert all(torch.equal(o, outs[0]) for o in outs)

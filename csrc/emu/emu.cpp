@@ -123,6 +123,9 @@ struct Fiber {
   uint64_t result = 0;
   float d[4] = {0, 0, 0, 0};
   bool griddep_waited = false;  // called griddep_wait (checked at exit in a PDL launch)
+  bool bounded = false;         // parked in a bounded wait (wait_bits): the scheduler may time it out
+  bool timed_out = false;       // the scheduler timed that wait out
+  uint64_t perf_chain = 0;      // dependent global round trips this thread reported (perf_event)
 };
 
 struct WarpSlot {
@@ -164,6 +167,8 @@ struct Launch {
   std::string error;
   Rng rng{0};
   bool pdl = false;  // programmatic dependent launch: every thread must call griddep_wait
+  uint64_t cur_block = 0;             // linear index of the running block
+  std::vector<PerfBlock> perf;        // per block (tracing on), indexed by linear block index
 };
 
 Launch* g_launch = nullptr;
@@ -172,6 +177,13 @@ std::vector<Fiber*> g_fiber_pool;
 std::vector<char> g_dyn_arena;
 std::map<const void*, int> g_max_dyn_smem;  // per-kernel opt-in, as the driver keeps it
 std::string g_error_text;                   // detail of the most recent error
+int g_resident_limit = 0;                   // competing resident blocks (set_resident_limit)
+int g_image_arch = 90;                      // the loaded image's architecture (set_image_arch)
+double g_timeout_rate = 0.0;                // random timeouts of bounded waits (set_wait_timeout_rate)
+int64_t g_timeouts = 0;                     // bounded waits timed out since take_wait_timeouts
+bool g_perf_on = false, g_count_only = false;
+std::vector<PerfLaunch> g_perf_log;
+std::vector<std::pair<std::string, bool>> g_launch_log;
 
 #if defined(MOESPEC_EMU_ASAN)
 void* g_fake_stack = nullptr;
@@ -257,6 +269,10 @@ void fiber_entry() {
   Launch& L = *g_launch;
   Fiber* f = L.current;
   L.body.call(L.body.ctx);
+  if (!L.perf.empty()) {
+    PerfBlock& pb = L.perf[L.cur_block];
+    pb.round_trips = std::max(pb.round_trips, f->perf_chain);
+  }
   if (L.pdl && !f->griddep_waited)  // on a GPU it could read the previous kernel's outputs too early
     fail(thread_name(L, f) + " exited without griddepcontrol.wait in a programmatic dependent launch");
   finish_copies(f);
@@ -411,6 +427,7 @@ struct Resident {
   char* dyn = nullptr;
   std::vector<char> shared;  // its copy of the static shared section
   int slot = 0;              // fibers [slot*nthreads, ...) of the pool, dyn arena slot
+  uint64_t cur_block = 0;
 };
 
 void swap_block(Launch& L, Resident& r) {
@@ -422,6 +439,7 @@ void swap_block(Launch& L, Resident& r) {
   std::swap(L.at_block_barrier, r.at_block_barrier);
   L.warps.swap(r.warps);
   std::swap(L.dyn, r.dyn);
+  std::swap(L.cur_block, r.cur_block);
 }
 
 // Runs the current block's threads until none is runnable (all exited, or waiting at barriers
@@ -461,6 +479,8 @@ void start_block(Launch& L) {
     f->copies.clear();
     f->committed = 0;
     f->griddep_waited = false;
+    f->bounded = f->timed_out = false;
+    f->perf_chain = 0;
     make_stack(f);
     L.runnable.push_back(i);
   }
@@ -628,6 +648,7 @@ uint64_t warp_collective(int kind, unsigned mask, uint64_t value, int arg) {
 
 void mma_m16n8k16(bool bf16, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   Launch& L = current_launch("mma");
+  if (g_count_only) return;  // count-only mode: the products are not needed
   WarpSlot* s;
   int lane;
   Fiber* f = arrive(L, kMma, 0xffffffffu, 0, 0, &s, &lane);
@@ -670,6 +691,8 @@ void cp_async(void* dst, const void* src, int cp_size, int src_size) {
   }
   if (!in_shared(dst, static_cast<size_t>(cp_size)))
     fail("cp.async destination is not in shared memory (" + thread_name(L, f) + ")", cudaErrorIllegalAddress);
+  if (!L.perf.empty()) L.perf[L.cur_block].cp_bytes += static_cast<uint64_t>(src_size);
+  if (g_count_only) return;  // counted, never copied (the source need not exist)
   std::memset(dst, kPoison, static_cast<size_t>(cp_size));  // nothing has landed yet
   f->copies.push_back(Copy{dst, src, cp_size, src_size, -1});
 }
@@ -704,6 +727,7 @@ void* dynamic_smem() { return current_launch("dynamic shared memory").dyn; }
 void griddep_wait() {
   // Launches run in order: the previous kernel has completed. Record the call for the exit check.
   Launch& L = current_launch("griddepcontrol.wait");
+  if (g_image_arch < 90) return;  // compiled out below sm_90 (common.cuh): it waits for nothing
   L.current->griddep_waited = true;
 }
 
@@ -743,11 +767,84 @@ void wait_geq(const volatile int* flag, int value) {
   }
 }
 
+int wait_bits(const volatile int* flag, int need) {
+  Launch& L = current_launch("bounded flag wait");
+  Fiber* f = L.current;
+  for (;;) {
+    const int v = *flag;
+    if ((v & need) == need) return v;
+    if (g_timeout_rate > 0 && static_cast<double>(L.rng.next() >> 11) * 0x1.0p-53 < g_timeout_rate) {
+      ++g_timeouts;
+      return v;
+    }
+    f->state = State::kFlagWait;
+    f->bounded = true;
+    L.waiters.push_back(f->linear);
+    switch_to_scheduler(L, f, false);
+    f->bounded = false;
+    if (f->timed_out) {
+      f->timed_out = false;
+      ++g_timeouts;
+      return *flag;
+    }
+  }
+}
+
+void set_wait_timeout_rate(double rate) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_timeout_rate = rate < 0 ? 0 : (rate > 1 ? 1 : rate);
+}
+int64_t take_wait_timeouts() {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  const int64_t n = g_timeouts;
+  g_timeouts = 0;
+  return n;
+}
+
+void perf_event(int kind, int64_t a, int64_t b) {
+  Launch& L = current_launch("perf event");
+  if (L.perf.empty()) return;
+  Fiber* f = L.current;
+  PerfBlock& pb = L.perf[L.cur_block];
+  if (kind == kPerfRoundTrips) f->perf_chain += static_cast<uint64_t>(a);
+  if (kind == kPerfBytes) pb.mem_bytes += static_cast<uint64_t>(a);
+  if (f->linear == 0) pb.events.push_back(PerfEventRec{kind, a, b, pb.cp_bytes});
+}
+
+void set_perf(bool on, bool count_only) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_perf_on = on;
+  g_count_only = on && count_only;
+  g_perf_log.clear();
+}
+std::vector<PerfLaunch> take_perf() {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  std::vector<PerfLaunch> out;
+  out.swap(g_perf_log);
+  return out;
+}
+std::vector<std::pair<std::string, bool>> take_launches() {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  std::vector<std::pair<std::string, bool>> out;
+  out.swap(g_launch_log);
+  return out;
+}
+
 void set_sm_count(int n) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_sm_count = n < 1 ? 1 : n;
 }
 int sm_count() { return g_sm_count; }
+void set_resident_limit(int n) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_resident_limit = n < 0 ? 0 : n;
+}
+int resident_limit() { return g_resident_limit; }
+void set_image_arch(int arch) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  g_image_arch = arch;
+}
+int image_arch() { return g_image_arch; }
 
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
@@ -800,10 +897,18 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
   L.rng.s = g_seed ^ (0xA24BAED4963EE407ull * ++g_launches);
   const uint64_t nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   // Up to one block per emulated SM is resident at a time (the guarantee a persistent kernel gets
-  // when its grid does not exceed the SM count at one block per SM).
-  const int slots = static_cast<int>(std::min<uint64_t>(nblocks, static_cast<uint64_t>(g_sm_count)));
-  for (size_t i = 0; i < static_cast<size_t>(slots) * L.nthreads; ++i)
-    if (pooled_fiber(i) == nullptr) return reject(cudaErrorLaunchFailure, "cannot map emulated thread stacks");
+  // when its grid does not exceed the SM count at one block per SM), fewer when competing blocks
+  // hold SMs (set_resident_limit).
+  const int free_sms = g_resident_limit > 0 ? std::min(g_resident_limit, g_sm_count) : g_sm_count;
+  const int slots = static_cast<int>(std::min<uint64_t>(nblocks, static_cast<uint64_t>(free_sms)));
+  if (g_launch_log.size() >= 4096) g_launch_log.erase(g_launch_log.begin(), g_launch_log.begin() + 2048);
+  g_launch_log.emplace_back(name, pdl);
+  if (g_perf_on) {
+    L.perf.resize(nblocks);
+    for (uint64_t i = 0; i < nblocks; ++i) L.perf[i].block = i;
+  }
+  // Stacks are mapped when a slot first runs a block (below): a kernel without flag waits runs its
+  // blocks one after another in one slot, so a large grid of large blocks maps one block's stacks.
   const size_t stride = (smem + 127) & ~size_t(127);
   const size_t arena = stride * slots + 128;
   if (g_dyn_arena.size() < arena) g_dyn_arena.resize(arena);
@@ -846,18 +951,45 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
       const uint64_t b = order[next++];
       const int slot = free_slots.back();
       free_slots.pop_back();
+      bool mapped = true;
+      for (size_t i = static_cast<size_t>(slot) * L.nthreads; i < static_cast<size_t>(slot + 1) * L.nthreads; ++i)
+        if (pooled_fiber(i) == nullptr) mapped = false;
+      if (!mapped) {
+        L.failed = true;
+        L.fail_code = cudaErrorLaunchFailure;
+        L.error = std::string("kernel ") + L.name + ": cannot map emulated thread stacks";
+        break;
+      }
       L.block_idx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                           static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
       L.fibers.assign(g_fiber_pool.begin() + static_cast<ptrdiff_t>(slot) * L.nthreads,
                       g_fiber_pool.begin() + static_cast<ptrdiff_t>(slot + 1) * L.nthreads);
       L.warps.assign(static_cast<size_t>(nwarps), WarpSlot());
       L.dyn = arena0 + stride * static_cast<size_t>(slot);
+      L.cur_block = b;
       start_block(L);
       run_threads(L);
       if (!L.failed) settle(slot);
       continue;
     }
     if (parked.empty()) break;  // every block has exited
+    if (!L.progress) {
+      // No block can move: time out the bounded waits of one parked block (a GPU's bounded spin
+      // would expire; the kernel then recomputes what it waited for).
+      std::vector<size_t> bounded;
+      for (size_t i = 0; i < parked.size(); ++i)
+        for (int w : parked[i].waiters)
+          if (parked[i].fibers[w]->bounded) {
+            bounded.push_back(i);
+            break;
+          }
+      if (!bounded.empty()) {
+        Resident& r = parked[bounded[L.rng.below(bounded.size())]];
+        for (int w : r.waiters)
+          if (r.fibers[w]->bounded) r.fibers[w]->timed_out = true;
+        L.progress = true;
+      }
+    }
     if (!L.progress) {          // the last round only polled flags that no thread will set
       L.failed = true;
       std::string who;
@@ -896,6 +1028,7 @@ cudaError_t launch(const void* kernel, const char* name, dim3 grid, dim3 block, 
     set_error_text(L.fail_code, L.error);
     return L.fail_code;
   }
+  if (g_perf_on) g_perf_log.push_back(PerfLaunch{name, grid, block, smem, pdl, std::move(L.perf)});
   return cudaSuccess;
 }
 

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "moespec_emu/emu.h"
+#include "moespec/common.cuh"  // the launch and flag seams the kernels use
 
 namespace moespec_emu {
 
@@ -47,6 +48,26 @@ __global__ void flag_chain_template_kernel(int64_t* out, int* counter, int* flag
     out[32 + (*counter)++] = b;
     flags[b] = 1;
   }
+}
+
+std::vector<PerfLaunchPlain> take_perf_plain() {
+  std::vector<PerfLaunchPlain> out;
+  for (PerfLaunch& l : take_perf()) {
+    PerfLaunchPlain q;
+    q.name = l.name;
+    q.grid[0] = l.grid.x, q.grid[1] = l.grid.y, q.grid[2] = l.grid.z;
+    q.threads = static_cast<uint64_t>(l.block.x) * l.block.y * l.block.z;
+    q.smem = l.smem;
+    q.pdl = l.pdl;
+    for (PerfBlock& b : l.blocks) {
+      std::vector<std::tuple<int, int64_t, int64_t, uint64_t>> ev;
+      ev.reserve(b.events.size());
+      for (const PerfEventRec& e : b.events) ev.emplace_back(e.kind, e.a, e.b, e.cp_bytes);
+      q.blocks.emplace_back(b.block, b.cp_bytes, b.mem_bytes, b.round_trips, std::move(ev));
+    }
+    out.push_back(std::move(q));
+  }
+  return out;
 }
 
 namespace {
@@ -222,6 +243,37 @@ __global__ void flag_never_set_kernel(Out o, int* flags) {
   o.v[blockIdx.x] = 1;
 }
 
+// Bounded waits: block b waits (moespec::flag_wait_bits) for bits 0x5 of block b+1's flag, then
+// "computes" its result whether the wait saw them or timed out (a kernel recomputes what it waited
+// for), then publishes both bits. out[b] = 100 + b, out[64 + b] = 1 when its wait timed out.
+__global__ void bounded_chain_kernel(Out o, int* flags) {
+  __shared__ int seen;
+  const int b = blockIdx.x;
+  if (threadIdx.x == 0) seen = b + 1 < static_cast<int>(gridDim.x) ? moespec::flag_wait_bits(flags + b + 1, 0x5, 1000) : 0x5;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    o.v[b] = 100 + b;
+    o.v[64 + b] = (seen & 0x5) == 0x5 ? 0 : 1;
+    moespec::flag_or_release(flags + b, 0x1);
+    moespec::flag_or_release(flags + b, 0x4);
+  }
+}
+// Performance trace: every thread issues one 16-byte cp.async (odd threads copy, even ones
+// zero-fill: 16 * 16 = 256 source bytes), reports 8 explicit bytes and thread t a chain of t % 5
+// round trips; thread 0 reports two stage events (and one after its copy).
+__global__ void perf_kernel(Out o, const int* src) {
+  __shared__ __align__(16) int s[32 * 4];
+  const int t = threadIdx.x;
+  if (t == 0) moespec::perf_event(moespec::kPerfStage, 2, 0);
+  cp_async(&s[4 * t], src + 4 * t, 16, t % 2 == 0 ? 0 : 16);
+  cp_async_commit();
+  cp_async_wait(0);
+  moespec::perf_event(moespec::kPerfBytes, 8);
+  moespec::perf_event(moespec::kPerfRoundTrips, t % 5);
+  if (t == 0) moespec::perf_event(moespec::kPerfStage, 7, 1);
+  o.v[t] = s[4 * t];
+}
+
 template <class... P, class... A>
 std::string run(const char* name, void (*k)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
   return error_text(launch_kernel(name, k, grid, block, smem, nullptr, args...));
@@ -321,6 +373,24 @@ const std::map<std::string, Scenario>& scenarios() {
          static int arrived;
          arrived = 0;
          return run("grid_barrier_kernel", grid_barrier_kernel, sm_count() + 1, 32, 0, o, &arrived);
+       }},
+      {"bounded_chain",
+       [](Out o) {
+         static int flags[64];
+         for (int& f : flags) f = 0;
+         return run("bounded_chain_kernel", bounded_chain_kernel, sm_count(), 32, 0, o, static_cast<int*>(flags));
+       }},
+      // griddep_kernel through the kernels' own seam (moespec::launch_kernel_pdl): a PDL launch only
+      // when the image has griddepcontrol.wait (emu_set_image_arch >= 90), else a plain one.
+      {"pdl_by_image",
+       [](Out o) {
+         return error_text(moespec::launch_kernel_pdl("griddep_kernel", griddep_kernel, 2, 64, 0, nullptr, o, 0));
+       }},
+      {"perf_counts",
+       [](Out o) {
+         static int src[32 * 4] __attribute__((aligned(16)));
+         for (int i = 0; i < 32 * 4; ++i) src[i] = 1000 + i;
+         return run("perf_kernel", perf_kernel, 2, 32, 0, o, static_cast<const int*>(src));
        }},
       {"flag_never_set",
        [](Out o) {

@@ -17,7 +17,8 @@ takes CPU tensors instead and runs the same kernel sources on the CPU emulator (
 meant for testing the kernels without a GPU.
 
 Kernel generations (docs/kernels-v2.md): the experts run as generation ``v1`` (GEMM1, [SwiGLU],
-GEMM2 and combine launches) or ``v2`` (one persistent launch over a device-built work list). The
+GEMM2 and combine launches) or ``v2`` (a persistent launch over a device-built work list and its
+combine kernel, both programmatic dependents where the image allows). The
 environment variable ``MOESPEC_KERNELS`` (``v1`` or ``v2``, read at every call; default ``v1`` until
 a GPU run shows which is faster per shape) selects it for every entry point, the custom ops
 included; `moe_experts_planned` and `budgeted_moe_planned` also take ``generation=`` to override it
@@ -139,8 +140,8 @@ class RoutingPlan:
     the kernel leaves it zero, so CUDA-graph replays need no memset). The v2 *expert* kernel keeps
     its state here too, zeroed once (the counters with the workspaces above, before the plan's
     first launch) and left zero by every launch, so no memset sits between the plan and the expert
-    kernel, which overlaps the plan's tail: ``expert_counters`` int32 (per-token counters, stream-K
-    flags and workspace) and, for ``deterministic=False``, ``expert_accum`` fp32 ``[T, H]``.
+    kernel, which overlaps the plan's tail: ``expert_counters`` int32 (stream-K flags, which the
+    combine kernel zeroes, and the h workspace) and, for ``deterministic=False``, ``expert_accum`` fp32 ``[T, H]``.
     """
 
     T: int
@@ -203,7 +204,7 @@ class RoutingPlan:
         if self.expert_counters is None and (dev.type == "cuda" and _cuda.available() or
                                              dev.type == "cpu" and _cuda.emu_compiled()):
             with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-                n = int(_cuda._C.experts_v2_counters_len(self.T))
+                n = int(_cuda._C.experts_v2_counters_len(int(_cuda._C.experts_v2_grid())))
             if n > 0:
                 self.expert_counters = torch.zeros(n, dtype=torch.int32, device=dev)
 
@@ -540,16 +541,18 @@ def moe_experts_planned(
         raise ValueError("out must be contiguous (the kernels write rows of H elements back to back)")
     max_experts = max(1, min(plan.max_active, E))
     counters = None
-    if gen == "v2":  # one persistent kernel: fp32 partials per (pair, I-slice), per-token counters
+    if gen == "v2":  # persistent kernel: fp32 partials per (pair, I-slice); its combine kernel sums them
         ksplit = ksplit1 = 1
         nslices = -(-I // int(_ext(dev).experts_v2_slice))
         hbuf = torch.empty(1, 8, dtype=x.dtype, device=dev)  # unused by v2, checked for alignment
-        # Per-token counters + the stream-K workspace (sized by the device's SM count), and the atomic
-        # accumulator: zero on entry, kept in the plan (the kernel leaves them zero; no memset launch).
+        # The stream-K flags and h workspace (sized by the grid: SMs x resident CTAs per SM), and the
+        # atomic accumulator: zero on entry, kept in the plan (the combine kernel leaves them zero; no
+        # memset launch).
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-            ncounters = int(_ext(dev).experts_v2_counters_len(T))
-        if ncounters < 0:
+            grid = int(_ext(dev).experts_v2_grid())
+        if grid < 1:
             raise RuntimeError("moe_experts v2: cannot query the device's SM count")
+        ncounters = int(_ext(dev).experts_v2_counters_len(grid))
         counters, ybuf = plan._v2_expert_state(ncounters, H, not deterministic)
         if deterministic:  # fp32 partials per (pair, I-slice): every element written before it is read
             ybuf = torch.empty(nslices * T * k, H, dtype=torch.float32, device=dev)
@@ -585,6 +588,8 @@ def moe_experts_planned(
     a.generation = 2 if gen == "v2" else 1
     a.counters = 0 if counters is None else counters.data_ptr()
     a.counters_len = 0 if counters is None else counters.numel()
+    if gen == "v2":
+        a.grid = grid
     with _on(dev):
         _ext(dev).moe_experts(a, _stream(dev))
     return out
@@ -613,7 +618,7 @@ def budgeted_moe_planned(
     generation: Optional[str] = None,
 ) -> tuple[torch.Tensor, RoutingPlan]:
     """A whole budgeted MoE layer, graph-capturable: returns ``(y [T, H], plan)``. Launches: the plan,
-    then 3-4 (``v1``) or one persistent kernel plus memsets (``v2``); see `kernel_generation`. The
+    then 3-4 (``v1``) or a persistent kernel and its combine kernel (``v2``); see `kernel_generation`. The
     ``v2`` plan is the multi-CTA one, and it prefetches the kept experts' first gate/up tiles into L2."""
     plan = plan_routing(router_logits, top_k, budget, policy, renormalize, score, coverage, min_budget, plan=plan,
                         candidates=candidates, generation=generation, prefetch=(w_gate_up, layout))

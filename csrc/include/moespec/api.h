@@ -89,24 +89,30 @@ struct ExpertsArgs {
   int ksplit = 1;  // GEMM2 K splits asked for (deterministic mode needs ksplit*T*k*H floats of ybuf)
   int ksplit1 = 1;    // GEMM1 K splits asked for; used only with gubuf
   uintptr_t gubuf = 0;  // fp32 [ksplit1, T*k, I, 2] partials of a split GEMM1, or 0
-  // Kernel generation: 1 (GEMM1, [SwiGLU], GEMM2, combine launches) or 2 (one persistent launch,
-  // docs/kernels-v2.md). Generation 2 ignores hbuf, ksplit, ksplit1, gubuf and max_experts, needs
-  // `counters` (int32 [experts_v2_counters_len(T)]: per-token counters and the stream-K
+  // Kernel generation: 1 (GEMM1, [SwiGLU], GEMM2, combine launches) or 2 (a persistent kernel and
+  // its combine kernel, docs/kernels-v2.md). Generation 2 ignores hbuf, ksplit, ksplit1, gubuf and
+  // max_experts, needs `counters` (int32 [experts_v2_counters_len(grid)]: the stream-K flags and
   // workspace) and a deterministic ybuf of T*k*ceil(I/experts_v2_slice()) rows.
   int generation = 1;
   uintptr_t counters = 0;
-  int64_t counters_len = 0;  // ints in `counters` (checked against experts_v2_counters_len)
+  int64_t counters_len = 0;  // ints in `counters` (checked against experts_v2_counters_len(grid))
+  int grid = 0;              // generation 2: persistent CTAs; 0: experts_v2_grid()
+  int64_t wait_ns = -1;      // generation 2: a cut item's wait for its h before recomputing (ns); -1: default
 };
 
 // I columns per generation-2 work item (sizes the deterministic ybuf).
 int experts_v2_slice();
-// Ints of the generation-2 counters buffer for T tokens on the current device (its SM count sizes
-// the stream-K workspace), or -1 if the device cannot be queried.
-int64_t experts_v2_counters_len(int T);
+// The generation-2 grid on the current device: its SM count x the CTAs per SM the occupancy
+// calculator allows (1), or -1 if the device cannot be queried.
+int experts_v2_grid();
+// Ints of the generation-2 counters buffer for a grid of `grid` CTAs.
+int64_t experts_v2_counters_len(int grid);
 
 // Generation 1: GEMM1+SwiGLU, GEMM2+weights, combine (plus a memset in atomic mode) on `stream`.
-// Generation 2: one persistent kernel, launched as a programmatic dependent of the plan; its counters
-// (and, atomic mode, the accumulator ybuf) must be zero on entry, and are zero again on exit.
+// Generation 2: the persistent kernel, launched as a programmatic dependent of the plan, and its
+// combine kernel, launched as a programmatic dependent of it (each only where its loaded image was
+// built for sm_90+); the counters (and, atomic mode, the accumulator ybuf) must be zero on entry,
+// and the combine kernel leaves them zero.
 std::string launch_moe_experts(const ExpertsArgs& a, int64_t stream);
 
 }  // namespace moespec

@@ -73,9 +73,11 @@ struct ExpertsParams {
   int ksplit1;
   int kchunk1;
   float* gubuf;
-  // Generation 2 only (experts_v2.cuh): per-token completion counters [T] and I-slices per expert.
+  // Generation 2 only (experts_v2.cuh): the stream-K flags and h workspace, I-slices per expert,
+  // and how long a cut item's row tiles wait for its h before recomputing it (ns; < 0: kWaitNs).
   int* counters;
   int nslices;
+  int64_t wait_ns;
 };
 
 // ------------------------------------------------------------------------------------- PTX
@@ -220,6 +222,7 @@ __device__ __forceinline__ void gemm_mainloop(float (&acc)[2][kNF][4], const uin
   for (int kt = 0; kt < ktiles; ++kt) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage kt landed for everyone; stage kt-1 is no longer read by anyone
+    perf_event(kPerfStage, nf_active, 0);
     if (kt + kStages - 1 < ktiles) load_stage((kt + kStages - 1) % kStages, kt + kStages - 1);
     cp_async_commit();
 
@@ -326,6 +329,7 @@ __global__ void __launch_bounds__(kThreads) gemm1_swiglu_kernel(const ExpertsPar
             if (n < nrows) {
               float2* dst = reinterpret_cast<float2*>(p.gubuf) + (part + p0 + nb + n) * I + i;
               *dst = make_float2(acc[0][nf][h2 * 2 + q], acc[1][nf][h2 * 2 + q]);
+              perf_event(kPerfBytes, 8);
             }
           }
         }
@@ -348,6 +352,7 @@ __global__ void __launch_bounds__(kThreads) gemm1_swiglu_kernel(const ExpertsPar
             const float v = gated_activation(acc[0][nf][h2 * 2 + q] + bg, acc[1][nf][h2 * 2 + q] + bu,
                                              p.activation, p.alpha, p.limit);
             p.hbuf[(int64_t)(p0 + nb + n) * I + i] = float_to_bits<BF16>(v);
+            perf_event(kPerfBytes, 2);
           }
         }
       }
@@ -376,6 +381,8 @@ __global__ void __launch_bounds__(128) swiglu_kernel(const ExpertsParams p) {
   const float2* gu = reinterpret_cast<const float2*>(p.gubuf);
   for (int pp = p0; pp < p1; ++pp) {
     float gate = 0.f, up = 0.f;
+    perf_event(kPerfRoundTrips, p.ksplit1);  // each load is consumed before the next issues
+    perf_event(kPerfBytes, 8 * p.ksplit1 + 2);
     for (int z = 0; z < p.ksplit1; ++z) {
       const float2 v = gu[(z * pairs + pp) * I + i];
       gate += v.x;
@@ -440,6 +447,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm2_combine_kernel(const Expert
                 atomicAdd(p.ybuf + (int64_t)t * H + h, c);
               else
                 p.ybuf[(part + flat) * H + h] = c;
+              perf_event(kPerfBytes, 4);
             }
           }
         }
@@ -459,6 +467,8 @@ __global__ void combine_kernel(const ExpertsParams p) {
     float acc = 0.f;
     if (p.atomic) {
       acc = p.ybuf[idx];
+      perf_event(kPerfRoundTrips, 1);
+      perf_event(kPerfBytes, 4 + 2);
     } else {
       const int64_t pairs = (int64_t)p.T * p.k;
       for (int s = 0; s < p.k; ++s) {
@@ -467,9 +477,12 @@ __global__ void combine_kernel(const ExpertsParams p) {
         float c = 0.f;  // this slot's output: its K-split partials in fixed order
         for (int z = 0; z < p.ksplit; ++z) c += p.ybuf[(z * pairs + flat) * p.H + h];
         acc += c;
+        perf_event(kPerfRoundTrips, p.ksplit);  // not unrolled (run-time trip count): one load at a time
+        perf_event(kPerfBytes, 4 * p.ksplit);
       }
     }
     p.out[idx] = float_to_bits<BF16>(acc);
+    if (!p.atomic) perf_event(kPerfBytes, 2 + p.k * 4);  // the output and the slots' positions
   }
 }
 

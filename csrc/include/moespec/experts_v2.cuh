@@ -1,18 +1,21 @@
-// Expert kernels, generation 2 (docs/kernels-v2.md): ONE persistent launch per layer.
+// Expert kernels, generation 2 (docs/kernels-v2.md): one persistent launch per layer, and a
+// combine kernel launched as its programmatic dependent.
 //
 // Work list: an item is (active expert u, block of up to kBN tokens of u, I-slice of kSlice columns),
 // enumerated from the routing plan's CSR (act_offsets, meta[kMetaActive]) inside every CTA, so it
 // is sized from the actual kept experts and token counts and needs no host synchronisation.
-// CTA c of G takes the contiguous item range [c*N/G, (c+1)*N/G): items stream (nearly) equal weight
-// bytes, so the shares are equal to one item, and consecutive items of a CTA are consecutive
-// slices of the same expert (DRAM page locality).
+// Stream-K: the items' units (GEMM1 column units, GEMM2 row tiles) lie end to end on an axis of
+// weight bytes and CTA c of G takes the units starting in [c*W/G, (c+1)*W/G) (persistent_experts_kernel).
 // Per item, fused: GEMM1 (gate+up rows of the slice, K = H) + activation into shared memory,
 // then GEMM2 (all H rows of w_down, K = the slice) from that shared h: no h round trip.
 // Both run through one cp.async ring (kStages deep, kBK = 128 k = 256 B per weight row and stage).
 // Reduction: each item writes weighted fp32 partials per (pair, slice) (deterministic) or adds
-// them atomically into ybuf (atomic); a per-token counter finds the last item touching a token,
-// and that CTA sums the token's row in fixed (slot, slice) order: no combine launch, and the
-// bits do not depend on the grid size or on which CTA finishes last.
+// them atomically into ybuf (atomic); combine_v2_kernel, a PDL dependent, sums every output in
+// parallel over its grid, in a fixed order per element: no CTA of the persistent grid reduces, and
+// the bits depend neither on its grid size nor on which CTA finishes last.
+// Co-residency is not assumed: the one cross-CTA wait (a cut item's h) is bounded, and a CTA whose
+// wait times out recomputes the item's GEMM1 itself (the same bits), so a grid larger than what is
+// resident (another kernel, an MPS or green-context limit holds SMs) only gets slower.
 #pragma once
 
 #include "moespec/experts.cuh"
@@ -57,13 +60,14 @@ static_assert(kSlice == kBK, "GEMM2 reads one whole slice per stage");
 static_assert(kSlice == 2 * experts::kGateUpTile, "two GEMM1 passes per slice");
 // The CTA's bookkeeping lives in dynamic shared memory too, after the ring and h: one carve-up of
 // one opt-in size, and no static shared memory to add to the 227 KiB limit on sm_90.
-// s_item0, s_done, s_ndone, and stages + 1 piece descriptors of 17 ints.
-constexpr int meta_bytes(int stages, int bn) { return ((kMaxExperts + 1) + bn + 1) * 4 + (stages + 1) * 17 * 4; }
+// s_item0, s_flag and a pad int, and stages + 1 piece descriptors of kPieceInts ints.
+constexpr int kPieceInts = 19;
+constexpr int meta_bytes(int stages) { return ((kMaxExperts + 1) + 2) * 4 + (stages + 1) * kPieceInts * 4; }
 
 // Dynamic shared memory of `stages` ring stages for items of up to `bn` tokens (the ring's A and B
 // tiles, h, the bookkeeping); the device layout below uses (kStages, kBN) of its architecture.
 constexpr int smem_bytes_for(int stages, int bn) {
-  return (stages * (kAStage + bn * kPad) + bn * kPad) * 2 + meta_bytes(stages, bn);
+  return (stages * (kAStage + bn * kPad) + bn * kPad) * 2 + meta_bytes(stages);
 }
 static_assert(smem_bytes_for(4, 64) <= 227 * 1024, "sm_90: 4 stages of 64-token items in 227 KiB");
 static_assert(smem_bytes_for(3, 32) <= 163 * 1024, "sm_80: 3 stages of 32-token items in 163 KiB");
@@ -81,23 +85,39 @@ __device__ __forceinline__ void zero_acc(float (&acc)[2][kNF][4]) {
 }
 
 // Stage load of kBM weight rows (map) x kBK k from k0 (exclusive bound K), zero-filled outside.
+// A thread's chunks are fixed by its index: rows r0 + 8i at one k offset (non-transposed), or k-rows
+// r0 + 8i at one row offset (transposed), i < 16. Row maps are affine with slope 1 within each half
+// of the tile (rows [0, 64) and [64, 128): GateUpMap's gate / up halves, DownMap's rows, ColumnRange's
+// restriction of a GateUpMap), so two row pointers per stage and a constant stride give every
+// chunk's source: a 64-bit add per chunk instead of the map arithmetic and a 64-bit multiply.
 template <bool TRANS, class Map>
 __device__ __forceinline__ void load_weights(uint16_t* a, const uint16_t* __restrict__ W, int64_t ld, int k0, int K,
                                              const Map& map) {
+  constexpr int kChunks = kBM * (kBK / 8) / kThreads;  // 16 per thread
+  static_assert(kChunks == 16 && kBM / 2 == 8 * (kChunks / 2), "two halves of 8 chunks, 8 rows apart");
   const int tid = threadIdx.x;
+  const int r0 = tid / (kBK / 8), off = (tid % (kBK / 8)) * 8;
+  const int64_t step = 8 * ld;
   if constexpr (!TRANS) {
-    for (int c = tid; c < kBM * (kBK / 8); c += kThreads) {
-      const int r = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-      const int kg = k0 + kc;
-      const bool ok = map.valid(r) && kg < K;
-      experts::cp_async16(a + r * kPad + kc, ok ? W + (int64_t)map.j(r) * ld + kg : W, ok);
+    const int kg = k0 + off;
+    const bool kok = kg < K;
+    const uint16_t* p0 = W + (int64_t)map.j(r0) * ld + kg;
+    const uint16_t* p1 = W + (int64_t)map.j(r0 + kBM / 2) * ld + kg;
+    uint16_t* d = a + r0 * kPad + off;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const bool ok = kok && map.valid(r0 + 8 * i);
+      const uint16_t* src = (i < kChunks / 2 ? p0 : p1) + (i % (kChunks / 2)) * step;
+      experts::cp_async16(d + i * 8 * kPad, ok ? src : W, ok);
     }
   } else {
-    for (int c = tid; c < kBK * (kBM / 8); c += kThreads) {
-      const int kr = c / (kBM / 8), rc = (c % (kBM / 8)) * 8;
-      const int kg = k0 + kr;
-      const bool ok = map.valid(rc) && kg < K;
-      experts::cp_async16(a + kr * kPad + rc, ok ? W + (int64_t)kg * ld + map.j(rc) : W, ok);
+    const bool vok = map.valid(off);  // 8 consecutive rows, equally valid
+    const uint16_t* p = W + (int64_t)(k0 + r0) * ld + map.j(off);
+    uint16_t* d = a + r0 * kPad + off;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const bool ok = vok && k0 + r0 + 8 * i < K;
+      experts::cp_async16(d + i * 8 * kPad, ok ? p + i * step : W, ok);
     }
   }
 }
@@ -142,44 +162,6 @@ __device__ __forceinline__ void mma_stage(float (&acc)[2][kNF][4], const uint16_
 
 __device__ __forceinline__ void add4(float4& a, const float4& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; }
 
-// Sums token t's row into out: slots in slot order, each slot's slices in slice order. Each thread
-// takes 4 consecutive columns as float4 (H is a multiple of 8, checked by the launcher) and issues
-// up to 8 slices' L2 loads before adding them in order: one CTA reads k * nslices * H * 4 bytes
-// here, and with one scalar load in flight per thread that tail would be latency-bound.
-template <bool BF16>
-__device__ __forceinline__ void reduce_token(const ExpertsParams& p, int t) {
-  const int64_t H = p.H;
-  const int NS = p.nslices;
-  for (int64_t h = 4 * (int64_t)threadIdx.x; h < H; h += 4 * kThreads) {
-    float4 acc = {0.f, 0.f, 0.f, 0.f};
-    if (p.atomic) {
-      float4* row = reinterpret_cast<float4*>(p.ybuf + t * H + h);
-      acc = __ldcg(row);                        // L2: the CTAs' atomics land there
-      *row = float4{0.f, 0.f, 0.f, 0.f};        // every contribution is in: leave it zero for the next launch
-    } else {
-      for (int s = 0; s < p.k; ++s) {
-        const int64_t flat = (int64_t)t * p.k + s;
-        if (p.pair_position[flat] < 0) continue;
-        const float* row = p.ybuf + flat * NS * H + h;
-        float4 c = {0.f, 0.f, 0.f, 0.f};
-        for (int z0 = 0; z0 < NS; z0 += 8) {
-          float4 v[8];
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-            if (z0 + j < NS) v[j] = __ldcg(reinterpret_cast<const float4*>(row + (z0 + j) * H));
-#pragma unroll
-          for (int j = 0; j < 8; ++j)
-            if (z0 + j < NS) add4(c, v[j]);
-        }
-        add4(acc, c);
-      }
-    }
-    uint16_t* o = p.out + t * H + h;
-    o[0] = float_to_bits<BF16>(acc.x), o[1] = float_to_bits<BF16>(acc.y);
-    o[2] = float_to_bits<BF16>(acc.z), o[3] = float_to_bits<BF16>(acc.w);
-  }
-}
-
 __device__ __forceinline__ int active_slots(const ExpertsParams& p, int t) {
   int n = 0;
   for (int s = 0; s < p.k; ++s) n += p.pair_position[(int64_t)t * p.k + s] >= 0 ? 1 : 0;
@@ -198,23 +180,19 @@ struct ColumnRange {
   __device__ __forceinline__ bool valid(int r) const { return m.valid(r) && col(r) >= c0 && col(r) < c1; }
 };
 
-// The counters buffer (int32) of a launch with G CTAs: [0, T) per-token counters, then per
-// split-item slot (at most G-1 items are split) the count of published 8-column units of h, then
-// the exit ticket; these counters_zeroed() ints are zero on entry, and the last CTA to exit zeroes
-// them again (so no memset sits between the routing plan and this PDL launch, and graph replays
-// need none). Then, 16-byte aligned, the slots' h tiles [G][kBNMax][kSlice] (16-bit; sm_80 uses half).
-__host__ __device__ inline int64_t counters_zeroed(int64_t T, int64_t G) { return T + G + 1; }
-__host__ __device__ inline int64_t h_ws_offset(int64_t T, int64_t G) { return (counters_zeroed(T, G) + 3) & ~int64_t(3); }
-__host__ __device__ inline int64_t counters_len(int64_t T, int64_t G) { return h_ws_offset(T, G) + G * kBNMax * kSlice / 2; }
-
-// Waits until *flag >= v, set by another CTA of this (co-resident, persistent) grid. Emulation seam.
-__device__ __forceinline__ void wait_geq(const int* flag, int v) {
-#if defined(MOESPEC_EMU)
-  moespec_emu::wait_geq(flag, v);
-#else
-  while (*reinterpret_cast<const volatile int*>(flag) < v) __nanosleep(64);
-#endif
-}
+// The counters buffer (int32) of a launch with G CTAs: per split-item slot (at most G-1 items are
+// split) a bit mask of its published 8-column units of h (bit u: column unit u, 16 per item), zero
+// on entry and zeroed by the combine kernel (which runs after this kernel has completed, so no
+// memset sits between the routing plan and this PDL launch, and graph replays need none). Then,
+// 16-byte aligned, the slots' h tiles [G][kBNMax][kSlice] (16-bit; sm_80 uses half).
+__host__ __device__ inline int64_t counters_zeroed(int64_t G) { return G; }
+__host__ __device__ inline int64_t h_ws_offset(int64_t G) { return (counters_zeroed(G) + 3) & ~int64_t(3); }
+__host__ __device__ inline int64_t counters_len(int64_t G) { return h_ws_offset(G) + G * kBNMax * kSlice / 2; }
+// How long a CTA waits for another CTA's h columns before it recomputes them (ns; ExpertsParams::
+// wait_ns < 0 takes it): well above the few stages a resident producer can be behind (the model
+// in docs/kernels-v2.md finds the waits under one stage), well below recomputing (an item's GEMM1
+// is 2*H/128 stages, ~32 us for Qwen3-30B-A3B at an H200's fair share).
+constexpr uint32_t kWaitNs = 20000;
 
 // An item's units on the work axis, in eighths of a stage (4 KB of weights): nc GEMM1 column
 // units (8 intermediate columns = 16 gate/up rows over K: kt1 eighths each) and nr GEMM2 row tiles
@@ -240,32 +218,42 @@ __device__ __forceinline__ void units_in(int nc, int nr, int kt1, int64_t lo, in
   if (*ra < 0) *ra = *rb = 0;
 }
 
-// One piece of work of a CTA: its units of one item in one phase (see the kernel).
+// One piece of work of a CTA: its units of one item in one phase (see the kernel); u is the item's
+// active-expert index (the load cursor restarts from a piece after a recompute); redo: the piece
+// recomputes its item's GEMM1 (a wait timed out).
 struct Piece {
-  int item, slice, e, p0, nrows, i_base, passes, n1, ua, ub, ra, rb, whole, slot, t1a, m1, m;
+  int item, slice, e, p0, nrows, i_base, passes, n1, ua, ub, ra, rb, whole, slot, t1a, m1, m, u, redo;
 };
-static_assert(sizeof(Piece) == 17 * sizeof(int), "meta_bytes reserves 17 ints per piece");
+static_assert(sizeof(Piece) == kPieceInts * sizeof(int), "meta_bytes reserves kPieceInts ints per piece");
 constexpr int kPieceSlots = kStages + 1;  // the computed piece + up to kStages-1 ahead + one being written
 
-// grid = persistent CTAs, at most one per SM (co-residency: a CTA may wait for another's h);
-// the bits do not depend on the grid size. block = kThreads; dynamic smem = smem_bytes(cc major).
-// counters: counters_len(T, gridDim.x) ints, the first counters_zeroed() zero on entry and on exit;
-// deterministic ybuf: [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on entry and on exit.
+// The bits of an item's column units [ua, ub) (16 units of 8 columns; bit u = unit u).
+__device__ __forceinline__ int unit_bits(int ua, int ub) { return ub > ua ? ((1 << ub) - 1) & ~((1 << ua) - 1) : 0; }
+
+// grid = persistent CTAs (the launcher: SMs x resident CTAs per SM; any grid is correct, and the
+// bits do not depend on it). block = kThreads; dynamic smem = smem_bytes(cc major).
+// counters: counters_len(gridDim.x) ints, the first counters_zeroed() zero on entry (the combine
+// kernel zeroes them); deterministic ybuf: [T*k*nslices, H] fp32; atomic ybuf: [T, H] fp32, zero on
+// entry (the combine kernel zeroes it). out is written by combine_v2_kernel, launched right after.
 //
 // Stream-K: the work axis is every item's units (above), item after item; CTA c takes the units
 // starting in [c*W/G, (c+1)*W/G), so the shares are equal to within one unit (a column unit is kt1/8
-// of a stage, a row tile one stage). An item
-// whose units fall to several CTAs is split by output only: GEMM1 by intermediate columns (each
-// over all of K), GEMM2 by row tiles (each over the whole slice), so every value is accumulated
-// exactly as in an unsplit item and the bits do not depend on the split. Its h goes through
-// global memory: every CTA first runs the GEMM1 units of its split items (at most two: its first
-// and last) and publishes their h columns, then its whole items (fused, h in shared memory), then
-// the row tiles of its split items, which wait until all column units of the item are published.
-// Only that last phase waits, and only for the first phase of other CTAs: no cycle, no deadlock.
+// of a stage, a row tile one stage). An item whose units fall to several CTAs is split by output
+// only: GEMM1 by intermediate columns (each over all of K), GEMM2 by row tiles (each over the whole
+// slice), so every value is accumulated exactly as in an unsplit item and the bits do not depend on
+// the split. Its h goes through global memory: every CTA first runs the GEMM1 units of its split
+// items (at most two: its first and last) and publishes their h columns (a bit per 8-column unit),
+// then its whole items (fused, h in shared memory), then the row tiles of its split items, which
+// wait until every column unit of the item is published. Only that last phase waits, only for the
+// first phase of other CTAs, and only for p.wait_ns: a CTA whose producer is not resident (its SM
+// is held by this grid's waiting CTAs or another kernel) recomputes the item's GEMM1 into shared
+// memory itself (every column, accumulated exactly as its producer does: the same bits) and goes
+// on. So no CTA waits forever, and any residency, down to one CTA at a time, completes.
 //
 // One cp.async ring runs through all the CTA's pieces: a load cursor walks the piece sequence
 // kStages-1 stages ahead of the compute cursor, so the next piece's first stages stream while the
-// current one finishes (its epilogue, counts and token reductions): no per-piece prologue or drain.
+// current one finishes (its epilogue): no per-piece prologue or drain. A recompute drops the stages
+// in flight and restarts the load cursor at the recomputing piece.
 template <bool BF16, bool TRANS>
 __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const ExpertsParams p) {
   uint16_t* smem = dynamic_smem<uint16_t>();
@@ -273,20 +261,15 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   uint16_t* sB = sA + kStages * kAStage;
   uint16_t* sH = sB + kStages * kBStage;
   int* s_item0 = reinterpret_cast<int*>(sH + kHTile);  // [kMaxExperts + 1] first item of each active expert
-  int* s_done = s_item0 + kMaxExperts + 1;             // [kBN] tokens this CTA reduces
-  int& s_ndone = s_done[kBN];
-  Piece* s_piece = reinterpret_cast<Piece*>(s_done + kBN + 1);  // [kPieceSlots], written by thread 0
+  int& s_flag = s_item0[kMaxExperts + 1];              // what a wait saw (thread 0 -> the CTA)
+  Piece* s_piece = reinterpret_cast<Piece*>(s_item0 + kMaxExperts + 3);  // [kPieceSlots], written by thread 0
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int H = p.H, I = p.I, NS = p.nslices;
-  griddep_wait();  // launched as a PDL dependent: the plan and the memsets before are complete and visible
+  griddep_wait();  // launched as a PDL dependent: the routing plan before is complete and visible
+  griddep_launch_dependents();  // the combine kernel may launch now (it waits for this whole grid)
   const int A = p.meta[3];  // kMetaActive
-
-  // Tokens without an active slot get no item: their rows are zero (CTA c takes t = c mod G).
-  for (int t = blockIdx.x; t < p.T; t += gridDim.x) {
-    if (active_slots(p, t) == 0)
-      for (int h = tid; h < H; h += kThreads) p.out[(int64_t)t * H + h] = float_to_bits<BF16>(0.f);
-  }
+  const uint32_t wait_ns = p.wait_ns < 0 ? kWaitNs : static_cast<uint32_t>(p.wait_ns);
 
   // The work list: items of expert u are s_item0[u] .. s_item0[u+1]-1, token-block major.
   if (warp == 0) {
@@ -305,7 +288,6 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
     }
     if (lane == 0) s_item0[0] = 0;
   }
-  if (tid == 0) s_ndone = 0;
   __syncthreads();
 
   const int kt1 = (H + kBK - 1) / kBK;   // GEMM1 stages per pass
@@ -320,8 +302,8 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   const int64_t W = (int64_t)(s_item0[A] / NS) * Lblk;
   const int64_t G = gridDim.x;
   const int64_t my_lo = W * blockIdx.x / G, my_hi = W * (blockIdx.x + 1) / G;
-  int* const h_count = p.counters + p.T;  // [slot]
-  uint16_t* const h_ws = reinterpret_cast<uint16_t*>(p.counters + h_ws_offset(p.T, G));
+  int* const h_flags = p.counters;  // [slot]
+  uint16_t* const h_ws = reinterpret_cast<uint16_t*>(p.counters + h_ws_offset(G));
   // Items whose extent meets this CTA's share (its units start in [my_lo, my_hi)).
   auto item_at = [&](int64_t pos) {
     const int64_t blk = pos / Lblk;
@@ -373,6 +355,8 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
       pc.ua = ua, pc.ub = ub, pc.ra = ra, pc.rb = rb;
       pc.whole = whole;
       pc.slot = slot;
+      pc.u = u;
+      pc.redo = 0;
       // Stages: GEMM1 passes ua/8 .. (ub-1)/8 (kt1 k-stages each, only the piece's columns),
       // then row tiles ra .. rb-1.
       pc.t1a = (ua / 8) * kt1;
@@ -445,23 +429,47 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
   zero_acc(acc);
   int gs = 0;
   for (int cnum = 0; cnum < lcount; ++cnum) {  // lcount grows as the load cursor finds pieces
-    const Piece pc = s_piece[cnum % kPieceSlots];
+    Piece pc = s_piece[cnum % kPieceSlots];
     const int nf_active = (pc.nrows + 7) / 8;
     uint16_t* const h_tile = h_ws + (int64_t)pc.slot * kBN * kSlice;
     for (int idx = 0; idx < pc.m; ++idx, ++gs) {
       const int t = stage_t(pc, idx);
       if (!pc.whole && idx == pc.m1) {  // first row tile of a split item: every column's h, from global
-        if (tid == 0) wait_geq(h_count + pc.slot, 8 * pc.passes);
-        __threadfence();
+        const int need = unit_bits(0, 8 * pc.passes);
+        perf_event(kPerfWait, pc.slot, 8 * pc.passes);
+        if (tid == 0) s_flag = flag_wait_bits(h_flags + pc.slot, need, wait_ns);
         __syncthreads();  // (also: the previous piece's GEMM2 no longer reads sH)
+        if ((s_flag & need) != need) {
+          // Timed out (the producer is not resident, or far behind): drop the stages in flight,
+          // make this piece whole-like (every column unit, h into shared memory, nothing published)
+          // and restart the load cursor here. Its GEMM1 then runs like a whole item's.
+          perf_event(kPerfRecompute, pc.slot, pc.n1);
+          experts::cp_async_wait<0>();
+          __syncthreads();  // every thread's copies landed (into slots nobody reads) and s_flag read
+          pc.ua = 0, pc.ub = 8 * pc.passes, pc.whole = 1, pc.redo = 1;
+          pc.t1a = 0, pc.m1 = pc.n1, pc.m = pc.n1 + pc.rb - pc.ra;
+          lphase = 2, litem = pc.item, lu = pc.u, lp = pc, lidx = 0, lmore = true, lcount = cnum + 1;
+          if (tid == 0) s_piece[cnum % kPieceSlots] = pc;
+#pragma unroll
+          for (int s = 0; s < kStages - 1; ++s) {
+            load_next((gs + s) % kStages);
+            experts::cp_async_commit();
+          }
+          idx = -1, --gs;  // the loop's increments: stage 0 of the piece, in ring slot gs % kStages
+          continue;
+        }
         const uint32_t* src = reinterpret_cast<const uint32_t*>(h_tile);
         for (int w = tid; w < nf_active * 8 * kSlice / 2; w += kThreads) {  // the item's fragments only
           const int r = w / (kSlice / 2), c2 = (w % (kSlice / 2)) * 2;
           *reinterpret_cast<uint32_t*>(sH + r * kPad + c2) = __ldcg(src + w);
         }
+        // the acquire's last poll, then one round trip per 4 loads (unrolled 4 in the PTX)
+        perf_event(kPerfRoundTrips, 1 + nf_active);
+        perf_event(kPerfBytes, nf_active * 8 * kSlice * 2 / kThreads);
       }
       experts::cp_async_wait<kStages - 2>();
       __syncthreads();  // stage gs landed for everyone; stage gs-1 (and h) no longer read / complete
+      perf_event(kPerfStage, nf_active, (t < pc.n1 ? 1 : 2) + 4 * pc.redo);
       load_next((gs + kStages - 1) % kStages);
       experts::cp_async_commit();
       const uint16_t* a = sA + (gs % kStages) * kAStage;
@@ -509,10 +517,13 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
             }
           }
           zero_acc(acc);
-          if (!pc.whole) {  // publish this pass's columns
-            __threadfence();
+          if (!pc.whole) {  // publish this pass's columns: stores, barrier, one release by thread 0
+            perf_event(kPerfBytes, nf_active * 8 * (c1 - c0) * 2 / kThreads);
             __syncthreads();
-            if (tid == 0) atomicAdd(h_count + pc.slot, (c1 - c0) / 8);
+            if (tid == 0) flag_or_release(h_flags + pc.slot, unit_bits(pc.ua > 8 * pass ? pc.ua : 8 * pass,
+                                                                       pc.ub < 8 * pass + 8 ? pc.ub : 8 * pass + 8));
+            perf_event(kPerfRoundTrips, 1);  // the release fence drains the CTA's h stores
+            perf_event(kPerfPublish, pc.slot, (c1 - c0) / 8);
           }
         }
       } else {
@@ -544,6 +555,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
                     atomicAdd(p.ybuf + (int64_t)tok * H + h, c);
                   else
                     p.ybuf[(flat * NS + pc.slice) * H + h] = c;
+                  perf_event(kPerfBytes, 4);
                 }
               }
             }
@@ -552,42 +564,109 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_experts_kernel(const E
         zero_acc(acc);
       }
     }
-
-    // Publish this piece's partials (its row tiles), then count them per token: the piece that
-    // completes a token (active slots x slices x row tiles) reduces that token's row. The next
-    // pieces' first stages are in flight meanwhile.
-    if (pc.rb > pc.ra) {
-      __threadfence();
-      __syncthreads();
-      if (tid < pc.nrows) {
-        const int tok = p.pair_token[pc.p0 + tid];
-        const int need = active_slots(p, tok) * NS * rt2;
-        const int add = pc.rb - pc.ra;
-        if (atomicAdd(p.counters + tok, add) + add == need) s_done[atomicAdd(&s_ndone, 1)] = tok;
-      }
-      __syncthreads();
-      const int ndone = s_ndone;
-      if (ndone > 0) {
-        __threadfence();  // see the other CTAs' partials of these tokens
-        for (int d = 0; d < ndone; ++d) reduce_token<BF16>(p, s_done[d]);
-      }
-      __syncthreads();  // s_done and s_ndone are reused by the next piece
-      if (tid == 0) s_ndone = 0;
-    }
   }
   experts::cp_async_wait<0>();
+}
 
-  // Exit ticket: the last CTA to leave zeroes the counters, flags and the ticket for the next launch
-  // (every other CTA has made its last atomic and passed its last wait by then).
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    s_ndone = atomicAdd(p.counters + p.T + G, 1) == (int)G - 1 ? 1 : 0;
-  }
-  __syncthreads();
-  if (s_ndone) {
-    __threadfence();
-    for (int64_t i = tid; i < counters_zeroed(p.T, G); i += kThreads) p.counters[i] = 0;
+// Rows (active slot, slice) a combine thread sums: a chunk of at most kCombineRows slices of every
+// active slot. kCombineSplit(NS) threads share an output's slices (NS > kCombineRows: Mixtral's 112),
+// so a thread's chain of dependent loads stays short; a function of the shape only (never of the grid
+// or T), so the bits are too.
+constexpr int kMaxSlots = 8;         // top-k limit of the routing plan (routing::kMaxK)
+constexpr int kCombineRows = 16;      // loads a thread keeps in flight
+constexpr int kCombineThreads = 128;
+__host__ __device__ constexpr int combine_split(int ns) {
+  return ns <= kCombineRows ? 1 : (ns <= 2 * kCombineRows ? 2 : (ns <= 4 * kCombineRows ? 4 : 8));
+}
+
+// out[t, h] (4 columns per thread group) from the expert kernel's partials, in parallel over the
+// grid; launched right after persistent_experts_kernel as its programmatic dependent.
+// grid = any (grid-stride over blocks of kCombineThreads / split outputs); block = kCombineThreads.
+// Deterministic: for each active slot in slot order, its slices in slice order (in chunks of
+// ceil(NS / split) slices summed by `split` threads, then the chunks in order), then the slots in
+// slot order; the same order for every grid and schedule. Atomic: the accumulator row, which it
+// leaves zero for the next launch. Tokens without an active slot get zero rows. Block 0 also zeroes
+// the expert kernel's flags (counters_zeroed(expert_grid) ints).
+template <bool BF16>
+__global__ void __launch_bounds__(kCombineThreads) combine_v2_kernel(const ExpertsParams p, int expert_grid) {
+  __shared__ float4 s_part[kCombineThreads][kMaxSlots];
+  griddep_wait();  // the expert kernel has completed and its partials and flags are visible
+  const int tid = threadIdx.x;
+  if (blockIdx.x == 0)
+    for (int64_t i = tid; i < counters_zeroed(expert_grid); i += kCombineThreads) p.counters[i] = 0;
+  const int64_t H = p.H, NS = p.nslices;
+  const int split = p.atomic ? 1 : combine_split(static_cast<int>(NS));
+  const int per = (static_cast<int>(NS) + split - 1) / split;  // slices per chunk
+  const int64_t groups = (int64_t)p.T * (H / 4);
+  const int gpb = kCombineThreads / split;  // output groups per block
+  const int r = tid % split, gl = tid / split;
+  for (int64_t g0 = (int64_t)blockIdx.x * gpb; g0 < groups; g0 += (int64_t)gridDim.x * gpb) {
+    const int64_t grp = g0 + gl;
+    const bool mine = grp < groups;
+    const int64_t t = mine ? grp / (H / 4) : 0, h = mine ? (grp % (H / 4)) * 4 : 0;
+    float4 acc = {0.f, 0.f, 0.f, 0.f};
+    int slots[kMaxSlots];
+    int na = 0;
+    if (mine && p.atomic) {
+      float4* row = reinterpret_cast<float4*>(p.ybuf + t * H + h);
+      acc = __ldcg(row);
+      *row = float4{0.f, 0.f, 0.f, 0.f};  // every contribution is in: zero for the next launch
+      perf_event(kPerfRoundTrips, 1);
+      perf_event(kPerfBytes, 16 + 16 + 8);
+    } else if (mine) {
+      for (int s = 0; s < p.k; ++s)
+        if (p.pair_position[t * p.k + s] >= 0) slots[na++] = s;
+      const int z0 = r * per, z1 = min(static_cast<int>(NS), z0 + per);
+      const int n = na * max(z1 - z0, 0);
+      // Rows j = (slot index j / nz, slice z0 + j % nz), kCombineRows loads in flight, added in order.
+      const int nz = max(z1 - z0, 1);
+      float4 c = {0.f, 0.f, 0.f, 0.f};
+      for (int j0 = 0; j0 < n; j0 += kCombineRows) {
+        float4 v[kCombineRows];
+#pragma unroll
+        for (int q = 0; q < kCombineRows; ++q) {
+          const int j = j0 + q;
+          if (j < n) {
+            const int64_t flat = t * p.k + slots[j / nz];
+            v[q] = __ldcg(reinterpret_cast<const float4*>(p.ybuf + ((flat * NS + z0 + j % nz) * H + h)));
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < kCombineRows; ++q) {
+          const int j = j0 + q;
+          if (j < n) {
+            add4(c, v[q]);
+            if (j % nz == nz - 1) {  // the slot's chunk is complete
+              if (split == 1)
+                add4(acc, c);
+              else
+                s_part[tid][j / nz] = c;
+              c = float4{0.f, 0.f, 0.f, 0.f};
+            }
+          }
+        }
+      }
+      perf_event(kPerfRoundTrips, 1 + (n + kCombineRows - 1) / kCombineRows);
+      perf_event(kPerfBytes, 16 * n + 4 * p.k);
+    }
+    if (split > 1) {  // the chunks of each slot in chunk order, then the slots in slot order
+      __syncthreads();
+      if (mine && r == 0) {
+        for (int a = 0; a < na; ++a) {
+          float4 c = {0.f, 0.f, 0.f, 0.f};
+          for (int q = 0; q < split; ++q)
+            if (q * per < NS) add4(c, s_part[tid + q][a]);
+          add4(acc, c);
+        }
+      }
+      __syncthreads();
+    }
+    if (mine && r == 0) {
+      uint16_t* o = p.out + t * H + h;
+      o[0] = float_to_bits<BF16>(acc.x), o[1] = float_to_bits<BF16>(acc.y);
+      o[2] = float_to_bits<BF16>(acc.z), o[3] = float_to_bits<BF16>(acc.w);
+      perf_event(kPerfBytes, 8);
+    }
   }
 }
 

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -95,6 +96,16 @@ namespace moespec_emu {
 // are resident at once (one per SM), which is what a block's wait for another block relies on.
 int sm_count();
 void set_sm_count(int n);
+// Competing resident blocks: other kernels (another stream, an MPS or green-context limit) hold all
+// but `n` SMs, so at most n blocks of a launch are resident at once although the device reports
+// sm_count() SMs (0: no limit). Persistent kernels must still complete (bounded waits).
+int resident_limit();
+void set_resident_limit(int n);
+// The architecture the loaded kernel image was built for (default 90): what cudaFuncGetAttributes
+// reports (binaryVersion, ptxVersion), and below 90 griddep_wait() is compiled out (a no-op that
+// does not count as the wait), as in a compute_80 image JIT-compiled on a Hopper GPU.
+int image_arch();
+void set_image_arch(int arch);
 }  // namespace moespec_emu
 // The emulated device: an sm_90 part with few SMs, so persistent kernels loop over many items per
 // block and uneven shares are exercised.
@@ -113,6 +124,35 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 template <class F>
 cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
   return moespec_emu::func_set_attribute(reinterpret_cast<const void*>(kernel), attr, value);
+}
+// The loaded image's attributes: binaryVersion / ptxVersion from image_arch(); the emulator does not
+// know a kernel's own static shared memory or registers (0: the resource table covers them).
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes, constSizeBytes, localSizeBytes;
+  int maxThreadsPerBlock, numRegs, ptxVersion, binaryVersion;
+};
+template <class F>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* kernel) {
+  (void)kernel;
+  *attr = cudaFuncAttributes{0, 0, 0, 1024, 0, moespec_emu::image_arch(), moespec_emu::image_arch()};
+  return cudaSuccess;
+}
+// Blocks per SM as the occupancy calculator gives them for an sm_90 SM: 2048 threads, 32 blocks,
+// 228 KiB of shared memory with 1 KiB reserved per block (registers are not modelled).
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void* kernel, int block_size,
+                                                                 size_t dynamic_smem) {
+  (void)kernel;
+  if (block_size < 1 || block_size > 1024) return cudaErrorInvalidValue;
+  const int by_threads = 2048 / (((block_size + 31) / 32) * 32);
+  const int by_smem = static_cast<int>((228u * 1024u) / (dynamic_smem + 1024u));
+  *n = by_threads < by_smem ? by_threads : by_smem;
+  if (*n > 32) *n = 32;
+  return cudaSuccess;
+}
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* kernel, int block_size, size_t dynamic_smem) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, reinterpret_cast<const void*>(kernel), block_size,
+                                                       dynamic_smem);
 }
 
 // ------------------------------------------------------------------------ 16-bit float types
@@ -173,6 +213,46 @@ std::vector<std::pair<uintptr_t, uint32_t>> take_prefetches();
 // Waits until *flag >= value (another block's release): polls, and between polls lets the other
 // resident blocks run. Deadlock (no block can make progress) fails the launch.
 void wait_geq(const volatile int* flag, int value);
+// A bounded wait: returns *flag once it holds every bit of `need`, or earlier when the wait times
+// out: when no resident block can make progress (the blocks it waits for are not resident), or at
+// random with the rate set_wait_timeout_rate() gives (so tests reach the timeout path without a
+// deadlock). The caller must cope with missing bits (recompute them).
+int wait_bits(const volatile int* flag, int need);
+void set_wait_timeout_rate(double rate);
+// Bounded waits that timed out since the last call (clears the count).
+int64_t take_wait_timeouts();
+
+// Performance trace (tests/test_perf_model.py, tools/kernel_perf_model.py): with tracing on, every
+// launch records, per block, the bytes its cp.async copies read, the bytes its explicit perf_event
+// (kBytes) calls report, the longest chain of dependent global round trips any of its threads
+// reported, and thread 0's events in program order (each stamped with the block's cp.async bytes so
+// far). Count-only mode skips the work the counts do not need: cp.async copies and mma.sync (their
+// results are garbage then, so only launches whose control flow does not depend on the loaded
+// data may run this way).
+enum PerfKind : int { kPerfStage = 1, kPerfPublish = 2, kPerfWait = 3, kPerfRoundTrips = 4, kPerfBytes = 5,
+                      kPerfRecompute = 6 };
+void perf_event(int kind, int64_t a, int64_t b);
+struct PerfEventRec {
+  int kind;
+  int64_t a, b;
+  uint64_t cp_bytes;  // the block's cp.async source bytes issued before the event
+};
+struct PerfBlock {
+  uint64_t block = 0;  // linear block index
+  uint64_t cp_bytes = 0, mem_bytes = 0, round_trips = 0;
+  std::vector<PerfEventRec> events;
+};
+struct PerfLaunch {
+  std::string name;
+  dim3 grid, block;
+  size_t smem = 0;
+  bool pdl = false;
+  std::vector<PerfBlock> blocks;
+};
+void set_perf(bool on, bool count_only);
+std::vector<PerfLaunch> take_perf();
+// The launches since the last call: (kernel name, programmatic dependent launch?), in order.
+std::vector<std::pair<std::string, bool>> take_launches();
 
 // A kernel body, called once per emulated thread (a non-owning callable reference).
 struct Body {
@@ -261,6 +341,11 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
 inline float atomicAdd(float* p, float v) {
   const float old = *p;
   *p = old + v;
+  return old;
+}
+inline int atomicOr(int* p, int v) {
+  const int old = *p;
+  *p = old | v;
   return old;
 }
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -22,6 +23,30 @@ std::string selftest_mma(bool bf16, const uint16_t* a, const uint16_t* b, const 
 // Runs the named scenario; returns "" when the launch succeeded or the emulator's error message.
 // `out` receives whatever values the scenario reports (documented next to each in selftest.cpp).
 std::string selftest(const std::string& name, std::vector<int64_t>* out);
+
+// Competing resident blocks (0: none), the loaded image's architecture, random timeouts of bounded
+// waits and their count (emu.h has the details).
+int resident_limit();
+void set_resident_limit(int n);
+int image_arch();
+void set_image_arch(int arch);
+void set_wait_timeout_rate(double rate);
+int64_t take_wait_timeouts();
+// The launches since the last call: (kernel name, launched as a programmatic dependent?).
+std::vector<std::pair<std::string, bool>> take_launches();
+// Performance trace (emu.h): tracing on/off, count-only mode; the launches traced since the last call.
+void set_perf(bool on, bool count_only);
+struct PerfLaunchPlain {
+  std::string name;
+  uint64_t grid[3];
+  uint64_t threads, smem;
+  bool pdl;
+  // per block: (linear index, cp.async bytes, explicit bytes, longest round-trip chain,
+  //             thread 0's events (kind, a, b, cp.async bytes before it))
+  std::vector<std::tuple<uint64_t, uint64_t, uint64_t, uint64_t,
+                         std::vector<std::tuple<int, int64_t, int64_t, uint64_t>>>> blocks;
+};
+std::vector<PerfLaunchPlain> take_perf_plain();
 
 // The L2 prefetch ranges (address, bytes) emulated kernels issued since the last call; clears them.
 std::vector<std::pair<uintptr_t, uint32_t>> take_prefetches();
