@@ -505,6 +505,24 @@ void gemm2_t(const ExpertsCtx& c, int a, int h0, int h1, float* scratch) {
   }
 }
 
+// The streaming read of the byte floor: four independent vector sums (enough loads in flight to
+// reach the memory bandwidth), then the words past the last whole block one at a time.
+double read_sum(const void* p, int64_t bytes) {
+  const float* f = static_cast<const float*>(p);
+  const int64_t n = bytes / 4;
+  typename V::R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+  int64_t i = 0;
+  for (; i + 4 * V::W <= n; i += 4 * V::W) {
+    a0 = V::add(a0, V::loadf(f + i));
+    a1 = V::add(a1, V::loadf(f + i + V::W));
+    a2 = V::add(a2, V::loadf(f + i + 2 * V::W));
+    a3 = V::add(a3, V::loadf(f + i + 3 * V::W));
+  }
+  double s = V::hsum(V::add(V::add(a0, a1), V::add(a2, a3)));
+  for (; i < n; ++i) s += f[i];
+  return s;
+}
+
 void gemm1(const ExpertsCtx& c, int a, int i0, int i1, float* scratch) {
   if (c.dtype == 1) return gemm1_t<TagBF16>(c, a, i0, i1, scratch);
   if (c.dtype == 2) return gemm1_t<TagF16>(c, a, i0, i1, scratch);
