@@ -7,7 +7,7 @@
 // with one ISA's instructions can be picked by the linker for another level.
 //
 // Summation order (determinism): every output element is one dot product over K, accumulated
-// in W lanes in K order, reduced by hsum, then the K tail in order; it does not depend on the
+// in W lanes in K order, reduced by hsum (a short last vector zero-padded); it does not depend on the
 // thread count or on which thread runs an item. Weights stream once per item: a tile of rows
 // (or columns) is loaded once per block of 4 tokens, which it serves from L1.
 #pragma once
@@ -41,10 +41,13 @@ struct TagF16 {
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 
-// outs[t][r_off + r] = dot(w + r * ldw, xs[t], K) for r < RB, t < TB.
+// outs[t][r_off + r] = dot(w + r * ldw, xs[t], K) for r < RB, t < TB. Lane l of the accumulator
+// sums the positions k = l (mod W) in K order, whatever K is (a short last vector is zero-padded),
+// so appending positions whose products are zero (zero-padded intermediate columns) changes no bit.
 template <class Tag, int RB, int TB>
 inline void dot_tile(const typename Tag::T* w, int64_t ldw, const float* const* xs, int K, float* const* outs,
                      int r_off) {
+  using T = typename Tag::T;
   typename V::R acc[RB][TB];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = V::zero();
@@ -57,16 +60,26 @@ inline void dot_tile(const typename Tag::T* w, int64_t ldw, const float* const* 
       for (int r = 0; r < RB; ++r) acc[r][t] = V::fma(wv[r], xv, acc[r][t]);
     }
   }
+  if (kk < K) {  // the last, partial vector, zero-padded
+    T wpad[RB][V::W];
+    float xpad[V::W];
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < V::W; ++j) wpad[r][j] = kk + j < K ? w[r * ldw + kk + j] : T(0);
+    typename V::R wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = V::load(wpad[r], Tag());
+    for (int t = 0; t < TB; ++t) {
+      for (int j = 0; j < V::W; ++j) xpad[j] = kk + j < K ? xs[t][kk + j] : 0.f;
+      const typename V::R xv = V::loadf(xpad);
+      for (int r = 0; r < RB; ++r) acc[r][t] = V::fma(wv[r], xv, acc[r][t]);
+    }
+  }
   for (int t = 0; t < TB; ++t) {
     // Each sum depends only on its own accumulator, so padding a short tile changes no bits.
     float s[4];
     const typename V::R z = V::zero();
     V::hsum4(acc[0][t], RB > 1 ? acc[RB > 1 ? 1 : 0][t] : z, RB > 2 ? acc[RB > 2 ? 2 : 0][t] : z,
              RB > 3 ? acc[RB > 3 ? 3 : 0][t] : z, s);
-    for (int r = 0; r < RB; ++r) {
-      for (int j = kk; j < K; ++j) s[r] += Tag::scalar(w + r * ldw + j) * xs[t][j];
-      outs[t][r_off + r] = s[r];
-    }
+    for (int r = 0; r < RB; ++r) outs[t][r_off + r] = s[r];
   }
 }
 
