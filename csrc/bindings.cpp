@@ -164,6 +164,20 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("args"), "GEMM1+SwiGLU, GEMM2+weights and the combine over a CPU routing plan.");
   m.def(
+      "cpu_stream_read",
+      [](uintptr_t p, int64_t bytes, int threads) {
+        std::string err;
+        double sum = 0;
+        {
+          py::gil_scoped_release nogil;
+          err = moespec::cpu::stream_read(p, bytes, threads, &sum);
+        }
+        if (!err.empty()) throw std::runtime_error("moespec: " + err);
+        return sum;
+      },
+      py::arg("ptr"), py::arg("bytes"), py::arg("threads"),
+      "Read a buffer once with the CPU kernels' vector loads and thread pool; returns the sum of its fp32 words.");
+  m.def(
       "cpu_isa",
       []() {
         std::string err;

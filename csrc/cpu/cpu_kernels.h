@@ -83,5 +83,10 @@ struct CpuExpertsArgs {
 
 std::string moe_experts(const CpuExpertsArgs& a);
 
+// Reads [p, p + bytes) once with the active ISA level's vector loads on up to `threads` threads of
+// the kernels' pool (1 MiB chunks claimed dynamically): the streaming read that the layer
+// benchmark's byte floor divides by. *checksum gets the sum of the fp32 words read.
+std::string stream_read(uintptr_t p, int64_t bytes, int threads, double* checksum);
+
 }  // namespace cpu
 }  // namespace moespec

@@ -35,6 +35,7 @@ namespace {
 constexpr int kMetaActive = 3, kMetaPairs = 4;
 // Item widths: fixed (not derived from the thread count), so the bits never depend on it.
 constexpr int kIB = 32, kHB = 64;
+constexpr int kMaxReadThreads = 256;
 
 
 const IsaKernels* kernels_for(int isa) {
@@ -133,7 +134,47 @@ void run_stage(void* p, int tid) {
   }
 }
 
+struct ReadJob {
+  const IsaKernels* kern;
+  const char* p;
+  int64_t bytes, chunk;
+  std::atomic<int64_t> next{0};
+  double sums[kMaxReadThreads * 8];  // one per thread, a cache line apart
+};
+
+void run_read(void* p, int tid) {
+  ReadJob& j = *static_cast<ReadJob*>(p);
+  double s = 0;
+  for (;;) {
+    const int64_t i = j.next.fetch_add(1, std::memory_order_relaxed);
+    const int64_t lo = i * j.chunk;
+    if (lo >= j.bytes) break;
+    s += j.kern->read_sum(j.p + lo, lo + j.chunk < j.bytes ? j.chunk : j.bytes - lo);
+  }
+  j.sums[tid * 8] = s;
+}
+
 }  // namespace
+
+std::string stream_read(uintptr_t p, int64_t bytes, int threads, double* checksum) {
+  if (p == 0 || bytes < 0) return "cpu stream read: need a buffer and bytes >= 0";
+  if (threads < 1 || threads > kMaxReadThreads)
+    return "cpu stream read: threads must be in [1, " + std::to_string(kMaxReadThreads) + "]";
+  std::string err;
+  const int isa = active_isa(&err);
+  if (isa < 0) return "cpu stream read: " + err;
+  ReadJob j;
+  j.kern = kernels_for(isa);
+  j.p = reinterpret_cast<const char*>(p);
+  j.bytes = bytes;
+  j.chunk = 1 << 20;  // claimed dynamically, like the experts' items
+  for (double& v : j.sums) v = 0;
+  ThreadPool::instance().run(threads, run_read, &j);
+  double s = 0;
+  for (int t = 0; t < threads; ++t) s += j.sums[t * 8];
+  if (checksum != nullptr) *checksum = s;
+  return "";
+}
 
 std::string moe_experts(const CpuExpertsArgs& a) {
   if (a.dtype < 0 || a.dtype > 2) return "cpu experts: bad dtype code " + std::to_string(a.dtype);

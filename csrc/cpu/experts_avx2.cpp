@@ -67,7 +67,7 @@ struct V {
 namespace moespec {
 namespace cpu {
 const IsaKernels* kernels_avx2() {
-  static const IsaKernels k{isa_avx2::prep, isa_avx2::gemm1, isa_avx2::gemm2, false};
+  static const IsaKernels k{isa_avx2::prep, isa_avx2::gemm1, isa_avx2::gemm2, false, isa_avx2::read_sum};
   return &k;
 }
 }  // namespace cpu

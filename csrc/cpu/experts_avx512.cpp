@@ -72,7 +72,8 @@ struct V {
 namespace moespec {
 namespace cpu {
 const IsaKernels* MOESPEC_KERNELS_FN() {
-  static const IsaKernels k{MOESPEC_ISA_NS::prep, MOESPEC_ISA_NS::gemm1, MOESPEC_ISA_NS::gemm2, MOESPEC_ISA_NS::kBf16Dot};
+  static const IsaKernels k{MOESPEC_ISA_NS::prep, MOESPEC_ISA_NS::gemm1, MOESPEC_ISA_NS::gemm2, MOESPEC_ISA_NS::kBf16Dot,
+                            MOESPEC_ISA_NS::read_sum};
   return &k;
 }
 }  // namespace cpu

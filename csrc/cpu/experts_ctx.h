@@ -46,6 +46,9 @@ struct IsaKernels {
   void (*gemm1)(const ExpertsCtx& c, int a, int i0, int i1, float* scratch);
   void (*gemm2)(const ExpertsCtx& c, int a, int h0, int h1, float* scratch);
   bool bf16_dot;  // wants x16rows / h16 / h16rows for bf16 activations
+  // Sum of the fp32 words of [p, p + bytes) read with this level's widest loads (the streaming
+  // read of the benchmark's byte floor; the sum keeps the loads from being optimised away).
+  double (*read_sum)(const void* p, int64_t bytes);
 };
 
 const IsaKernels* kernels_scalar();

@@ -7,7 +7,7 @@
 // with one ISA's instructions can be picked by the linker for another level.
 //
 // Summation order (determinism): every output element is one dot product over K, accumulated
-// in W lanes in K order, reduced by hsum, then the K tail in order; it does not depend on the
+// in W lanes in K order, reduced by hsum (a short last vector zero-padded); it does not depend on the
 // thread count or on which thread runs an item. Weights stream once per item: a tile of rows
 // (or columns) is loaded once per block of 4 tokens, which it serves from L1.
 #pragma once
@@ -41,10 +41,13 @@ struct TagF16 {
 
 inline int imin(int a, int b) { return a < b ? a : b; }
 
-// outs[t][r_off + r] = dot(w + r * ldw, xs[t], K) for r < RB, t < TB.
+// outs[t][r_off + r] = dot(w + r * ldw, xs[t], K) for r < RB, t < TB. Lane l of the accumulator
+// sums the positions k = l (mod W) in K order, whatever K is (a short last vector is zero-padded),
+// so appending positions whose products are zero (zero-padded intermediate columns) changes no bit.
 template <class Tag, int RB, int TB>
 inline void dot_tile(const typename Tag::T* w, int64_t ldw, const float* const* xs, int K, float* const* outs,
                      int r_off) {
+  using T = typename Tag::T;
   typename V::R acc[RB][TB];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = V::zero();
@@ -57,16 +60,26 @@ inline void dot_tile(const typename Tag::T* w, int64_t ldw, const float* const* 
       for (int r = 0; r < RB; ++r) acc[r][t] = V::fma(wv[r], xv, acc[r][t]);
     }
   }
+  if (kk < K) {  // the last, partial vector, zero-padded
+    T wpad[RB][V::W];
+    float xpad[V::W];
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < V::W; ++j) wpad[r][j] = kk + j < K ? w[r * ldw + kk + j] : T(0);
+    typename V::R wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = V::load(wpad[r], Tag());
+    for (int t = 0; t < TB; ++t) {
+      for (int j = 0; j < V::W; ++j) xpad[j] = kk + j < K ? xs[t][kk + j] : 0.f;
+      const typename V::R xv = V::loadf(xpad);
+      for (int r = 0; r < RB; ++r) acc[r][t] = V::fma(wv[r], xv, acc[r][t]);
+    }
+  }
   for (int t = 0; t < TB; ++t) {
     // Each sum depends only on its own accumulator, so padding a short tile changes no bits.
     float s[4];
     const typename V::R z = V::zero();
     V::hsum4(acc[0][t], RB > 1 ? acc[RB > 1 ? 1 : 0][t] : z, RB > 2 ? acc[RB > 2 ? 2 : 0][t] : z,
              RB > 3 ? acc[RB > 3 ? 3 : 0][t] : z, s);
-    for (int r = 0; r < RB; ++r) {
-      for (int j = kk; j < K; ++j) s[r] += Tag::scalar(w + r * ldw + j) * xs[t][j];
-      outs[t][r_off + r] = s[r];
-    }
+    for (int r = 0; r < RB; ++r) outs[t][r_off + r] = s[r];
   }
 }
 
@@ -503,6 +516,24 @@ void gemm2_t(const ExpertsCtx& c, int a, int h0, int h1, float* scratch) {
       for (int j = h0; j < h1; ++j) row[j] = row[j] * wt;
     }
   }
+}
+
+// The streaming read of the byte floor: four independent vector sums (enough loads in flight to
+// reach the memory bandwidth), then the words past the last whole block one at a time.
+double read_sum(const void* p, int64_t bytes) {
+  const float* f = static_cast<const float*>(p);
+  const int64_t n = bytes / 4;
+  typename V::R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+  int64_t i = 0;
+  for (; i + 4 * V::W <= n; i += 4 * V::W) {
+    a0 = V::add(a0, V::loadf(f + i));
+    a1 = V::add(a1, V::loadf(f + i + V::W));
+    a2 = V::add(a2, V::loadf(f + i + 2 * V::W));
+    a3 = V::add(a3, V::loadf(f + i + 3 * V::W));
+  }
+  double s = V::hsum(V::add(V::add(a0, a1), V::add(a2, a3)));
+  for (; i < n; ++i) s += f[i];
+  return s;
 }
 
 void gemm1(const ExpertsCtx& c, int a, int i0, int i1, float* scratch) {

@@ -36,7 +36,7 @@ struct V {
 namespace moespec {
 namespace cpu {
 const IsaKernels* kernels_scalar() {
-  static const IsaKernels k{isa_scalar::prep, isa_scalar::gemm1, isa_scalar::gemm2, false};
+  static const IsaKernels k{isa_scalar::prep, isa_scalar::gemm1, isa_scalar::gemm2, false, isa_scalar::read_sum};
   return &k;
 }
 }  // namespace cpu

@@ -48,6 +48,7 @@ __all__ = [
     "budget_routing",
     "budget_routing_masked",
     "moe_experts",
+    "stream_read",
 ]
 
 _FLOAT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -340,6 +341,24 @@ def budgeted_moe_planned(
                         candidates=candidates, plan=plan)
     y = moe_experts_planned(x, w_gate_up, w_down, plan, layout, b_gate_up, b_down, out, threads)
     return y, plan
+
+
+def stream_read(buf: torch.Tensor, threads: Optional[int] = None) -> float:
+    """Read ``buf`` once with the CPU kernels' vector loads on their thread pool (contiguous 1 MiB
+    chunks claimed dynamically, as the experts claim their work items): the streaming read that
+    ``moespec bench layer`` divides a layer's bytes by to get its byte floor.
+
+    Args:
+        buf: a contiguous CPU tensor (any dtype; its bytes are read as fp32 words).
+        threads: how many threads read (default ``torch.get_num_threads()``).
+
+    Returns:
+        The sum of the fp32 words read (so that the reads cannot be optimised away).
+    """
+    _check_cpu("buf", buf)
+    if not buf.is_contiguous():
+        raise ValueError("stream_read needs a contiguous tensor")
+    return float(_ext().cpu_stream_read(buf.data_ptr(), buf.numel() * buf.element_size(), _threads(threads)))
 
 
 # ----------------------------------------------------------------------------- op-level API
