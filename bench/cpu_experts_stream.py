@@ -9,6 +9,8 @@ measured in the same process on the same threads.
 
     python bench/cpu_experts_stream.py --label new --I 2048 8192 --T 1 9 --threads 1 2
 
+``--shared`` sends every token of a call to the same k experts (equal bytes for every T).
+
 prints one JSON line per (I, T, threads): median and spread of the time per call, GB/s, floor GB/s
 and time/floor. To compare two builds, run it alternately under each (the machine is shared).
 """
@@ -45,6 +47,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared", action="store_true",
+                    help="route all T tokens of a call to the same k experts (what a tight budget does to a "
+                         "verification: the bytes of one token, T times the token-expert pairs)")
     args = ap.parse_args(argv)
     H, E, k = args.H, args.E, args.k
     gen = torch.Generator().manual_seed(args.seed)
@@ -58,7 +63,8 @@ def main(argv=None) -> None:
                 x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
                 rows = []
                 for c in range(args.calls + 3):
-                    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices
+                    ids = torch.rand(1 if args.shared else T, E, generator=gen).topk(k, dim=-1).indices
+                    ids = ids.expand(T, k).contiguous()
                     w = torch.rand(T, k, generator=gen)
                     union = int(torch.unique(ids).numel())
                     t0 = time.perf_counter()
@@ -71,7 +77,7 @@ def main(argv=None) -> None:
                 dts = sorted(r[0] for r in rows)
                 med = statistics.median(gbs)
                 print(json.dumps(dict(
-                    label=args.label, isa=cpu_kernels.isa(), H=H, E=E, k=k, I=I, T=T, threads=threads,
+                    label=args.label, shared=args.shared, pairs=T * k, isa=cpu_kernels.isa(), H=H, E=E, k=k, I=I, T=T, threads=threads,
                     calls=len(rows), ms_median=round(statistics.median(dts) * 1e3, 3),
                     gbs_median=round(med, 2), gbs_p10=round(gbs[len(gbs) // 10], 2),
                     gbs_p90=round(gbs[(len(gbs) * 9) // 10], 2), floor_gbs=round(floor, 2),
