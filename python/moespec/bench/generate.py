@@ -919,33 +919,42 @@ def generate_markdown(result: dict) -> str:
 
 
 def plot_generate(result: dict, path: Path) -> Optional[Path]:
-    """PNG: speed-up over autoregressive and expert MB per token, per mode (match rate annotated)."""
+    """PNG: speed-up over autoregressive per mode, and tokens/s against expert MB read per token (one point
+    per mode, labelled with its match rate against autoregressive decoding)."""
     plt = report.matplotlib_pyplot()
     rows = result["modes"]
     if plt is None or not rows:
         return None
     names = [r["mode"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
     sp = [r.get("speedup") or 0 for r in rows]
     err = [[max(0.0, v - (r.get("speedup_min") if r.get("speedup_min") is not None else v)) for v, r in zip(sp, rows)],
            [max(0.0, (r.get("speedup_max") if r.get("speedup_max") is not None else v) - v) for v, r in zip(sp, rows)]]
     a1.bar(names, sp, yerr=err, capsize=3, color="#4c72b0")
     a1.axhline(1.0, color="k", lw=0.8, ls="--")
     a1.set_ylabel("speed-up over autoregressive (median, min-max)")
+    a1.tick_params(axis="x", labelrotation=45, labelsize=7)
+    for lab in a1.get_xticklabels():
+        lab.set_horizontalalignment("right")
+    a1.grid(True, axis="y", alpha=0.3)
     mb = [r.get("expert_mb_per_token") or (r.get("expert_bytes_per_token") or 0) / 1e6 for r in rows]
-    a2.bar(names, mb, color="#dd8452")
-    a2.set_ylabel("expert MB read per generated token")
+    tps = [r.get("tokens_per_s") or 0 for r in rows]
+    lo = [max(0.0, v - (r.get("tokens_per_s_min") if r.get("tokens_per_s_min") is not None else v))
+          for v, r in zip(tps, rows)]
+    hi = [max(0.0, (r.get("tokens_per_s_max") if r.get("tokens_per_s_max") is not None else v) - v)
+          for v, r in zip(tps, rows)]
+    colours = {"ar": "k", "static": "#4c72b0", "tree": "#55a868", "budget": "#dd8452", "cascade": "#8172b2",
+               "cascade+budget": "#c44e52"}
     for i, r in enumerate(rows):
-        if r.get("match_rate") is not None:
-            a2.annotate(f"{100 * r['match_rate']:.0f}%", (i, mb[i]),
-                        ha="center", va="bottom", fontsize=7)
-    for ax in (a1, a2):
-        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-        for lab in ax.get_xticklabels():
-            lab.set_horizontalalignment("right")
-        ax.grid(True, axis="y", alpha=0.3)
+        a2.errorbar([mb[i]], [tps[i]], yerr=[[lo[i]], [hi[i]]], fmt="o", capsize=2,
+                    color=colours.get(r.get("kind"), "#937860"))
+        match = f" ({100 * r['match_rate']:.0f}%)" if r.get("match_rate") is not None and r.get("kind") != "ar" else ""
+        a2.annotate(names[i] + match, (mb[i], tps[i]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    a2.set_xlabel("expert MB read per generated token")
+    a2.set_ylabel("tokens/s (median, min-max)")
+    a2.grid(True, alpha=0.3)
     fig.suptitle(f"moespec bench generate — {result['config'].get('target')} — {result['meta']['device']} "
-                 "(labels: token match vs autoregressive)", fontsize=9)
+                 "(in brackets: token match vs autoregressive)", fontsize=9)
     return report.save_figure(fig, path)
 
 
